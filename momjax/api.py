@@ -1,0 +1,222 @@
+"""The public API: load, forward, prefill, generate (DESIGN.md). Inputs are checked here, with errors that
+say what is wrong and what to do, before anything reaches JAX."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from momjax import generate as G
+from momjax.cache import KVCache, place_prompt
+from momjax.config import Config, MemoryPolicy, get_policy
+from momjax.params import Params
+
+
+class InputError(ValueError):
+    """A prompt or a generation request that momjax cannot run as given."""
+
+
+@dataclass
+class Model:
+    """A loaded model: its config, its params pytree, and where it came from.
+
+    max_context: the longest prompt + new tokens accepted; defaults to the config's
+    max_position_embeddings. Set it higher (`model.max_context = 1_000_000`) to run past the length the
+    model was trained for, knowing its outputs may degrade there.
+    """
+
+    config: Config
+    params: Params
+    path: str | None = None
+    max_context: int = 0
+    tokenizer_path: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not self.max_context:
+            self.max_context = self.config.max_position_embeddings
+        if self.tokenizer_path is None:
+            self.tokenizer_path = self.path
+
+    @property
+    def dtype(self):
+        return self.params.embed.dtype
+
+
+def load(path: str, dtype: str | None = None, memory_kind: str = "device", progress: bool = True) -> Model:
+    """Load a HF checkpoint folder (config.json + *.safetensors) or an Orbax folder from convert/hf_to_orbax.py.
+
+    dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's). memory_kind: "device" or
+    "pinned_host" (weights in host memory).
+    """
+    from momjax import checkpoint
+
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise InputError(f"dtype must be 'float32', 'bfloat16', 'float16' or None, got {dtype!r}")
+    if not os.path.isdir(path):
+        raise checkpoint.CheckpointError(f"{path} is not a folder; pass a Hugging Face checkpoint folder or an "
+                                         "Orbax folder written by convert/hf_to_orbax.py")
+    if checkpoint.is_orbax_folder(path):
+        cfg, params = checkpoint.load_orbax(path, dtype=dtype, memory_kind=memory_kind)
+    else:
+        cfg = Config.from_folder(path)
+        params = checkpoint.load_hf_params(path, cfg, dtype=dtype, memory_kind=memory_kind, progress=progress)
+    return Model(config=cfg, params=params, path=path)
+
+
+# ---------------------------------------------------------------------- input checks
+
+
+def _as_prompts(model: Model, tokens) -> list[list[int]]:
+    """A [B, S] array, a list of token lists (lengths may differ) or one flat list -> list of int lists."""
+    if isinstance(tokens, (jax.Array, np.ndarray)):
+        arr = np.asarray(tokens)
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim != 2:
+            raise InputError(f"tokens must be [batch, length] integers, got shape {arr.shape}")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise InputError(f"tokens must be integers, got dtype {arr.dtype}")
+        prompts = [list(map(int, row)) for row in arr]
+    else:
+        tokens = list(tokens)
+        if tokens and all(isinstance(t, (int, np.integer)) for t in tokens):
+            tokens = [tokens]
+        prompts = []
+        for row in tokens:
+            row = list(row)
+            if not all(isinstance(t, (int, np.integer)) for t in row):
+                raise InputError("tokens must be integer token ids (tokenize the text first)")
+            prompts.append([int(t) for t in row])
+    if not prompts:
+        raise InputError("no prompts given: pass at least one non-empty list of token ids")
+    V = model.config.vocab_size
+    for b, p in enumerate(prompts):
+        if not p:
+            raise InputError(f"prompt {b} is empty: give at least one token (e.g. the BOS token)")
+        bad = [t for t in p if t < 0 or t >= V]
+        if bad:
+            raise InputError(f"prompt {b} has token ids outside the vocabulary [0, {V}): {bad[:5]}; "
+                             "was it tokenized with this model's tokenizer?")
+    return prompts
+
+
+def _check_context(model: Model, prompt_len: int, new_tokens: int = 0):
+    total = prompt_len + new_tokens
+    if total > model.max_context:
+        raise InputError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({new_tokens}) = {total} exceeds the model's context of "
+            f"{model.max_context} tokens; shorten the prompt, or set model.max_context = {total} to allow it "
+            "(beyond the trained length outputs may degrade)"
+        )
+
+
+def _padded(model: Model, prompts, policy: MemoryPolicy):
+    S = max(len(p) for p in prompts)
+    tokens, start = G.left_pad(prompts, G.bucket_length(S, policy))
+    return jnp.asarray(tokens), jnp.asarray(start)
+
+
+# ---------------------------------------------------------------------- public functions
+
+
+def forward(model: Model, tokens, policy="baseline") -> jax.Array:
+    """float32 logits [B, S, V] at every position of tokens [B, S] (all rows the same length)."""
+    policy = get_policy(policy)
+    prompts = _as_prompts(model, tokens)
+    S = len(prompts[0])
+    if any(len(p) != S for p in prompts):
+        raise InputError("forward takes rows of one length; pad them yourself or call prefill/generate with a list")
+    _check_context(model, S)
+    padded, start = _padded(model, prompts, policy)
+    logits = G.forward_fn(model.params, padded, start, model.config, policy)
+    return logits[:, padded.shape[1] - S:]
+
+
+def prefill(model: Model, tokens, policy="mom", on_layer=None) -> tuple[jax.Array, KVCache]:
+    """Logits [B, V] at each row's last token, and the prompt's KV cache (placed as the policy says)."""
+    policy = get_policy(policy)
+    prompts = _as_prompts(model, tokens)
+    _check_context(model, max(len(p) for p in prompts))
+    padded, start = _padded(model, prompts, policy)
+    return G.prefill_fn(model.params, padded, start, model.config, policy, on_layer=on_layer)
+
+
+@dataclass
+class Generation:
+    """Result of `generate`: tokens [B, max_new_tokens] (rows that stopped are padded with pad_id)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray  # valid new tokens per row (including the stop token)
+    pad_id: int
+    prompt_tokens: int
+    time_to_first_token_s: float
+    decode_s: float
+    policy: str
+
+    def __array__(self, dtype=None, copy=None):
+        return self.tokens if dtype is None else self.tokens.astype(dtype)
+
+    def as_lists(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = int(self.lengths.max()) - 1
+        return steps / self.decode_s if self.decode_s > 0 and steps > 0 else float("nan")
+
+    def summary(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("tokens")
+        d["lengths"] = self.lengths.tolist()
+        d["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return d
+
+
+def generate(model: Model, tokens, max_new_tokens: int, policy="mom", temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_tokens=None,
+             on_layer=None) -> Generation:
+    """Generate up to max_new_tokens per prompt. tokens: [B, S] array or a list of token lists.
+
+    temperature 0 is greedy. stop_tokens: None = the checkpoint's EOS ids; [] = never stop early.
+    """
+    policy = get_policy(policy)
+    prompts = _as_prompts(model, tokens)
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1] or None, got {top_p}")
+    _check_context(model, max(len(p) for p in prompts), max_new_tokens)
+    stops = list(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
+    bad = [t for t in stops if not 0 <= int(t) < model.config.vocab_size]
+    if bad:
+        raise InputError(f"stop_tokens outside the vocabulary: {bad}")
+    pad_id = int(stops[0]) if stops else 0
+    stop_ids = np.full(max(8, len(stops)), -1, np.int32)  # fixed size: few distinct compilations
+    stop_ids[: len(stops)] = stops
+
+    padded, start = _padded(model, prompts, policy)
+    t0 = time.perf_counter()
+    logits, cache = G.prefill_fn(model.params, padded, start, model.config, policy, on_layer=on_layer)
+    logits.block_until_ready()
+    ttft = time.perf_counter() - t0
+    cache = place_prompt(cache, policy.kv_decode)  # mom: the paper's one copy back to the device
+    t1 = time.perf_counter()
+    out, lengths = G.decode_fn(
+        model.params, cache, logits, jax.random.PRNGKey(seed), jnp.float32(temperature),
+        jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0), jnp.asarray(stop_ids),
+        jnp.int32(pad_id), cfg=model.config, policy=policy, max_new_tokens=int(max_new_tokens),
+    )
+    out = np.asarray(out)
+    decode_s = time.perf_counter() - t1
+    return Generation(tokens=out, lengths=np.asarray(lengths), pad_id=pad_id, prompt_tokens=sum(map(len, prompts)),
+                      time_to_first_token_s=ttft, decode_s=decode_s, policy=policy.name)

@@ -1,0 +1,254 @@
+"""The Llama-family decoder as pure functions over the params pytree (params.py).
+
+Flax is used the functional way: `flax.struct` dataclass pytrees for params and cache, plain functions
+for the math. The mini-sequence code calls these functions inside `lax.map` bodies that close over
+weight arrays, which Linen submodules cannot be called from; and an explicit pytree is what Orbax saves.
+
+Layers are stacked ([L, ...] leaves) and scanned, so compile time is flat in depth and XLA's host
+offloading applies to the per-layer KV outputs. Norms, rope angles and softmax run in float32.
+
+Prefill keeps the residual stream chunk-major, x: [N, B, C, D] (N mini-sequences of C tokens), so the
+mini-sequence maps need no transposes; `baseline` is the same code with one chunk of the whole sequence.
+The prompt is left-padded (`start[b]` pad tokens in row b) so every row ends at the same index.
+
+Letters: B batch, N chunks, C chunk length, S sequence, T cache length, D model, H heads, K kv heads,
+G heads per kv head, E head dim, F ffn, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from momjax.attention import blockwise_attention, decode_attention
+from momjax.cache import KVCache, to_memory_kind
+from momjax.config import Config, MemoryPolicy
+from momjax.minisequence import chunk_map, last_position
+from momjax.params import LayerParams, Params
+
+# ---------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm in float32, scaled in the input dtype (as transformers does)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: Config) -> np.ndarray:
+    """Inverse rotary frequencies [E/2] in float32, with linear or llama3 scaling applied."""
+    E = cfg.head_dim
+    inv = (1.0 / cfg.rope_theta ** (np.arange(0, E, 2, dtype=np.float32) / np.float32(E))).astype(np.float32)
+    if cfg.rope_type == "linear":
+        inv = inv / np.float32(cfg.rope_factor)
+    elif cfg.rope_type == "llama3":
+        old = cfg.rope_original_max_position
+        low_wavelen = old / cfg.rope_low_freq_factor
+        high_wavelen = old / cfg.rope_high_freq_factor
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope(x, positions, inv_freq):
+    """Rotate halves of the head dim by position x angle (transformers' layout). x: [B, S, *, E]."""
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, S, E/2], f32 for long positions
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def mlp(lp: LayerParams, x):
+    """SwiGLU: down(silu(gate(x)) * up(x)). x: [B, S, D]."""
+    gate = jnp.einsum("bsd,df->bsf", x, lp.w_gate)
+    up = jnp.einsum("bsd,df->bsf", x, lp.w_up)
+    return jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, lp.w_down)
+
+
+def project_q(lp: LayerParams, h, positions, inv_freq):
+    q = jnp.einsum("bsd,dhe->bshe", h, lp.wq)  # [B, S, H, E]
+    if lp.bq is not None:
+        q = q + lp.bq
+    return rope(q, positions, inv_freq)
+
+
+def project_kv(lp: LayerParams, h, positions, inv_freq):
+    k = jnp.einsum("bsd,dke->bske", h, lp.wk)  # [B, S, K, E]
+    v = jnp.einsum("bsd,dke->bske", h, lp.wv)
+    if lp.bk is not None:
+        k, v = k + lp.bk, v + lp.bv
+    return rope(k, positions, inv_freq), v
+
+
+def lm_head(params: Params, x):
+    """Final norm and vocabulary projection; float32 logits. x: [B, S, D] -> [B, S, V]."""
+    head = params.embed.T if params.lm_head is None else params.lm_head  # [D, V]
+    return jnp.einsum("bsd,dv->bsv", x, head).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------- prefill (chunk-major)
+
+
+def _kv_pass(lp, x, pos, cfg, inv_freq):
+    """K and V of every position of a layer, one mini-sequence at a time. Returns [B, K, S, E] each."""
+
+    def one(args):
+        x_c, pos_c = args  # [B, C, D], [B, C]
+        return project_kv(lp, rms_norm(x_c, lp.attn_norm, cfg.rms_norm_eps), pos_c, inv_freq)
+
+    k, v = chunk_map(one, (x, pos))  # [N, B, C, K, E]
+    N, B, C, K, E = k.shape
+    to_cache = lambda t: jnp.transpose(t, (1, 3, 0, 2, 4)).reshape(B, K, N * C, E)  # noqa: E731
+    return to_cache(k), to_cache(v)
+
+
+def _attend_and_mlp(lp, x_c, pos_c, q_offset, k, v, start, cfg, policy, inv_freq, with_mlp=True):
+    """The rest of a layer for one mini-sequence x_c [B, C, D] whose first token sits at q_offset."""
+    h = rms_norm(x_c, lp.attn_norm, cfg.rms_norm_eps)
+    q = project_q(lp, h, pos_c, inv_freq)
+    o = blockwise_attention(
+        q, k, v, q_offset, start, window=cfg.sliding_window, q_block=policy.q_block, kv_block=policy.kv_block
+    )  # [B, C, H, E]
+    x_c = x_c + jnp.einsum("bshe,hed->bsd", o, lp.wo)
+    if with_mlp:
+        x_c = x_c + mlp(lp, rms_norm(x_c, lp.mlp_norm, cfg.rms_norm_eps))
+    return x_c
+
+
+def _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq):
+    """Attention, o-projection and MLP for every position, as the policy's mini-sequences say."""
+    N, B, C, D = x.shape
+    if policy.minisequence_scope == "mlp" and N > 1:
+        # The paper's MOM: attention over the whole sequence at once, only the MLP in mini-sequences.
+        xs = jnp.moveaxis(x, 0, 1).reshape(B, N * C, D)
+        ps = jnp.moveaxis(pos, 0, 1).reshape(B, N * C)
+        xs = _attend_and_mlp(lp, xs, ps, 0, k, v, start, cfg, policy, inv_freq, with_mlp=False)
+        x = jnp.moveaxis(xs.reshape(B, N, C, D), 1, 0)
+        return chunk_map(lambda x_c: x_c + mlp(lp, rms_norm(x_c, lp.mlp_norm, cfg.rms_norm_eps)), x)
+
+    def one(args):
+        x_c, pos_c, c = args
+        return _attend_and_mlp(lp, x_c, pos_c, c * C, k, v, start, cfg, policy, inv_freq)
+
+    return chunk_map(one, (x, pos, jnp.arange(N)))
+
+
+def _rest_last_position(lp, x, pos, k, v, start, cfg, policy, inv_freq):
+    """The final layer in prefill: only the last position's output is ever read, so compute only it."""
+    N, B, C, D = x.shape
+    x_last, pos_last = last_position(x), last_position(pos)  # [B, 1, D], [B, 1]
+    x_last = _attend_and_mlp(lp, x_last, pos_last, N * C - 1, k, v, start, cfg, policy, inv_freq)
+    return x.at[N - 1, :, C - 1:].set(x_last)
+
+
+def run_layers(params: Params, x, pos, start, cfg: Config, policy: MemoryPolicy, *, keep_kv: bool, last_only: bool,
+               on_layer=None):
+    """Scan the stacked layers over the chunk-major residual stream x [N, B, C, D].
+
+    keep_kv: return each layer's K/V, stacked [L, B, K, S, E], placed at policy.kv_prefill as the layer
+    finishes (so with pinned_host the device never holds more than one layer's KV).
+    last_only: the final layer computes its output at the last position only.
+    on_layer: optional host callback called with the layer index after each layer (progress).
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    L = cfg.num_layers
+
+    def body(x, inputs):
+        lp, layer = inputs
+        k, v = _kv_pass(lp, x, pos, cfg, inv_freq)
+        arrays = (lp, x, pos, k, v, start)
+        rest_all = lambda a: _rest_all_positions(*a, cfg, policy, inv_freq)  # noqa: E731
+        if last_only:
+            rest_last = lambda a: _rest_last_position(*a, cfg, policy, inv_freq)  # noqa: E731
+            x = jax.lax.cond(layer == L - 1, rest_last, rest_all, arrays)
+        else:
+            x = rest_all(arrays)
+        if on_layer is not None:
+            jax.debug.callback(on_layer, layer, ordered=True)
+        if not keep_kv:
+            return x, None
+        return x, (to_memory_kind(k, policy.kv_prefill), to_memory_kind(v, policy.kv_prefill))
+
+    return jax.lax.scan(body, x, (params.layers, jnp.arange(L)))
+
+
+def embed_chunks(params: Params, tokens, start, chunk: int):
+    """tokens [B, S] -> chunk-major embeddings [N, B, C, D] and rope positions [N, B, C]."""
+    B, S = tokens.shape
+    N = S // chunk
+    pos = jnp.arange(S)[None, :] - start[:, None]  # [B, S]; padding gets negative positions, never seen
+    to_chunks = lambda t: jnp.moveaxis(t.reshape(B, N, chunk), 1, 0)  # noqa: E731
+    tok, pos = to_chunks(tokens), to_chunks(pos)
+    return params.embed[tok], pos
+
+
+def prefill(params: Params, tokens, start, cfg: Config, policy: MemoryPolicy, on_layer=None):
+    """Last-position logits [B, V] and the prompt's KVCache. tokens: [B, S] left-padded, S a chunk multiple."""
+    chunk = chunk_length(tokens.shape[1], policy)
+    x, pos = embed_chunks(params, tokens, start, chunk)
+    x, (k, v) = run_layers(
+        params, x, pos, start, cfg, policy, keep_kv=True, last_only=policy.last_position_only, on_layer=on_layer
+    )
+    x_last = rms_norm(last_position(x), params.final_norm, cfg.rms_norm_eps)  # [B, 1, D]
+    logits = lm_head(params, x_last)[:, 0]  # [B, V]
+    return logits, KVCache.from_prompt(k, v, start)
+
+
+def forward_all(params: Params, tokens, start, cfg: Config, policy: MemoryPolicy):
+    """Logits at every position [B, S, V]; the LM head runs over the policy's mini-sequences."""
+    chunk = chunk_length(tokens.shape[1], policy)
+    x, pos = embed_chunks(params, tokens, start, chunk)
+    x, _ = run_layers(params, x, pos, start, cfg, policy, keep_kv=False, last_only=False)
+    logits = chunk_map(lambda x_c: lm_head(params, rms_norm(x_c, params.final_norm, cfg.rms_norm_eps)), x)
+    N, B, C, V = logits.shape
+    return jnp.moveaxis(logits, 0, 1).reshape(B, N * C, V)
+
+
+def chunk_length(seq_len: int, policy: MemoryPolicy) -> int:
+    """The mini-sequence length used for a padded sequence of seq_len tokens (it must divide seq_len)."""
+    c = policy.minisequence
+    if c is None or c >= seq_len:
+        return seq_len
+    if seq_len % c:
+        raise ValueError(f"padded length {seq_len} is not a multiple of the mini-sequence length {c}")
+    return c
+
+
+# ---------------------------------------------------------------------- decode
+
+
+def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: MemoryPolicy):
+    """One new token per row: logits [B, V] and the cache with the token's K/V in the tail.
+
+    The prompt cache is read layer by layer inside the scan; when it lives in pinned host memory each
+    layer's K/V is brought to the device as its layer runs (the scan's slices of a host array).
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    step = cache.length
+    T = cache.k.shape[3]
+    q_index = T + step
+    positions = (q_index - cache.start)[:, None]  # [B, 1]
+    x = params.embed[token][:, None, :]  # [B, 1, D]
+
+    def body(x, inputs):
+        lp, k, v, tail_k, tail_v = inputs
+        k, v = to_memory_kind(k, "device"), to_memory_kind(v, "device")
+        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+        q = project_q(lp, h, positions, inv_freq)  # [B, 1, H, E]
+        k_new, v_new = project_kv(lp, h, positions, inv_freq)  # [B, 1, K, E]
+        tail_k = jax.lax.dynamic_update_slice_in_dim(tail_k, jnp.swapaxes(k_new, 1, 2), step, axis=2)
+        tail_v = jax.lax.dynamic_update_slice_in_dim(tail_v, jnp.swapaxes(v_new, 1, 2), step, axis=2)
+        o = decode_attention(q, k, v, tail_k, tail_v, q_index, step, cache.start, window=cfg.sliding_window)
+        x = x + jnp.einsum("bshe,hed->bsd", o, lp.wo)
+        x = x + mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
+        return x, (tail_k, tail_v)
+
+    x, (tail_k, tail_v) = jax.lax.scan(body, x, (params.layers, cache.k, cache.v, cache.tail_k, cache.tail_v))
+    logits = lm_head(params, rms_norm(x, params.final_norm, cfg.rms_norm_eps))[:, 0]  # [B, V]
+    return logits, cache.replace(tail_k=tail_k, tail_v=tail_v, length=step + 1)
