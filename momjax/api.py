@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from momjax import generate as G
+from momjax import generation as G
 from momjax.cache import KVCache, place_prompt
 from momjax.config import Config, MemoryPolicy, get_policy
 from momjax.params import Params
