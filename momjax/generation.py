@@ -86,7 +86,7 @@ def forward_fn(params, tokens, start, cfg: Config, policy: MemoryPolicy):
     return M.forward_all(params, tokens, start, cfg, policy)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy"))
+@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("cache",))
 def decode_step_fn(params, token, cache: KVCache, cfg: Config, policy: MemoryPolicy):
     return M.decode_step(params, token, cache, cfg, policy)
 
