@@ -4,9 +4,26 @@ that make very long prompts fit on one accelerator."""
 from momjax.api import Generation, InputError, Model, forward, generate, load, prefill
 from momjax.cache import KVCache
 from momjax.config import POLICIES, PRESETS, Config, ConfigError, MemoryPolicy, get_policy, preset
+from momjax.memory import estimate, memory_report, plan
 
 __all__ = [
-    "Config", "ConfigError", "Generation", "InputError", "KVCache", "MemoryPolicy", "Model", "POLICIES", "PRESETS",
-    "forward", "generate", "get_policy", "load", "prefill", "preset",
+    "POLICIES",
+    "PRESETS",
+    "Config",
+    "ConfigError",
+    "Generation",
+    "InputError",
+    "KVCache",
+    "MemoryPolicy",
+    "Model",
+    "estimate",
+    "forward",
+    "generate",
+    "get_policy",
+    "load",
+    "memory_report",
+    "plan",
+    "prefill",
+    "preset",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,317 @@
+"""How much memory a context length needs, per policy: measured from XLA, estimated, and planned.
+
+`memory_report` compiles the real prefill (or decode-step) program with abstract inputs
+(`jax.ShapeDtypeStruct`) and reads `compiled.memory_analysis()`, so an 8B model at 128k tokens is
+measured on a laptop CPU without allocating anything. The CPU backend does not split host from device
+bytes, so host-placed arguments and outputs are counted from their shardings and taken out.
+
+`estimate` is a closed-form model of the same programs (formulas in its docstring), checked against the
+XLA figure in tests/test_memory.py. `plan` bisects over the context length for the largest prompt each
+policy fits in a device (and host) budget, counting prefill and decode.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from momjax import generation as G
+from momjax.cache import KVCache, sharding
+from momjax.config import Config, MemoryPolicy, get_policy, preset
+from momjax.params import abstract_params, param_bytes
+
+DEFAULT_NEW_TOKENS = 1024  # decode room assumed by reports and plans unless told otherwise
+
+
+def _resolve(model_or_config) -> Config:
+    if isinstance(model_or_config, str):
+        return preset(model_or_config)
+    if isinstance(model_or_config, Config):
+        return model_or_config
+    return model_or_config.config  # a momjax.Model
+
+
+def _nbytes(tree, memory_kind=None) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if memory_kind is None or leaf.sharding.memory_kind == memory_kind:
+            total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _abstract_cache(cfg: Config, seq_len: int, new_tokens: int, dtype, prompt_kind: str, batch: int) -> KVCache:
+    L, K, E = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    dev = sharding("device")
+    prompt = jax.ShapeDtypeStruct((L, batch, K, seq_len, E), dtype, sharding=sharding(prompt_kind))
+    tail = jax.ShapeDtypeStruct((L, batch, K, max(new_tokens - 1, 1), E), dtype, sharding=dev)
+    return KVCache(
+        k=prompt, v=prompt, start=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev), tail_k=tail, tail_v=tail,
+        length=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev),
+    )
+
+
+def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="float32", phase="prefill", batch=1,
+                    new_tokens=DEFAULT_NEW_TOKENS):
+    """The compiled prefill or decode-step program for abstract inputs, and its abstract arguments."""
+    dtype = jnp.dtype(dtype)
+    dev = sharding("device")
+    params = abstract_params(cfg, dtype, sharding=dev)
+    if phase == "prefill":
+        padded = G.bucket_length(seq_len, policy)
+        tokens = jax.ShapeDtypeStruct((batch, padded), jnp.int32, sharding=dev)
+        start = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
+        args = (params, tokens, start)
+        lowered = G.prefill_fn.lower(*args, cfg=cfg, policy=policy)
+    elif phase == "decode":
+        cache = _abstract_cache(cfg, seq_len, new_tokens, dtype, policy.kv_decode, batch)
+        token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
+        args = (params, token, cache)
+        lowered = G.decode_step_fn.lower(*args, cfg=cfg, policy=policy)
+    else:
+        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    return lowered.compile(), args
+
+
+def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
+                  new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
+    """Bytes the compiled program needs, from XLA's memory analysis (no memory is allocated).
+
+    model_or_config: a Model, a Config or a preset name. phase: "prefill" (the prompt of seq_len tokens)
+    or "decode" (one step with seq_len prompt tokens cached and room for new_tokens).
+    Returns device_bytes (arguments + outputs + temporaries on the device, aliasing counted once),
+    host_bytes (pinned host arguments and outputs), weight_bytes, kv_bytes (the KV cache of the phase,
+    wherever it lives), temp_bytes (XLA temporaries) and source="xla".
+    On CPU measure in float32: the CPU compiler upcasts bfloat16 matmuls and inflates bf16 figures.
+    """
+    cfg = _resolve(model_or_config)
+    policy = get_policy(policy)
+    compiled, args = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens)
+    ma = compiled.memory_analysis()
+    outputs = jax.tree.map(
+        lambda shape, s: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s),
+        compiled.out_info, compiled.output_shardings,
+    )
+    host_args, host_outs = _nbytes(args, "pinned_host"), _nbytes(outputs, "pinned_host")
+    cache = outputs[1] if phase == "prefill" else args[2]
+    kv_bytes = _nbytes((cache.k, cache.v, cache.tail_k, cache.tail_v)) if phase == "decode" else _nbytes(
+        (cache.k, cache.v))
+    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    host_bytes = host_args + host_outs + ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes
+    # The CPU backend reports host-placed buffers inside argument/output sizes; take them out.
+    device_bytes = total - (host_args + host_outs if ma.host_argument_size_in_bytes == 0 else 0)
+    return dict(
+        device_bytes=int(device_bytes),
+        host_bytes=int(host_bytes),
+        weight_bytes=int(_nbytes(args[0])),
+        kv_bytes=int(kv_bytes),
+        temp_bytes=int(ma.temp_size_in_bytes),
+        source="xla",
+        seq_len=int(seq_len),
+        phase=phase,
+        policy=policy.name,
+        dtype=str(jnp.dtype(dtype)),
+    )
+
+
+# ---------------------------------------------------------------------- byte strings
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text) -> int:
+    """'80GiB', '80 GB', '1TiB', '512M' or a number of bytes -> int bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 80GiB, 80GB, 1TiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# ---------------------------------------------------------------------- analytic estimate
+
+
+def _layer_weight_bytes(cfg: Config, itemsize: int) -> int:
+    D, H, K, E, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    n = D * (H + 2 * K) * E + H * E * D + 3 * D * F + 2 * D + (H + 2 * K) * E * cfg.qkv_bias
+    return n * itemsize
+
+
+def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
+             new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
+    """Closed-form estimate of `memory_report` (same keys, source="estimate"). b = bytes per element,
+    S = padded prompt length, C = mini-sequence length (S when the policy has none), N = new_tokens - 1,
+    W = all weights, W_l = one layer's weights (the scan's slice of the stacked weights).
+
+    KV (prompt)        = 2 L B K S E b                     (device or pinned host, as the policy says)
+    prefill temporaries = W_l + B b [ S (2D + 2KE) + C (3F + HE) ]       (whole-layer mini-sequences)
+                          W_l + B b [ S (D + 2KE) + C 3F + S (2D + HE) ]  (MLP-only mini-sequences)
+                          W_l + B b S (3F + D + 2KE + HE)                 (baseline: C = S)
+      S(2D + 2KE): the residual stream in and out of a layer and one layer's K and V (twice: as computed
+      chunk by chunk and in cache layout); 3F: the MLP's gate, up and product for one mini-sequence.
+    prefill device     = W + temporaries + KV on device + logits (4 B V)
+    decode temporaries = W_l + 2 B K S E b (one layer's prompt K/V on the device) + 4 B H (S + N) * 2 (scores)
+    decode device      = W + temporaries + prompt KV on device + tail KV (2 L B K N E b) + logits
+    host               = the prompt KV when the policy places it in pinned host memory.
+    """
+    cfg = _resolve(model_or_config)
+    policy = get_policy(policy)
+    b = jnp.dtype(dtype).itemsize
+    L, D, H, K, E, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.intermediate_size, cfg.vocab_size)
+    B = batch
+    W = param_bytes(cfg, dtype)
+    Wl = _layer_weight_bytes(cfg, b)
+    S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
+    C = min(policy.minisequence or S, S)
+    kv_prompt = 2 * L * B * K * S * E * b
+    logits = 4 * B * V
+    if phase == "prefill":
+        if policy.minisequence is None or C == S:
+            temp = Wl + B * b * S * (3 * F + D + 2 * K * E + H * E)
+        elif policy.minisequence_scope == "mlp":
+            temp = Wl + B * b * (S * (D + 2 * K * E) + C * 3 * F + S * (2 * D + H * E))
+        else:
+            temp = Wl + B * b * (S * (2 * D + 2 * K * E) + C * (3 * F + H * E))
+        on_device = policy.kv_prefill == "device"
+        kv_bytes = kv_prompt
+        device = W + temp + logits + (kv_prompt if on_device else 0)
+        host = 0 if on_device else kv_prompt
+    elif phase == "decode":
+        N = max(new_tokens - 1, 1)
+        tail = 2 * L * B * K * N * E * b
+        temp = Wl + 2 * B * K * S * E * b + 8 * B * H * (S + N)
+        on_device = policy.kv_decode == "device"
+        kv_bytes = kv_prompt + tail
+        device = W + temp + logits + tail + (kv_prompt if on_device else 0)
+        host = 0 if on_device else kv_prompt
+    else:
+        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    return dict(device_bytes=int(device), host_bytes=int(host), weight_bytes=int(W), kv_bytes=int(kv_bytes),
+                temp_bytes=int(temp), source="estimate", seq_len=int(seq_len), phase=phase, policy=policy.name,
+                dtype=str(jnp.dtype(dtype)))
+
+
+# ---------------------------------------------------------------------- planning
+
+
+def _fits(cfg, seq_len, policy, dtype, hbm, host, new_tokens, measure) -> bool:
+    for phase in ("prefill", "decode"):
+        r = measure(cfg, seq_len, policy, dtype=dtype, phase=phase, new_tokens=new_tokens)
+        if r["device_bytes"] > hbm or (host is not None and r["host_bytes"] > host):
+            return False
+    return True
+
+
+def max_context(cfg: Config, policy, hbm_bytes: int, host_bytes: int | None = None, dtype="bfloat16",
+                new_tokens: int = DEFAULT_NEW_TOKENS, source: str = "estimate", resolution: int = 1024) -> int:
+    """The longest prompt (to `resolution` tokens) whose prefill and decode both fit; 0 if none does.
+
+    source="estimate" uses `estimate` (instant); source="xla" compiles the programs at each step.
+    """
+    policy = get_policy(policy)
+    measure = estimate if source == "estimate" else memory_report
+    fits = lambda n: _fits(cfg, n, policy, dtype, hbm_bytes, host_bytes, new_tokens, measure)  # noqa: E731
+    if not fits(resolution):
+        return 0
+    lo, hi = resolution, 2 * resolution
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 2**34:
+            return lo
+    while hi - lo > resolution:  # invariant: fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2 // resolution * resolution
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def plan(model_or_config, hbm_bytes, host_bytes=None, dtype="bfloat16", new_tokens: int = DEFAULT_NEW_TOKENS,
+         source: str = "auto") -> dict:
+    """Maximum context per policy for a device budget (and optional host budget).
+
+    source: "xla" compiles the real programs at every bisection step (float32 on CPU, or any dtype on
+    GPU); "estimate" uses the closed-form `estimate`, validated against XLA in float32 (tests/test_memory.py);
+    "auto" picks XLA when its figure is trustworthy here (float32, or a GPU backend) and else the estimate,
+    since the CPU compiler inflates bfloat16 figures.
+    Raises ValueError when the budget cannot hold even the weights.
+    """
+    cfg = _resolve(model_or_config)
+    hbm, host = parse_bytes(hbm_bytes), (None if host_bytes is None else parse_bytes(host_bytes))
+    weights = param_bytes(cfg, dtype)
+    if weights >= hbm:
+        raise ValueError(
+            f"the weights alone need {format_bytes(weights)} in {jnp.dtype(dtype)}, more than the "
+            f"{format_bytes(hbm)} device budget; use a smaller dtype or a larger device"
+        )
+    if source == "auto":
+        source = "xla" if (jnp.dtype(dtype) == jnp.float32 or _on_gpu()) else "estimate"
+    result = {"max_context": {}, "source": {}, "weight_bytes": weights, "hbm_bytes": hbm, "host_bytes": host,
+              "dtype": str(jnp.dtype(dtype)), "new_tokens": new_tokens, "limits": {}}
+    for name in ("baseline", "mom", "mom-stream"):
+        n = max_context(cfg, name, hbm, host, dtype, new_tokens, source="estimate")
+        if source == "xla" and n:
+            # Refine around the estimate with the compiled programs (a few compiles, not a full search).
+            n = _refine_with_xla(cfg, name, n, hbm, host, dtype, new_tokens)
+        result["max_context"][name] = n
+        result["source"][name] = source
+        result["limits"][name] = _limiting_phase(cfg, name, n, hbm, host, dtype, new_tokens, source)
+    return result
+
+
+def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, resolution=2048) -> int:
+    fits = lambda n: _fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens, memory_report)  # noqa: E731
+    lo, hi = max(resolution, int(guess * 0.75) // resolution * resolution), int(guess * 1.3) + resolution
+    if not fits(lo):
+        return max_context(cfg, policy, hbm, host, dtype, new_tokens, source="xla", resolution=resolution)
+    if fits(hi):
+        return hi
+    while hi - lo > resolution:
+        mid = (lo + hi) // 2 // resolution * resolution
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source) -> str:
+    """Which budget stops a longer context: 'prefill', 'decode' or 'host'."""
+    measure = estimate if source == "estimate" else memory_report
+    step = max(n // 50, 1024)
+    for phase in ("prefill", "decode"):
+        r = measure(cfg, n + step, policy, dtype=dtype, phase=phase, new_tokens=new_tokens)
+        if host is not None and r["host_bytes"] > host:
+            return "host"
+        if r["device_bytes"] > hbm:
+            return phase
+    return "?"
+
+
+def plan_table(result: dict) -> str:
+    """A readable table of `plan`'s result."""
+    lines = [
+        f"device budget {format_bytes(result['hbm_bytes'])}"
+        + (f", host budget {format_bytes(result['host_bytes'])}" if result["host_bytes"] else "")
+        + f", {result['dtype']}, weights {format_bytes(result['weight_bytes'])}, "
+        f"room for {result['new_tokens']} new tokens",
+        f"{'policy':<12}{'max context':>14}  {'limited by':<11}source",
+    ]
+    for name, n in result["max_context"].items():
+        src = result["source"][name]
+        src = "xla (compiled program)" if src == "xla" else "estimate (validated against XLA within 15%)"
+        lines.append(f"{name:<12}{n:>14,}  {result['limits'][name]:<11}{src}")
+    return "\n".join(lines)
