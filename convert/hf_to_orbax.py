@@ -1,0 +1,18 @@
+"""Convert a Hugging Face safetensors checkpoint folder into a momjax Orbax folder.
+
+    python convert/hf_to_orbax.py SRC DST [--dtype float32|bfloat16|float16] [--force] [--verify]
+
+A thin wrapper over `momjax.convert.main` (also available as `momjax convert`).
+"""
+
+import os
+import sys
+
+try:
+    import momjax.convert
+except ImportError:  # run from a source checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import momjax.convert
+
+if __name__ == "__main__":
+    sys.exit(momjax.convert.main())

@@ -1,0 +1,453 @@
+"""Checkpoints: a streaming safetensors loader for Hugging Face folders, and Orbax save/restore.
+
+Hugging Face side. `NAME_TABLE` is the one place that maps HF tensor names to our flat param names
+(params.py), with the layout change each needs written as a small pattern, e.g. "(H E) D -> D H E":
+split the HF axis of size H*E into H and E, then move D to the front. The expected HF shape of every
+tensor follows from the same pattern, so it is checked from the file headers before any data is read,
+and every missing, unexpected or misshapen tensor is reported in one `CheckpointError`.
+The safetensors header (8-byte little-endian length, then JSON) is parsed here; tensor bytes are read
+one tensor at a time straight into a numpy buffer. Leaves are assembled one at a time ([L, ...] stacked
+over layers) and handed on as soon as they are complete, so a loader or converter holds at most one
+leaf on the host besides what it keeps. Pickled weights (*.bin, *.pt) are never loaded.
+
+Orbax side. A converted folder holds `momjax_config.json` (`Config.to_json`) and `params/<leaf>/`, one
+Orbax checkpoint per flat leaf ("embed", "layers.wq", ...). One checkpoint per leaf is what lets the
+converter write a model piece by piece: Orbax writes a whole pytree in one call, so a single checkpoint
+would need the whole model in memory at once. Arrays are stored as zarr chunks of `CHUNK_BYTES`
+(uncompressed, no OCDBT: that keeps Orbax's own write buffers small; weights barely compress).
+Restores go straight to the requested dtype and memory kind from `jax.ShapeDtypeStruct` targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import jax
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from momjax.config import SUPPORTED_DTYPES, Config
+from momjax.params import Params, abstract_params, flatten, param_shapes, unflatten
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that momjax cannot load as it is; the message says what to do."""
+
+
+# ---------------------------------------------------------------------- the name table
+# HF tensor name ("{i}" = layer index)                 our leaf           HF layout -> our layout
+NAME_TABLE = (
+    ("model.embed_tokens.weight",                      "embed",           "V D -> V D"),
+    ("model.layers.{i}.input_layernorm.weight",        "layers.attn_norm", "D -> D"),
+    ("model.layers.{i}.self_attn.q_proj.weight",       "layers.wq",       "(H E) D -> D H E"),
+    ("model.layers.{i}.self_attn.k_proj.weight",       "layers.wk",       "(K E) D -> D K E"),
+    ("model.layers.{i}.self_attn.v_proj.weight",       "layers.wv",       "(K E) D -> D K E"),
+    ("model.layers.{i}.self_attn.q_proj.bias",         "layers.bq",       "(H E) -> H E"),
+    ("model.layers.{i}.self_attn.k_proj.bias",         "layers.bk",       "(K E) -> K E"),
+    ("model.layers.{i}.self_attn.v_proj.bias",         "layers.bv",       "(K E) -> K E"),
+    ("model.layers.{i}.self_attn.o_proj.weight",       "layers.wo",       "D (H E) -> H E D"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.mlp_norm",  "D -> D"),
+    ("model.layers.{i}.mlp.gate_proj.weight",          "layers.w_gate",   "F D -> D F"),
+    ("model.layers.{i}.mlp.up_proj.weight",            "layers.w_up",     "F D -> D F"),
+    ("model.layers.{i}.mlp.down_proj.weight",          "layers.w_down",   "D F -> F D"),
+    ("model.norm.weight",                              "final_norm",      "D -> D"),
+    ("lm_head.weight",                                 "lm_head",         "V D -> D V"),
+)  # fmt: skip
+# Buffers some exporters write that carry no weights (rope frequencies are recomputed from the config).
+IGNORED = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
+
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+_READ_BYTES = 1 << 28  # one read() call; Linux returns at most ~2 GiB per call
+
+
+def _axis_sizes(cfg: Config) -> dict[str, int]:
+    return {"V": cfg.vocab_size, "D": cfg.hidden_size, "H": cfg.num_heads, "K": cfg.num_kv_heads,
+            "E": cfg.head_dim, "F": cfg.intermediate_size}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one HF tensor goes: leaf[layer] (or the whole leaf) = tensor.reshape(split).transpose(perm)."""
+
+    hf_name: str
+    leaf: str
+    layer: int | None
+    hf_shape: tuple[int, ...]
+    split: tuple[int, ...]
+    perm: tuple[int, ...]
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(self.split).transpose(self.perm)
+
+
+def _parse_layout(layout: str, sizes: dict[str, int]):
+    """'(H E) D -> D H E' -> HF shape (H*E, D), split shape (H, E, D), permutation (2, 0, 1)."""
+    src, dst = layout.split("->")
+    groups = [g.split() if g else [a] for g, a in re.findall(r"\(([^)]*)\)|(\w+)", src)]
+    axes = [a for g in groups for a in g]
+    hf_shape = tuple(math.prod(sizes[a] for a in g) for g in groups)
+    split = tuple(sizes[a] for a in axes)
+    perm = tuple(axes.index(a) for a in dst.split())
+    return hf_shape, split, perm
+
+
+def expected_tensors(cfg: Config) -> dict[str, Slot]:
+    """HF name -> Slot for every tensor a checkpoint of this config must hold."""
+    shapes, sizes = param_shapes(cfg), _axis_sizes(cfg)
+    slots = {}
+    for hf_name, leaf, layout in NAME_TABLE:
+        if leaf not in shapes:  # biases without qkv_bias, lm_head with tied embeddings
+            continue
+        hf_shape, split, perm = _parse_layout(layout, sizes)
+        per_layer = "{i}" in hf_name
+        ours = tuple(split[p] for p in perm)
+        assert ours == shapes[leaf][1 if per_layer else 0:], (leaf, ours, shapes[leaf])  # table vs params.py
+        for i in range(cfg.num_layers) if per_layer else [None]:
+            name = hf_name.format(i=i)
+            slots[name] = Slot(name, leaf, i, hf_shape, split, perm)
+    return slots
+
+
+# ---------------------------------------------------------------------- safetensors files
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor inside a safetensors file: absolute byte offset, size, dtype and shape."""
+
+    file: str
+    dtype: str  # safetensors spelling: "BF16", "F32", ...
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+
+def read_safetensors_header(path: str) -> dict[str, TensorRef]:
+    """Parse a safetensors header and check that every tensor lies inside the file."""
+    size = os.path.getsize(path)
+    redownload = "the file is truncated or corrupt; download it again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file; {redownload}")
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes); "
+                                  f"{redownload}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: the header is not valid JSON ({e}); {redownload}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is not a JSON object; {redownload}")
+    refs = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed header entry for {name!r}; {redownload}") from None
+        if not 0 <= begin <= end or 8 + n + end > size:
+            raise CheckpointError(f"{path}: tensor {name} has data offsets [{begin}, {end}) beyond the end of the "
+                                  f"file ({size - 8 - n} data bytes); {redownload}")
+        if dtype in SAFETENSORS_DTYPES and end - begin != math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize:
+            raise CheckpointError(f"{path}: tensor {name} ({dtype} {list(shape)}) has {end - begin} bytes; "
+                                  f"{redownload}")
+        refs[name] = TensorRef(path, dtype, shape, 8 + n + begin, end - begin)
+    return refs
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a HF checkpoint folder: the index's shards, or model.safetensors."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a folder; pass a Hugging Face checkpoint folder (config.json + "
+                              "*.safetensors)")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map); download it again"
+                                  ) from None
+        files = [os.path.join(path, s) for s in shards]
+        absent = [s for s, f in zip(shards, files) if not os.path.isfile(f)]
+        if absent:
+            raise CheckpointError(f"{path}: shards listed in model.safetensors.index.json are missing: "
+                                  f"{', '.join(absent)}; download them")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        return files
+    pickles = sorted(os.path.basename(p) for pat in PICKLE_PATTERNS for p in glob.glob(os.path.join(path, pat)))
+    if pickles:
+        raise CheckpointError(
+            f"{path} has only PyTorch pickle weights ({', '.join(pickles)}); momjax never loads pickles because "
+            "unpickling can run arbitrary code. Download the checkpoint's safetensors files instead (most Hub "
+            "repos have them, e.g. `hf download REPO --include '*.safetensors' '*.json'`), or convert on a "
+            "trusted machine with transformers: AutoModelForCausalLM.from_pretrained(path)"
+            ".save_pretrained(out_dir, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{path} has no *.safetensors weights; pass a Hugging Face checkpoint folder")
+
+
+def plan_hf_load(path: str, cfg: Config) -> dict[str, list[tuple[Slot, TensorRef]]]:
+    """Match a folder's tensors against the name table, from headers only: leaf -> [(slot, tensor)].
+
+    Raises one CheckpointError naming every missing, unexpected, misshapen or non-float tensor.
+    """
+    refs: dict[str, TensorRef] = {}
+    for file in weight_files(path):
+        refs.update(read_safetensors_header(file))
+    slots = expected_tensors(cfg)
+    missing = [n for n in slots if n not in refs]
+    unexpected = [n for n in refs if n not in slots and not IGNORED.fullmatch(n)
+                  and not (n == "lm_head.weight" and cfg.tie_embeddings)]  # tied checkpoints may still hold it
+    misshapen = [f"{n} {list(refs[n].shape)} (expected {list(s.hf_shape)})"
+                 for n, s in slots.items() if n in refs and refs[n].shape != s.hf_shape]
+    bad_dtype = [f"{n} {refs[n].dtype}" for n in slots if n in refs and refs[n].dtype not in SAFETENSORS_DTYPES]
+    problems = [f"{len(items)} {what}: {', '.join(items)}" for what, items in
+                (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
+                 ("not float (quantized checkpoints are not supported)", bad_dtype)) if items]
+    if problems:
+        raise CheckpointError(
+            f"{path} does not match its config.json ({cfg.model_type}, {cfg.num_layers} layers, hidden "
+            f"{cfg.hidden_size}, {cfg.num_heads}/{cfg.num_kv_heads} heads, head_dim {cfg.head_dim}, "
+            f"tie_word_embeddings={cfg.tie_embeddings}): {'; '.join(problems)}. Check that config.json belongs "
+            "to these weights, or download the checkpoint again"
+        )
+    plan: dict[str, list[tuple[Slot, TensorRef]]] = {leaf: [] for leaf in param_shapes(cfg)}
+    for name, slot in slots.items():
+        plan[slot.leaf].append((slot, refs[name]))
+    for items in plan.values():
+        items.sort(key=lambda item: (item[1].file, item[1].start))  # read each file front to back
+    return plan
+
+
+def _read_tensor(f, ref: TensorRef) -> np.ndarray:
+    out = np.empty(ref.shape, SAFETENSORS_DTYPES[ref.dtype])
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    f.seek(ref.start)
+    pos = 0
+    while pos < ref.nbytes:
+        n = f.readinto(view[pos:pos + _READ_BYTES])
+        if not n:
+            raise CheckpointError(f"{ref.file} ended while reading a tensor; the file is truncated, download it again")
+        pos += n
+    return out
+
+
+def _check_dtype(dtype) -> str:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)} or None, got {dtype!r}")
+    return dtype
+
+
+def stream_hf_leaves(path: str, cfg: Config, dtype=None, progress: bool = True,
+                     desc: str = "loading") -> Iterator[tuple[str, np.ndarray]]:
+    """An iterator of (leaf name, numpy array in dtype), one leaf at a time, reading one tensor at a time.
+
+    All checks (names, shapes, dtypes, file sizes) run here, before the iterator is returned.
+    """
+    dtype = _check_dtype(dtype or cfg.dtype)
+    return _assemble_leaves(plan_hf_load(path, cfg), param_shapes(cfg), dtype, progress, desc)
+
+
+def _assemble_leaves(plan, shapes, dtype, progress, desc):
+    files = {}
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=sum(map(len, plan.values())), desc=desc, unit="tensor",
+                                       file=sys.stderr, disable=not progress))
+        for leaf, items in plan.items():
+            out = np.empty(shapes[leaf], dtype)
+            for slot, ref in items:
+                if ref.file not in files:
+                    files[ref.file] = stack.enter_context(open(ref.file, "rb"))
+                x = slot.transform(_read_tensor(files[ref.file], ref))
+                if slot.layer is None:
+                    out[...] = x  # casts to dtype
+                else:
+                    out[slot.layer] = x
+                del x
+                bar.update()
+            yield leaf, out
+            del out
+
+
+def _sharding(memory_kind: str):
+    if memory_kind not in ("device", "pinned_host"):
+        raise ValueError(f"memory_kind must be 'device' or 'pinned_host', got {memory_kind!r}")
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=memory_kind)
+
+
+def _placed(name: str, x: jax.Array, sharding) -> jax.Array:
+    """x on the requested memory kind (moved there if a restore put it elsewhere)."""
+    if x.sharding.memory_kind != sharding.memory_kind:
+        x = jax.device_put(x, sharding)
+    if x.sharding.memory_kind != sharding.memory_kind:
+        raise RuntimeError(f"{name} landed in {x.sharding.memory_kind!r} memory, not {sharding.memory_kind!r}; "
+                           "this backend does not support that memory kind (jax >= 0.10.2 is required on CPU)")
+    return x
+
+
+def load_hf_params(path: str, cfg: Config, dtype=None, memory_kind: str = "device", progress: bool = True) -> Params:
+    """Load a HF safetensors checkpoint folder (single file or sharded) into Params.
+
+    dtype: "float32" | "bfloat16" | "float16" | None (cfg.dtype). memory_kind: "device" | "pinned_host".
+    Each leaf is put in place as soon as it is assembled, so the host holds at most one leaf in flight.
+    """
+    sharding = _sharding(memory_kind)
+    flat = {}
+    for name, x in stream_hf_leaves(path, cfg, dtype, progress):
+        flat[name] = _placed(name, jax.device_put(x, sharding), sharding)
+        del x
+    return unflatten(flat)
+
+
+# ---------------------------------------------------------------------- Orbax
+CONFIG_FILE = "momjax_config.json"
+PARAMS_DIR = "params"
+CHUNK_BYTES = 16 << 20
+
+
+class _QuietNonOcdbtMerge(logging.Filter):
+    """Orbax warns after every non-OCDBT save that it found no OCDBT files to merge: expected here."""
+
+    def filter(self, record):
+        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    # deepcopy_host_arrays=False: numpy leaves are written as they are, not copied first (half the peak memory).
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False, type_handler_registry=registry)
+    return ocp.Checkpointer(handler)
+
+
+def is_orbax_folder(path: str) -> bool:
+    """True for a folder written by save_orbax or convert/hf_to_orbax.py."""
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
+
+
+def write_orbax(folder: str, cfg: Config, leaves: Iterable[tuple[str, np.ndarray]]) -> None:
+    """Write momjax_config.json and one Orbax checkpoint per leaf into an existing empty folder.
+
+    leaves: (flat name, host array) pairs, consumed one at a time so only one needs to exist at once.
+    cfg.dtype should be the dtype the leaves are stored in.
+    """
+    import orbax.checkpoint as ocp
+
+    ckptr = _checkpointer()
+    quiet = _QuietNonOcdbtMerge()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        os.makedirs(os.path.join(folder, PARAMS_DIR))
+        for name, x in leaves:
+            item = {name: x}
+            ckptr.save(os.path.join(folder, PARAMS_DIR, name),
+                       args=ocp.args.PyTreeSave(item, save_args={name: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES)}))
+            del item, x
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        json.dump(cfg.to_json(), f, indent=2)
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: str, force: bool = False) -> Iterator[str]:
+    """Yield a fresh temp folder beside dst; move it to dst when the block succeeds, delete it if not.
+
+    An existing dst is refused unless force, and then replaced only once the new folder is complete.
+    """
+    dst = os.path.abspath(dst)
+    if os.path.lexists(dst) and not force:
+        raise CheckpointError(f"{dst} already exists; pass --force (force=True) to replace it, or choose another "
+                              "destination")
+    parent, base = os.path.split(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        if os.path.lexists(dst):
+            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+            os.rename(dst, old)
+            try:
+                os.rename(tmp, dst)
+            except BaseException:
+                os.rename(old, dst)
+                raise
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old)
+            else:
+                os.remove(old)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_orbax(params: Params, cfg: Config, dst: str, force: bool = False) -> None:
+    """Save params (any memory kind) and cfg as an Orbax folder, one leaf at a time, atomically."""
+    flat = flatten(params)
+    stored = cfg.replace(dtype=str(np.dtype(flat["embed"].dtype)))
+    with atomic_folder(dst, force) as tmp:
+        write_orbax(tmp, stored, ((name, np.asarray(jax.device_get(x))) for name, x in flat.items()))
+
+
+def load_orbax(path: str, dtype=None, memory_kind: str = "device") -> tuple[Config, Params]:
+    """Restore an Orbax folder straight into dtype (None = as stored) and memory_kind, one leaf at a time."""
+    import orbax.checkpoint as ocp
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a folder; pass a folder written by convert/hf_to_orbax.py")
+    if not is_orbax_folder(path):
+        raise CheckpointError(f"{path} is not a momjax Orbax folder (no {CONFIG_FILE} and {PARAMS_DIR}/); write one "
+                              "with convert/hf_to_orbax.py")
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            cfg = Config.from_json(json.load(f))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path}/{CONFIG_FILE} is unreadable ({e}); convert the checkpoint again") from None
+    sharding = _sharding(memory_kind)
+    targets = flatten(abstract_params(cfg, _check_dtype(dtype or cfg.dtype), sharding))
+    absent = [n for n in targets if not os.path.isdir(os.path.join(path, PARAMS_DIR, n))]
+    if absent:
+        raise CheckpointError(f"{path} lacks the params {', '.join(absent)}; the conversion did not finish, "
+                              "convert the checkpoint again")
+    ckptr = _checkpointer()
+    flat = {}
+    for name, target in targets.items():
+        item = {name: target}
+        try:
+            restored = ckptr.restore(os.path.join(path, PARAMS_DIR, name), args=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)))[name]
+        except Exception as e:  # Orbax/tensorstore raise many types; name the leaf and say what to do
+            raise CheckpointError(f"{path}: cannot restore {name} ({type(e).__name__}: {e}); convert the "
+                                  "checkpoint again") from e
+        if restored.shape != target.shape:
+            raise CheckpointError(f"{path}: {name} has shape {list(restored.shape)}, its config needs "
+                                  f"{list(target.shape)}; convert the checkpoint again")
+        flat[name] = _placed(name, restored, sharding)
+    return cfg, unflatten(flat)
