@@ -1,0 +1,140 @@
+"""Tokenizers from checkpoint folders, chat prompts, and text that streams out as tokens arrive.
+
+Tokenizers load from local files only and never run code shipped with a checkpoint: a folder with a
+tokenizer_config.json goes through `transformers.AutoTokenizer` (local_files_only, no remote code), one
+with only a tokenizer.json through the `tokenizers` library. `StreamDecoder` turns a growing list of token
+ids into text pieces, holding back bytes that do not yet form a whole UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Files that make a folder's tokenizer loadable (any one of them, with tokenizer_config.json for the last two).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) valid UTF-8
+
+
+class TokenizerError(ValueError):
+    """A checkpoint folder has no usable tokenizer, or the tokenizer cannot do what was asked."""
+
+
+class Tokenizer:
+    """One interface over a transformers tokenizer or a bare `tokenizers.Tokenizer`."""
+
+    def __init__(self, backend, path: str):
+        self.backend = backend
+        self.path = path
+        self._fast = not hasattr(backend, "apply_chat_template")  # a bare tokenizers.Tokenizer
+        self.chat_template = None if self._fast else getattr(backend, "chat_template", None)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size() if self._fast else len(self.backend)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text; add_special_tokens adds what the tokenizer adds by itself (e.g. BOS)."""
+        if self._fast:
+            return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def encode_chat(self, text: str, system: str | None = None) -> list[int]:
+        """A one-turn chat (optional system message, then the user's text) ready for the assistant's reply."""
+        if self._fast or not self.chat_template:
+            raise TokenizerError(
+                f"the tokenizer in {self.path} has no chat template; drop --chat to use the text as it is"
+            )
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        rendered = self.backend.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template writes the special tokens (BOS included) itself: do not add them a second time.
+        return self.encode(rendered, add_special_tokens=False)
+
+    def stream(self, skip_special_tokens: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+
+
+def has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer saved in a checkpoint folder (a Hugging Face folder or an Orbax folder from convert)."""
+    if not os.path.isdir(path):
+        raise TokenizerError(f"{path} is not a folder; pass the checkpoint folder that holds the tokenizer files")
+    config_path = os.path.join(path, "tokenizer_config.json")
+    json_path = os.path.join(path, "tokenizer.json")
+    if not has_tokenizer(path):
+        raise TokenizerError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer files of the "
+            "original checkpoint into it"
+        )
+    if not os.path.isfile(config_path):
+        if not os.path.isfile(json_path):
+            raise TokenizerError(f"{path} has a tokenizer but no tokenizer_config.json or tokenizer.json to read it")
+        import tokenizers
+
+        try:
+            return Tokenizer(tokenizers.Tokenizer.from_file(json_path), path)
+        except Exception as e:  # noqa: BLE001 - the Rust library raises bare Exceptions for malformed files
+            raise TokenizerError(f"cannot read {json_path}: {e}") from None
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # keep transformers' advisory warnings out of the command's output
+    try:
+        backend = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; all mean "cannot load it"
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerError(f"cannot load the tokenizer in {path}: {why}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return Tokenizer(backend, path)
+
+
+class StreamDecoder:
+    """Text of a growing token sequence, one new piece at a time.
+
+    Decoding token by token is wrong for byte-level and SentencePiece tokenizers: one character can span
+    several tokens, and a token's leading space depends on what precedes it. So each step decodes a short
+    window of recent tokens twice, without and with the new ones, and emits only what the new tokens
+    added. While the text ends in an incomplete UTF-8 sequence (decoded as U+FFFD) nothing is emitted; the
+    bytes wait for the tokens that complete them. `flush` emits whatever is left at the end.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # window start: the text of ids[_prefix:_read] has been emitted already
+        self._read = 0
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, ids) -> str:
+        """Add token ids; return the text they complete ("" while a character is still incomplete)."""
+        self.ids.extend(int(i) for i in ids)
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith(REPLACEMENT):
+            return ""
+        piece = after[len(before):] if after.startswith(before) else after[len(os.path.commonprefix([before, after])):]
+        self._prefix, self._read = self._read, len(self.ids)
+        return piece
+
+    def flush(self) -> str:
+        """The text not emitted yet, incomplete characters included."""
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return after[len(os.path.commonprefix([before, after])):]
+
+    @property
+    def text(self) -> str:
+        """The whole text decoded at once (what the emitted pieces add up to after flush)."""
+        return self._decode(self.ids)

@@ -1,0 +1,198 @@
+"""The momjax command, run in-process through momjax.cli.main: demo, generate (streaming, summary, bad
+input), plan, the compilation cache switch, and the tokenizer's streaming detokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import pytest
+
+import momjax
+from momjax import demo
+from momjax.cli import main
+from momjax.tokenizer import StreamDecoder, load_tokenizer
+
+CONTEXT = 64  # the CLI test checkpoint's max_position_embeddings: small, so "too long" is cheap to reach
+SHORT = "Hello there"
+LONG = "x" * 60  # 61 tokens with BOS: with 16 new tokens past the 64-token context
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    """The demo's Hugging Face checkpoint with a tokenizer (built without torch), with a 64-token context."""
+    path = demo.write_checkpoint(str(tmp_path_factory.mktemp("cli-model")))
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["max_position_embeddings"] = CONTEXT
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+class Recorder:
+    """A stdout that keeps each write, to see text arrive in pieces."""
+
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, s):
+        self.writes.append(s)
+        return len(s)
+
+    def flush(self):
+        pass
+
+
+def run(argv, capsys, monkeypatch=None):
+    """main(argv) -> (exit code, stdout writes, stderr text)."""
+    recorder = Recorder()
+    if monkeypatch is not None:
+        monkeypatch.setattr(sys, "stdout", recorder)
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, recorder.writes or [captured.out], captured.err
+
+
+def expected_text(folder: str, text: str, new_tokens: int, policy: str, **kwargs) -> str:
+    tok = load_tokenizer(folder)
+    model = momjax.load(folder, progress=False)
+    model.max_context = max(model.max_context, len(tok.encode(text)) + new_tokens)
+    gen = momjax.generate(model, [tok.encode(text)], new_tokens, policy=policy, **kwargs)
+    return tok.decode(gen.as_lists()[0])
+
+
+def test_demo_runs_and_policies_agree(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOMJAX_CACHE", str(tmp_path))
+    code, out, err = run(["demo", "--max-new-tokens", "8"], capsys)
+    out = "".join(out)
+    assert code == 0, out + err
+    assert "✓ all 3 policies generated the same 8 tokens" in out
+    assert "max context" in out and "mom-stream" in out  # the plan table
+    assert os.path.isdir(tmp_path / "demo" / "orbax")
+    code, out, _ = run(["demo", "--max-new-tokens", "8"], capsys)  # the second run uses the cached checkpoint
+    assert code == 0 and "converted" not in "".join(out)
+
+
+def test_generate_streams_text_and_summarizes(folder, capsys, monkeypatch):
+    want = expected_text(folder, SHORT, 24, "mom")
+    code, writes, err = run(["generate", "--model", folder, "--prompt", SHORT, "--max-new-tokens", "24", "--quiet"],
+                            capsys, monkeypatch)
+    assert code == 0, err
+    assert "".join(writes) == want + "\n"
+    assert len([w for w in writes if w]) >= 3, f"text came in {writes!r}, not streamed"
+    for line in ("prompt tokens:        12", "time to first token:", "tokens/s", "policy:               mom",
+                 "peak device memory:   n/a on CPU"):
+        assert line in err, err
+
+
+@pytest.mark.parametrize("policy", ["baseline", "mom-stream"])
+def test_generate_sampling_matches_the_api(folder, capsys, monkeypatch, policy):
+    sampling = {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 7}
+    want = expected_text(folder, SHORT, 12, policy, **sampling)
+    argv = ["generate", "--model", folder, "--prompt", SHORT, "--max-new-tokens", "12", "--policy", policy,
+            "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "7", "--quiet"]
+    code, writes, err = run(argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert "".join(writes) == want + "\n"
+
+
+def test_generate_chat_and_prompt_file(folder, tmp_path, capsys, monkeypatch):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(SHORT, encoding="utf-8")
+    argv = ["generate", "--model", folder, "--prompt-file", str(prompt_file), "--chat", "--max-new-tokens", "4",
+            "--quiet"]
+    code, _, err = run(argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert "prompt tokens:        15" in err  # BOS <|user|> 11 bytes <|end|> <|assistant|>
+
+
+def test_allow_long_context(folder, capsys, monkeypatch):
+    argv = ["generate", "--model", folder, "--prompt", LONG, "--max-new-tokens", "16", "--quiet"]
+    code, _, err = run(argv + ["--allow-long-context"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "prompt tokens:        61" in err
+
+
+# case -> (argv with {folder} and {tmp} placeholders, text the one error line must contain)
+GEN = ["generate", "--model", "{folder}", "--max-new-tokens", "16"]
+BAD_INPUTS = {
+    "missing folder": (["generate", "--model", "{tmp}/nope", "--prompt", "hi"], "does not exist"),
+    "no tokenizer": (["generate", "--model", "{tmp}/no-tokenizer", "--prompt", "hi"], "no tokenizer"),
+    "unknown policy": (GEN + ["--prompt", "hi", "--policy", "fastest"], "invalid choice"),
+    "empty prompt": (GEN + ["--prompt", "  "], "prompt is empty"),
+    "missing prompt file": (GEN + ["--prompt-file", "{tmp}/none.txt"], "does not exist"),
+    "no prompt": (GEN, "--prompt"),
+    "prompt too long": (GEN + ["--prompt", LONG], "--allow-long-context"),
+    "bad max-new-tokens": (GEN[:-1] + ["0", "--prompt", "hi"], "--max-new-tokens"),
+    "plan budget too small": (["plan", "--model", "llama-3.1-8b", "--hbm", "8GiB"], "weights"),
+    "plan unknown model": (["plan", "--model", "llama-9", "--hbm", "80GiB"], "neither a preset"),
+    "plan bad size": (["plan", "--model", "llama-3.1-8b", "--hbm", "eighty"], "80GiB"),
+    "unknown command": (["frobnicate"], "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(folder, tmp_path, capsys, case):
+    no_tokenizer = tmp_path / "no-tokenizer"  # weights and config, but no tokenizer files
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(os.path.join(folder, name), no_tokenizer / name)
+    template, needle = BAD_INPUTS[case]
+    argv = [a.format(folder=folder, tmp=tmp_path) for a in template]
+    code, out, err = run(argv, capsys)
+    assert code == 2, (case, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"{case}: {err!r}"
+    assert lines[0].startswith("momjax: error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in err and "".join(out) == ""
+
+
+def test_plan_json(capsys):
+    code, out, err = run(["plan", "--model", "llama-3.1-8b", "--hbm", "80GiB", "--host-memory", "1TiB", "--json"],
+                         capsys)
+    assert code == 0, err
+    result = json.loads("".join(out))
+    assert set(result["max_context"]) == {"baseline", "mom", "mom-stream"}
+    assert all(isinstance(n, int) and n > 0 for n in result["max_context"].values())
+    assert result["max_context"]["mom"] >= result["max_context"]["baseline"]
+
+
+def test_plan_table_from_a_folder(folder, capsys):
+    code, out, err = run(["plan", "--model", folder, "--hbm", "1GiB"], capsys)
+    assert code == 0, err
+    assert "max context" in "".join(out)
+
+
+def test_compile_cache_switch(folder, tmp_path, capsys, monkeypatch):
+    from jax._src import compilation_cache
+
+    cache = tmp_path / "xla-cache"
+    saved = {name: getattr(jax.config, name) for name in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes")}
+    monkeypatch.setenv("MOMJAX_COMPILATION_CACHE", str(cache))
+    try:
+        code, _, err = run(["generate", "--model", folder, "--prompt", "cache me", "--max-new-tokens", "2",
+                            "--quiet"], capsys, monkeypatch)
+        assert code == 0, err
+        assert jax.config.jax_compilation_cache_dir == str(cache)
+        assert cache.is_dir() and any(cache.iterdir()), "nothing was written to the compilation cache"
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
+def test_stream_decoder_holds_back_partial_characters(folder):
+    tok = load_tokenizer(folder)
+    text = "naïve café — 日本語 ✓ done"
+    ids = tok.encode(text, add_special_tokens=False)
+    stream = StreamDecoder(tok)
+    pieces = [stream.push([i]) for i in ids]
+    pieces.append(stream.flush())
+    assert "".join(pieces) == text == stream.text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces  # multi-byte characters were held back until complete
