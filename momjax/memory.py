@@ -12,7 +12,7 @@ policy fits in a device (and host) budget, counting prefill and decode.
 
 from __future__ import annotations
 
-import math
+import functools
 import re
 
 import jax
@@ -89,6 +89,15 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", 
     """
     cfg = _resolve(model_or_config)
     policy = get_policy(policy)
+    padded = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
+    report = dict(_memory_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens))
+    report["seq_len"] = int(seq_len)
+    return report
+
+
+@functools.lru_cache(maxsize=256)
+def _memory_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, phase: str, batch: int,
+                   new_tokens: int) -> dict:
     compiled, args = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens)
     ma = compiled.memory_analysis()
     outputs = jax.tree.map(
@@ -224,7 +233,7 @@ def max_context(cfg: Config, policy, hbm_bytes: int, host_bytes: int | None = No
     """
     policy = get_policy(policy)
     measure = estimate if source == "estimate" else memory_report
-    fits = lambda n: _fits(cfg, n, policy, dtype, hbm_bytes, host_bytes, new_tokens, measure)  # noqa: E731
+    fits = lambda n: _fits(cfg, n, policy, dtype, hbm_bytes, host_bytes, new_tokens, measure)
     if not fits(resolution):
         return 0
     lo, hi = resolution, 2 * resolution
@@ -248,8 +257,8 @@ def plan(model_or_config, hbm_bytes, host_bytes=None, dtype="bfloat16", new_toke
 
     source: "xla" compiles the real programs at every bisection step (float32 on CPU, or any dtype on
     GPU); "estimate" uses the closed-form `estimate`, validated against XLA in float32 (tests/test_memory.py);
-    "auto" picks XLA when its figure is trustworthy here (float32, or a GPU backend) and else the estimate,
-    since the CPU compiler inflates bfloat16 figures.
+    "auto" picks XLA on a GPU backend and the estimate elsewhere: the CPU compiler inflates bfloat16
+    figures, and a search of compiles at millions of tokens takes minutes on a CPU.
     Raises ValueError when the budget cannot hold even the weights.
     """
     cfg = _resolve(model_or_config)
@@ -261,7 +270,7 @@ def plan(model_or_config, hbm_bytes, host_bytes=None, dtype="bfloat16", new_toke
             f"{format_bytes(hbm)} device budget; use a smaller dtype or a larger device"
         )
     if source == "auto":
-        source = "xla" if (jnp.dtype(dtype) == jnp.float32 or _on_gpu()) else "estimate"
+        source = "xla" if _on_gpu() else "estimate"
     result = {"max_context": {}, "source": {}, "weight_bytes": weights, "hbm_bytes": hbm, "host_bytes": host,
               "dtype": str(jnp.dtype(dtype)), "new_tokens": new_tokens, "limits": {}}
     for name in ("baseline", "mom", "mom-stream"):
@@ -275,15 +284,17 @@ def plan(model_or_config, hbm_bytes, host_bytes=None, dtype="bfloat16", new_toke
     return result
 
 
-def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, resolution=2048) -> int:
-    fits = lambda n: _fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens, memory_report)  # noqa: E731
-    lo, hi = max(resolution, int(guess * 0.75) // resolution * resolution), int(guess * 1.3) + resolution
+def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens) -> int:
+    """Bisect with the compiled programs within +-30% of the estimate (about ten compiles per policy)."""
+    fits = lambda n: _fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens, memory_report)
+    resolution = max(1024, guess // 50 // 1024 * 1024)
+    lo, hi = max(int(guess * 0.7) // 1024 * 1024, 1024), int(guess * 1.3) // 1024 * 1024 + 1024
     if not fits(lo):
         return max_context(cfg, policy, hbm, host, dtype, new_tokens, source="xla", resolution=resolution)
     if fits(hi):
         return hi
     while hi - lo > resolution:
-        mid = (lo + hi) // 2 // resolution * resolution
+        mid = (lo + hi) // 2 // 1024 * 1024
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
