@@ -120,12 +120,15 @@ def _compiled(key, lower):
     return _COMPILED[key], time.perf_counter() - t0
 
 
-_PROGRESS = {"layers": 0, "t0": 0.0}
+_PROGRESS = {"layers": 0, "done": 0, "t0": 0.0}
 
 
 def _prefill_progress(layer) -> None:
     """Host callback after each prefill layer (one function object, so it never causes a recompile)."""
     i, n = int(layer) + 1, _PROGRESS["layers"]
+    if i <= _PROGRESS["done"]:  # an unordered callback may arrive late: never step back
+        return
+    _PROGRESS["done"] = i
     end = "\n" if i == n else ""
     print(f"\rprefill: layer {i}/{n} ({time.perf_counter() - _PROGRESS['t0']:.1f} s)", end=end, file=sys.stderr,
           flush=True)
@@ -194,15 +197,26 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
     t0 = time.perf_counter()
     # Compiled ahead of time (the same program momjax.prefill runs) so compilation is reported on its own.
     where = (str(model.dtype), model.params.embed.sharding.memory_kind)
-    prefill, stats.prefill_compile_s = _compiled(
-        ("prefill", cfg, policy, on_layer, tokens.shape, where),
-        lambda: G.prefill_fn.lower(model.params, tokens, start, cfg=cfg, policy=policy, on_layer=on_layer))
+    try:
+        prefill, stats.prefill_compile_s = _compiled(
+            ("prefill", cfg, policy, on_layer, tokens.shape, where),
+            lambda: G.prefill_fn.lower(model.params, tokens, start, cfg=cfg, policy=policy, on_layer=on_layer))
+    except ValueError:
+        if on_layer is None:
+            raise
+        # JAX 0.10.2 cannot lower an ordered callback in a program with pinned_host outputs (jax-ml/jax#40108):
+        # the policies that offload the KV cache run without per-layer progress until that is fixed.
+        print("prefill: per-layer progress is not available with this policy; prefilling...", file=sys.stderr)
+        on_layer = None
+        prefill, stats.prefill_compile_s = _compiled(
+            ("prefill", cfg, policy, None, tokens.shape, where),
+            lambda: G.prefill_fn.lower(model.params, tokens, start, cfg=cfg, policy=policy, on_layer=None))
     logits_shape = jax.ShapeDtypeStruct((1, cfg.vocab_size), jnp.float32)
     sample_first, seconds = _compiled(
         ("first", cfg.vocab_size, stop_ids.shape),
         lambda: first_token.lower(logits_shape, key, temperature, top_k, top_p, stop_ids))
     stats.prefill_compile_s += seconds
-    _PROGRESS.update(layers=cfg.num_layers, t0=time.perf_counter())
+    _PROGRESS.update(layers=cfg.num_layers, done=0, t0=time.perf_counter())
     logits, cache = prefill(model.params, tokens, start)
     token, done = sample_first(logits, key, temperature, top_k, top_p, stop_ids)
     first = int(np.asarray(token)[0])

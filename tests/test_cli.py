@@ -196,3 +196,39 @@ def test_stream_decoder_holds_back_partial_characters(folder):
     assert "".join(pieces) == text == stream.text
     assert all("\ufffd" not in p for p in pieces)
     assert "" in pieces  # multi-byte characters were held back until complete
+
+
+def test_convert_then_generate_from_the_orbax_folder(folder, tmp_path, capsys, monkeypatch):
+    orbax = str(tmp_path / "orbax")
+    code, _, err = run(["convert", folder, orbax, "--quiet"], capsys)
+    assert code == 0, err
+    want = expected_text(folder, SHORT, 24, "mom")
+    code, writes, err = run(["generate", "--model", orbax, "--prompt", SHORT, "--max-new-tokens", "24", "--quiet"],
+                            capsys, monkeypatch)
+    assert code == 0, err
+    assert "".join(writes) == want + "\n"  # the Orbax folder carries the tokenizer too
+
+
+@pytest.mark.parametrize("policy", ["baseline", "mom"])
+def test_long_prefill_progress_callback(folder, capsys, policy):
+    from momjax.cli import stream_tokens
+
+    model = momjax.load(folder, progress=False)
+    ids = load_tokenizer(folder).encode(SHORT)
+    quiet = [t for piece in stream_tokens(model, ids, 4, policy=policy, progress=False) for t in piece]
+    capsys.readouterr()
+    shown = [t for piece in stream_tokens(model, ids, 4, policy=policy, progress=True) for t in piece]
+    err = capsys.readouterr().err
+    assert shown == quiet
+    L = model.config.num_layers
+    if policy == "baseline":
+        assert f"prefill: layer {L}/{L}" in err
+    else:  # the KV-offloading policies show it once model.py's callback is unordered (see cli.py)
+        assert f"prefill: layer {L}/{L}" in err or "not available" in err
+
+
+def test_bench_without_torch_says_what_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    code, _, err = run(["bench", "--quick"], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "pip install momjax[test]" in err
