@@ -172,7 +172,8 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
       S(2D + 2KE): the residual stream in and out of a layer and one layer's K and V (twice: as computed
       chunk by chunk and in cache layout); 3F: the MLP's gate, up and product for one mini-sequence.
     prefill device     = W + temporaries + KV on device + logits (4 B V)
-    decode temporaries = W_l + 2 B K S E b (one layer's prompt K/V on the device) + 4 B H (S + N) * 2 (scores)
+    decode temporaries = W_l + 2 B K S E b (one layer's prompt K/V on the device; 2.5 times that when
+                         streaming from the host: this layer's and the prefetched next layer's) + 8 B H (S + N)
     decode device      = W + temporaries + prompt KV on device + tail KV (2 L B K N E b) + logits
     host               = the prompt KV when the policy places it in pinned host memory.
     """
@@ -202,8 +203,10 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
     elif phase == "decode":
         N = max(new_tokens - 1, 1)
         tail = 2 * L * B * K * N * E * b
-        temp = Wl + 2 * B * K * S * E * b + 8 * B * H * (S + N)
         on_device = policy.kv_decode == "device"
+        layer_kv = 2 * B * K * S * E * b
+        # Streaming holds the current and the prefetched layer, each copied in and out of the loop carry.
+        temp = Wl + (layer_kv if on_device else 2.5 * layer_kv) + 8 * B * H * (S + N)
         kv_bytes = kv_prompt + tail
         device = W + temp + logits + tail + (kv_prompt if on_device else 0)
         host = 0 if on_device else kv_prompt

@@ -226,19 +226,19 @@ def chunk_length(seq_len: int, policy: MemoryPolicy) -> int:
 def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: MemoryPolicy):
     """One new token per row: logits [B, V] and the cache with the token's K/V in the tail.
 
-    The prompt cache is read layer by layer inside the scan; when it lives in pinned host memory each
-    layer's K/V is brought to the device as its layer runs (the scan's slices of a host array).
+    With the prompt cache on the device each layer reads its slice of it. With the prompt cache in pinned
+    host memory (mom-stream) layer l's K/V is brought to the device as layer l runs, and layer l+1's copy
+    is issued in the same step (it does not depend on layer l's math, so the copy overlaps the compute):
+    the device holds two layers' prompt K/V, never all of them.
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     step = cache.length
-    T = cache.k.shape[3]
+    L, T = cache.k.shape[0], cache.k.shape[3]
     q_index = T + step
     positions = (q_index - cache.start)[:, None]  # [B, 1]
     x = params.embed[token][:, None, :]  # [B, 1, D]
 
-    def body(x, inputs):
-        lp, k, v, tail_k, tail_v = inputs
-        k, v = to_memory_kind(k, "device"), to_memory_kind(v, "device")
+    def layer(x, lp, k, v, tail_k, tail_v):
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         q = project_q(lp, h, positions, inv_freq)  # [B, 1, H, E]
         k_new, v_new = project_kv(lp, h, positions, inv_freq)  # [B, 1, K, E]
@@ -247,8 +247,30 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
         o = decode_attention(q, k, v, tail_k, tail_v, q_index, step, cache.start, window=cfg.sliding_window)
         x = x + jnp.einsum("bshe,hed->bsd", o, lp.wo)
         x = x + mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
-        return x, (tail_k, tail_v)
+        return x, tail_k, tail_v
 
-    x, (tail_k, tail_v) = jax.lax.scan(body, x, (params.layers, cache.k, cache.v, cache.tail_k, cache.tail_v))
+    if policy.kv_decode == "pinned_host":
+
+        def fetch(layer_index):  # [B, K, T, E] of one layer, host -> device
+            pick = lambda a: jax.lax.dynamic_index_in_dim(a, layer_index, keepdims=False)  # noqa: E731
+            return to_memory_kind(pick(cache.k), "device"), to_memory_kind(pick(cache.v), "device")
+
+        def body(carry, inputs):
+            x, k, v = carry
+            lp, tail_k, tail_v, layer_index = inputs
+            k_next, v_next = fetch(jnp.minimum(layer_index + 1, L - 1))  # prefetch layer l+1
+            x, tail_k, tail_v = layer(x, lp, k, v, tail_k, tail_v)
+            return (x, k_next, v_next), (tail_k, tail_v)
+
+        xs = (params.layers, cache.tail_k, cache.tail_v, jnp.arange(L))
+        (x, _, _), (tail_k, tail_v) = jax.lax.scan(body, (x, *fetch(0)), xs)
+    else:
+
+        def body(x, inputs):
+            x, tail_k, tail_v = layer(x, *inputs)
+            return x, (tail_k, tail_v)
+
+        xs = (params.layers, cache.k, cache.v, cache.tail_k, cache.tail_v)
+        x, (tail_k, tail_v) = jax.lax.scan(body, x, xs)
     logits = lm_head(params, rms_norm(x, params.final_norm, cfg.rms_norm_eps))[:, 0]  # [B, V]
     return logits, cache.replace(tail_k=tail_k, tail_v=tail_v, length=step + 1)
