@@ -5,10 +5,11 @@ Hugging Face side. `NAME_TABLE` is the one place that maps HF tensor names to ou
 split the HF axis of size H*E into H and E, then move D to the front. The expected HF shape of every
 tensor follows from the same pattern, so it is checked from the file headers before any data is read,
 and every missing, unexpected or misshapen tensor is reported in one `CheckpointError`.
-The safetensors header (8-byte little-endian length, then JSON) is parsed here; tensor bytes are read
-one tensor at a time straight into a numpy buffer. Leaves are assembled one at a time ([L, ...] stacked
-over layers) and handed on as soon as they are complete, so a loader or converter holds at most one
-leaf on the host besides what it keeps. Pickled weights (*.bin, *.pt) are never loaded.
+The safetensors header (8-byte little-endian length, then JSON) is parsed here, and tensor bytes are
+read one tensor at a time: straight into their place in the stacked leaf when no transpose or cast is
+needed, otherwise in blocks of a few MB. Leaves are assembled one at a time ([L, ...] stacked over
+layers) and handed on as soon as they are complete, so a loader or converter holds at most one leaf on
+the host besides what it keeps. Pickled weights (*.bin, *.pt) are never loaded.
 
 Orbax side. A converted folder holds `momjax_config.json` (`Config.to_json`) and `params/<leaf>/`, one
 Orbax checkpoint per flat leaf ("embed", "layers.wq", ...). One checkpoint per leaf is what lets the
@@ -21,6 +22,8 @@ Restores go straight to the requested dtype and memory kind from `jax.ShapeDtype
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import glob
 import json
 import logging
@@ -69,7 +72,8 @@ IGNORED = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-_READ_BYTES = 1 << 28  # one read() call; Linux returns at most ~2 GiB per call
+_READ_BYTES = 8 << 20  # bytes per read() call, and per block transposed/cast at a time
+RELEASE_BYTES = 64 << 20  # leaves at least this large are freed eagerly (see _release_memory)
 
 
 def _axis_sizes(cfg: Config) -> dict[str, int]:
@@ -87,9 +91,6 @@ class Slot:
     hf_shape: tuple[int, ...]
     split: tuple[int, ...]
     perm: tuple[int, ...]
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return x.reshape(self.split).transpose(self.perm)
 
 
 def _parse_layout(layout: str, sizes: dict[str, int]):
@@ -238,17 +239,42 @@ def plan_hf_load(path: str, cfg: Config) -> dict[str, list[tuple[Slot, TensorRef
     return plan
 
 
-def _read_tensor(f, ref: TensorRef) -> np.ndarray:
-    out = np.empty(ref.shape, SAFETENSORS_DTYPES[ref.dtype])
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    f.seek(ref.start)
+def _read_exact(f, view: memoryview, file: str) -> None:
+    """Fill view from f's current position, one read() call of at most _READ_BYTES at a time."""
     pos = 0
-    while pos < ref.nbytes:
+    while pos < len(view):
         n = f.readinto(view[pos:pos + _READ_BYTES])
         if not n:
-            raise CheckpointError(f"{ref.file} ended while reading a tensor; the file is truncated, download it again")
+            raise CheckpointError(f"{file} ended while reading a tensor; the file is truncated, download it again")
         pos += n
-    return out
+
+
+def _copy_tensor(f, ref: TensorRef, slot: Slot, dest: np.ndarray, scratch: np.ndarray) -> None:
+    """dest[...] = the tensor in slot's layout and dest's dtype; dest is C-contiguous.
+
+    Same dtype and layout: read straight into dest. Otherwise read blocks of whole rows of the HF tensor
+    (its outermost axis is contiguous in the file) into scratch and write each block, transposed and cast,
+    to its slice of dest: no full-size temporary, even for a [V, D] -> [D, V] LM head.
+    """
+    src_dtype = np.dtype(SAFETENSORS_DTYPES[ref.dtype])
+    f.seek(ref.start)
+    if dest.dtype == src_dtype and slot.perm == tuple(range(len(slot.perm))):
+        _read_exact(f, memoryview(dest.reshape(-1).view(np.uint8)), ref.file)
+        return
+    rows = slot.split[0]
+    row_bytes = ref.nbytes // rows
+    step = max(1, scratch.nbytes // row_bytes)
+    axis = slot.perm.index(0)  # where the HF outermost axis goes in our layout
+    index = [slice(None)] * dest.ndim
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        raw = scratch[:(r1 - r0) * row_bytes]
+        _read_exact(f, memoryview(raw), ref.file)
+        block = raw.view(src_dtype).reshape((r1 - r0, *slot.split[1:]))
+        if block.dtype != dest.dtype:
+            block = block.astype(dest.dtype)  # a contiguous cast, then a native-dtype transpose: faster than both at once
+        index[axis] = slice(r0, r1)
+        dest[tuple(index)] = block.transpose(slot.perm)
 
 
 def _check_dtype(dtype) -> str:
@@ -268,6 +294,8 @@ def stream_hf_leaves(path: str, cfg: Config, dtype=None, progress: bool = True,
 
 
 def _assemble_leaves(plan, shapes, dtype, progress, desc):
+    largest_row = max(ref.nbytes // slot.split[0] for items in plan.values() for slot, ref in items)
+    scratch = np.empty(max(_READ_BYTES, largest_row), np.uint8)  # reused for every block of every tensor
     files = {}
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=sum(map(len, plan.values())), desc=desc, unit="tensor",
@@ -276,16 +304,28 @@ def _assemble_leaves(plan, shapes, dtype, progress, desc):
             out = np.empty(shapes[leaf], dtype)
             for slot, ref in items:
                 if ref.file not in files:
-                    files[ref.file] = stack.enter_context(open(ref.file, "rb"))
-                x = slot.transform(_read_tensor(files[ref.file], ref))
-                if slot.layer is None:
-                    out[...] = x  # casts to dtype
-                else:
-                    out[slot.layer] = x
-                del x
+                    files[ref.file] = stack.enter_context(open(ref.file, "rb", buffering=0))
+                _copy_tensor(files[ref.file], ref, slot, out if slot.layer is None else out[slot.layer], scratch)
                 bar.update()
             yield leaf, out
             del out
+
+
+def _release_memory(nbytes: int) -> None:
+    """After a large leaf (nbytes) is done, free its buffers now: collect the reference cycles Orbax leaves
+    them in, and hand memory freed by tensorstore's threads back to the OS (glibc keeps it otherwise).
+
+    Without this, resident memory grows by a leaf or two over a model (measured by
+    benchmarks/convert_rss.py). Small leaves skip it: a full gc pass can take a few tenths of a second.
+    malloc_trim is glibc only; elsewhere that step is skipped.
+    """
+    if nbytes < RELEASE_BYTES:
+        return
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _sharding(memory_kind: str):
@@ -295,9 +335,13 @@ def _sharding(memory_kind: str):
 
 
 def _placed(name: str, x: jax.Array, sharding) -> jax.Array:
-    """x on the requested memory kind (moved there if a restore put it elsewhere)."""
+    """x on the requested memory kind (moved there if a restore put it elsewhere), transfer finished.
+
+    Waiting for the transfer lets the host buffer it came from be freed before the next leaf is read.
+    """
     if x.sharding.memory_kind != sharding.memory_kind:
         x = jax.device_put(x, sharding)
+    x.block_until_ready()
     if x.sharding.memory_kind != sharding.memory_kind:
         raise RuntimeError(f"{name} landed in {x.sharding.memory_kind!r} memory, not {sharding.memory_kind!r}; "
                            "this backend does not support that memory kind (jax >= 0.10.2 is required on CPU)")
@@ -315,13 +359,14 @@ def load_hf_params(path: str, cfg: Config, dtype=None, memory_kind: str = "devic
     for name, x in stream_hf_leaves(path, cfg, dtype, progress):
         flat[name] = _placed(name, jax.device_put(x, sharding), sharding)
         del x
+        _release_memory(flat[name].nbytes)
     return unflatten(flat)
 
 
 # ---------------------------------------------------------------------- Orbax
 CONFIG_FILE = "momjax_config.json"
 PARAMS_DIR = "params"
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 4 << 20  # zarr chunk: tensorstore encodes chunks concurrently, so its write buffers scale with it
 
 
 class _QuietNonOcdbtMerge(logging.Filter):
@@ -365,7 +410,9 @@ def write_orbax(folder: str, cfg: Config, leaves: Iterable[tuple[str, np.ndarray
             item = {name: x}
             ckptr.save(os.path.join(folder, PARAMS_DIR, name),
                        args=ocp.args.PyTreeSave(item, save_args={name: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES)}))
+            nbytes = x.nbytes
             del item, x
+            _release_memory(nbytes)
     finally:
         logging.getLogger("absl").removeFilter(quiet)
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
@@ -450,4 +497,6 @@ def load_orbax(path: str, dtype=None, memory_kind: str = "device") -> tuple[Conf
             raise CheckpointError(f"{path}: {name} has shape {list(restored.shape)}, its config needs "
                                   f"{list(target.shape)}; convert the checkpoint again")
         flat[name] = _placed(name, restored, sharding)
+        del restored
+        _release_memory(flat[name].nbytes)
     return cfg, unflatten(flat)

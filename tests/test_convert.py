@@ -104,15 +104,15 @@ def test_verify_failure_keeps_nothing(zoo, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- atomicity
 def interrupt_after(monkeypatch, reads: int) -> None:
     """Raise KeyboardInterrupt at the reads-th tensor read: some leaves are already written by then."""
-    real, calls = momjax.checkpoint._read_tensor, []
+    real, calls = momjax.checkpoint._copy_tensor, []
 
-    def flaky(f, ref):
-        calls.append(ref)
+    def flaky(*args):
+        calls.append(args)
         if len(calls) == reads:
             raise KeyboardInterrupt
-        return real(f, ref)
+        return real(*args)
 
-    monkeypatch.setattr(momjax.checkpoint, "_read_tensor", flaky)
+    monkeypatch.setattr(momjax.checkpoint, "_copy_tensor", flaky)
 
 
 def test_interrupted_conversion_leaves_nothing(zoo, tmp_path, monkeypatch):
