@@ -1,0 +1,88 @@
+"""The benchmark scripts run end to end on CPU: gpu_long_context.py in its --tiny mode (every run in its own
+subprocess, a largest-context search, JSON and PNG written), its search on a pretend probe, and the length
+grid of memory_vs_context.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load_script(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_long_context = load_script("gpu_long_context")
+memory_vs_context = load_script("memory_vs_context")
+
+
+def test_search_finds_the_largest_length_that_fits():
+    seen = []
+
+    def probe(n):
+        seen.append(n)
+        return n <= 3000, None
+
+    found = gpu_long_context.search_max_context(probe, 0, None, 256, 1 << 20, log=lambda *a: None)
+    assert found["max_context"] == 2816 and found["first_miss"] == 3072
+    assert found["stopped_by"] == "bisection"
+    assert seen == [256, 512, 1024, 2048, 4096, 3072, 2560, 2816]
+
+
+def test_search_starts_from_known_lengths_and_stops_on_timeout_or_ceiling():
+    found = gpu_long_context.search_max_context(lambda n: (True, None), 512, None, 256, 2048, log=print)
+    assert found["max_context"] == 2048 and found["stopped_by"].startswith("ceiling")
+    found = gpu_long_context.search_max_context(lambda n: (False, "timeout"), 512, None, 256, 1 << 20, log=print)
+    assert found == {"max_context": 512, "first_miss": None, "stopped_by": "timeout",
+                     "probes": [{"seq_len": 1024, "fits": False, "stop": "timeout"}]}
+    found = gpu_long_context.search_max_context(lambda n: (n < 700, None), 512, 1024, 256, 1 << 20, log=print)
+    assert (found["max_context"], found["first_miss"]) == (512, 768)
+
+
+def test_memory_vs_context_lengths_are_log_spaced_up_to_the_limit():
+    assert memory_vs_context.lengths_up_to(110_592) == [8192, 16384, 32768, 65536, 110_592]
+    assert memory_vs_context.lengths_up_to(65536) == [8192, 16384, 32768, 65536]
+    capped = memory_vs_context.lengths_up_to(10 * 2**20)
+    assert capped[-1] == memory_vs_context.CAP and len(capped) == 10
+
+
+def test_gpu_long_context_tiny_mode_writes_results(tmp_path):
+    cmd = [sys.executable, os.path.join(BENCH, "gpu_long_context.py"), "--tiny", "--policies", "baseline",
+           "--lengths", "256", "--new-tokens", "4", "--ceiling", "512", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    path = tmp_path / "gpu_long_context_tiny_cpu.json"
+    assert path.is_file() and (tmp_path / "gpu_long_context_tiny_cpu.png").stat().st_size > 10_000
+    result = json.loads(path.read_text())
+
+    for key in ("command", "machine", "model", "dtype", "runs", "max_context", "new_tokens", "transformers_setup"):
+        assert key in result, key
+    assert result["tiny"] is True and result["machine"]["device_kind"] == "cpu" and result["machine"]["jax"]
+    runs = {(r["system"], r["policy"], r["seq_len"]): r for r in result["runs"]}
+    assert set(runs) == {("momjax", "baseline", 256), ("transformers", "offloaded", 256)}
+    for r in runs.values():
+        assert r["ok"], r
+        for key in ("peak_bytes", "ttft_s", "decode_tokens_per_s", "decode_s"):
+            assert r[key] > 0, (key, r)
+        assert len(r["first_tokens"]) == 4
+    # The pretend 8 MiB budget holds baseline at 256 tokens but not at 512 (XLA's figure is ~16 MiB there).
+    assert result["max_context"]["momjax/baseline"]["max_context"] == 256
+    assert result["max_context"]["momjax/baseline"]["first_miss"] == 512
+    assert result["max_context"]["transformers/offloaded"]["max_context"] == 512
+
+
+@pytest.mark.parametrize("text", ["RESOURCE_EXHAUSTED: Out of memory while trying to allocate", "CUDA out of memory."])
+def test_out_of_memory_errors_are_recognised(text):
+    assert gpu_long_context._is_oom(RuntimeError(text))
+    assert not gpu_long_context._is_oom(ValueError("shapes do not match"))
