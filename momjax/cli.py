@@ -363,13 +363,12 @@ def cmd_plan(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise UsageError(f"momjax bench compares with transformers and needs {e.name}; run "
-                         "`pip install momjax[test]` (on CPU machines install torch==2.13.0 first)") from None
     from momjax import bench
+
+    for name in ("torch", "transformers"):
+        if not bench.available(name):
+            raise UsageError(f"momjax bench compares with transformers and needs {name}; run "
+                             "`pip install momjax[test]` (on CPU machines install torch==2.13.0 first)")
 
     return bench.main((["--quick"] if args.quick else []) + (["--out", args.out] if args.out else []))
 
@@ -390,16 +389,18 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="momjax", description="Run Llama, Qwen2 and Mistral checkpoints in JAX "
                                      "with MOM memory policies for long prompts.")
-    parser.add_argument("--compile-cache", metavar="DIR", default=os.environ.get(COMPILE_CACHE_ENV),
-                        help=f"keep compiled programs in DIR across runs (default: ${COMPILE_CACHE_ENV})")
+    cache_help = f"keep compiled programs in DIR across runs (default: ${COMPILE_CACHE_ENV})"
+    parser.add_argument("--compile-cache", metavar="DIR", default=os.environ.get(COMPILE_CACHE_ENV), help=cache_help)
+    common = _Parser(add_help=False)  # the same switch after the command name: `momjax generate --compile-cache D`
+    common.add_argument("--compile-cache", metavar="DIR", default=argparse.SUPPRESS, help=cache_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="build a small random model offline and run every policy on it")
+    p = sub.add_parser("demo", parents=[common], help="build a small random model offline and run every policy on it")
     p.add_argument("--prompt", default=None, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached demo checkpoint")
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint folder, streamed to stdout")
+    p = sub.add_parser("generate", parents=[common], help="generate text from a checkpoint folder, streamed to stdout")
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face or Orbax checkpoint folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
@@ -416,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept prompts longer than the model's trained context")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
-    p = sub.add_parser("plan", help="longest context each policy fits in a memory budget")
+    p = sub.add_parser("plan", parents=[common], help="longest context each policy fits in a memory budget")
     p.add_argument("--model", required=True, metavar="PRESET|DIR", help="a preset name or a checkpoint folder")
     p.add_argument("--hbm", required=True, help="accelerator memory, e.g. 80GiB")
     p.add_argument("--host-memory", default=None, help="host memory for the offloaded KV cache, e.g. 1TiB")
@@ -426,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("convert", help="convert a Hugging Face checkpoint to an Orbax folder (momjax convert -h)",
                    add_help=False)
 
-    p = sub.add_parser("bench", help="momjax vs transformers on CPU (needs momjax[test])")
+    p = sub.add_parser("bench", parents=[common], help="momjax vs transformers on CPU (needs momjax[test])")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--out", default=None, help="write the JSON results here")
     return parser

@@ -166,6 +166,14 @@ def test_plan_table_from_a_folder(folder, capsys):
     assert "max context" in "".join(out)
 
 
+def test_compile_cache_option_before_or_after_the_command():
+    from momjax.cli import build_parser
+
+    for argv in (["--compile-cache", "D", "plan", "--model", "m", "--hbm", "1GB"],
+                 ["plan", "--model", "m", "--hbm", "1GB", "--compile-cache", "D"]):
+        assert build_parser().parse_args(argv).compile_cache == "D"
+
+
 def test_compile_cache_switch(folder, tmp_path, capsys, monkeypatch):
     from jax._src import compilation_cache
 
