@@ -14,7 +14,8 @@ import numpy as np
 
 from momjax import generation as G
 from momjax.cache import KVCache, place_prompt
-from momjax.config import Config, MemoryPolicy, get_policy
+from momjax.config import Config, MemoryPolicy
+from momjax.config import get_policy as _get_policy
 from momjax.params import Params
 
 
@@ -72,6 +73,13 @@ def load(path: str, dtype: str | None = None, memory_kind: str = "device", progr
 # ---------------------------------------------------------------------- input checks
 
 
+def get_policy(policy) -> MemoryPolicy:
+    try:
+        return _get_policy(policy)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def _as_prompts(model: Model, tokens) -> list[list[int]]:
     """A [B, S] array, a list of token lists (lengths may differ) or one flat list -> list of int lists."""
     if isinstance(tokens, (jax.Array, np.ndarray)):
@@ -85,11 +93,13 @@ def _as_prompts(model: Model, tokens) -> list[list[int]]:
         prompts = [list(map(int, row)) for row in arr]
     else:
         tokens = list(tokens)
-        if tokens and all(isinstance(t, (int, np.integer)) for t in tokens):
-            tokens = [tokens]
+        if tokens and not any(isinstance(t, (list, tuple, np.ndarray, jax.Array)) for t in tokens):
+            tokens = [tokens]  # one flat prompt
         prompts = []
         for row in tokens:
-            row = list(row)
+            if not isinstance(row, (list, tuple, np.ndarray, jax.Array)):
+                raise InputError("tokens must be a list of token ids or a list of such lists")
+            row = np.asarray(row).tolist() if isinstance(row, (np.ndarray, jax.Array)) else list(row)
             if not all(isinstance(t, (int, np.integer)) for t in row):
                 raise InputError("tokens must be integer token ids (tokenize the text first)")
             prompts.append([int(t) for t in row])

@@ -24,15 +24,16 @@ class KVCache:
 
     @classmethod
     def from_prompt(cls, k, v, start, tail: int = 0):
-        L, B, K, _, E = k.shape
-        empty = jnp.zeros((L, B, K, tail, E), k.dtype)
-        return cls(k=k, v=v, start=start, tail_k=empty, tail_v=empty, length=jnp.zeros((), jnp.int32))
+        return cls(k=k, v=v, start=start, tail_k=k[:, :, :, :0], tail_v=v[:, :, :, :0],
+                   length=jnp.zeros((), jnp.int32)).with_tail(tail)
 
-    def with_tail(self, tail: int) -> "KVCache":
+    def with_tail(self, tail: int) -> KVCache:
         """Room for `tail` generated tokens (the tail is reset)."""
         L, B, K, _, E = self.k.shape
-        empty = jnp.zeros((L, B, K, tail, E), self.tail_k.dtype)
-        return self.replace(tail_k=empty, tail_v=empty, length=jnp.zeros((), jnp.int32))
+        shape, dtype = (L, B, K, tail, E), self.tail_k.dtype
+        # Two separate buffers: the jitted decode step donates the cache, and a buffer cannot be donated twice.
+        return self.replace(tail_k=jnp.zeros(shape, dtype), tail_v=jnp.zeros(shape, dtype),
+                            length=jnp.zeros((), jnp.int32))
 
     @property
     def prompt_length(self) -> int:

@@ -104,7 +104,7 @@ def _kv_pass(lp, x, pos, cfg, inv_freq):
 
     k, v = chunk_map(one, (x, pos))  # [N, B, C, K, E]
     N, B, C, K, E = k.shape
-    to_cache = lambda t: jnp.transpose(t, (1, 3, 0, 2, 4)).reshape(B, K, N * C, E)  # noqa: E731
+    to_cache = lambda t: jnp.transpose(t, (1, 3, 0, 2, 4)).reshape(B, K, N * C, E)
     return to_cache(k), to_cache(v)
 
 
@@ -141,7 +141,7 @@ def _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq):
 
 def _rest_last_position(lp, x, pos, k, v, start, cfg, policy, inv_freq):
     """The final layer in prefill: only the last position's output is ever read, so compute only it."""
-    N, B, C, D = x.shape
+    N, _, C, _ = x.shape
     x_last, pos_last = last_position(x), last_position(pos)  # [B, 1, D], [B, 1]
     x_last = _attend_and_mlp(lp, x_last, pos_last, N * C - 1, k, v, start, cfg, policy, inv_freq)
     return x.at[N - 1, :, C - 1:].set(x_last)
@@ -163,9 +163,9 @@ def run_layers(params: Params, x, pos, start, cfg: Config, policy: MemoryPolicy,
         lp, layer = inputs
         k, v = _kv_pass(lp, x, pos, cfg, inv_freq)
         arrays = (lp, x, pos, k, v, start)
-        rest_all = lambda a: _rest_all_positions(*a, cfg, policy, inv_freq)  # noqa: E731
+        rest_all = lambda a: _rest_all_positions(*a, cfg, policy, inv_freq)
         if last_only:
-            rest_last = lambda a: _rest_last_position(*a, cfg, policy, inv_freq)  # noqa: E731
+            rest_last = lambda a: _rest_last_position(*a, cfg, policy, inv_freq)
             x = jax.lax.cond(layer == L - 1, rest_last, rest_all, arrays)
         else:
             x = rest_all(arrays)
@@ -183,7 +183,7 @@ def embed_chunks(params: Params, tokens, start, chunk: int):
     B, S = tokens.shape
     N = S // chunk
     pos = jnp.arange(S)[None, :] - start[:, None]  # [B, S]; padding gets negative positions, never seen
-    to_chunks = lambda t: jnp.moveaxis(t.reshape(B, N, chunk), 1, 0)  # noqa: E731
+    to_chunks = lambda t: jnp.moveaxis(t.reshape(B, N, chunk), 1, 0)
     tok, pos = to_chunks(tokens), to_chunks(pos)
     return params.embed[tok], pos
 
@@ -252,7 +252,7 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
     if policy.kv_decode == "pinned_host":
 
         def fetch(layer_index):  # [B, K, T, E] of one layer, host -> device
-            pick = lambda a: jax.lax.dynamic_index_in_dim(a, layer_index, keepdims=False)  # noqa: E731
+            pick = lambda a: jax.lax.dynamic_index_in_dim(a, layer_index, keepdims=False)
             return to_memory_kind(pick(cache.k), "device"), to_memory_kind(pick(cache.v), "device")
 
         def body(carry, inputs):

@@ -89,17 +89,17 @@ def _cast_copy(model, dtype):
     return clone.to(dtype)
 
 
-def hf_logits(model, tokens) -> "torch.Tensor":
+def hf_logits(model, tokens) -> torch.Tensor:
     """Float32 logits [B, S, V] of transformers' PyTorch model."""
     with torch.no_grad():
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float()
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy continuation of one prompt, never stopping early."""
+    """transformers' greedy continuation of one prompt, never stopping early (argmax of full forwards)."""
+    tokens = list(prompt)
     with torch.no_grad():
-        out = model.generate(
-            torch.as_tensor([prompt], dtype=torch.long), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=0,
-        )
-    return out[0, len(prompt):].tolist()
+        for _ in range(max_new_tokens):
+            logits = model(torch.as_tensor([tokens], dtype=torch.long)).logits[0, -1]
+            tokens.append(int(logits.argmax()))
+    return tokens[len(prompt):]
