@@ -197,20 +197,9 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
     t0 = time.perf_counter()
     # Compiled ahead of time (the same program momjax.prefill runs) so compilation is reported on its own.
     where = (str(model.dtype), model.params.embed.sharding.memory_kind)
-    try:
-        prefill, stats.prefill_compile_s = _compiled(
-            ("prefill", cfg, policy, on_layer, tokens.shape, where),
-            lambda: G.prefill_fn.lower(model.params, tokens, start, cfg=cfg, policy=policy, on_layer=on_layer))
-    except ValueError:
-        if on_layer is None:
-            raise
-        # JAX 0.10.2 cannot lower an ordered callback in a program with pinned_host outputs (jax-ml/jax#40108):
-        # the policies that offload the KV cache run without per-layer progress until that is fixed.
-        print("prefill: per-layer progress is not available with this policy; prefilling...", file=sys.stderr)
-        on_layer = None
-        prefill, stats.prefill_compile_s = _compiled(
-            ("prefill", cfg, policy, None, tokens.shape, where),
-            lambda: G.prefill_fn.lower(model.params, tokens, start, cfg=cfg, policy=policy, on_layer=None))
+    prefill, stats.prefill_compile_s = _compiled(
+        ("prefill", cfg, policy, on_layer, tokens.shape, where),
+        lambda: G.prefill_fn.lower(model.params, tokens, start, cfg=cfg, policy=policy, on_layer=on_layer))
     logits_shape = jax.ShapeDtypeStruct((1, cfg.vocab_size), jnp.float32)
     sample_first, seconds = _compiled(
         ("first", cfg.vocab_size, stop_ids.shape),
