@@ -94,7 +94,8 @@ def test_plan_with_xla_agrees_with_the_estimate():
     assert set(result["source"].values()) == {"xla"}
     assert xla["baseline"] < xla["mom"]
     for name in est:
-        assert abs(xla[name] / est[name] - 1) < 0.5, (name, xla[name], est[name])
+        # Lengths move in 1024-token steps (2048 above 2048 tokens), coarse at this tiny budget.
+        assert abs(xla[name] - est[name]) <= max(0.3 * est[name], 2048), (name, xla[name], est[name])
         for phase in ("prefill", "decode"):
             assert memory_report(cfg, xla[name], name, phase=phase)["device_bytes"] <= 64 * 2**20
 
