@@ -12,7 +12,6 @@ too small for the weights) prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -58,54 +57,6 @@ def enable_compile_cache(path: str) -> None:
 
 
 # ---------------------------------------------------------------------- streaming decode
-
-
-@functools.cache
-def _jitted():
-    """The two jitted programs of streaming generation, built on first use (importing jax is slow)."""
-    import jax
-    import jax.numpy as jnp
-
-    from momjax import generation as G
-    from momjax import model as M
-
-    def is_stop(tok, stop_ids):
-        return jnp.any((tok[:, None] == stop_ids[None, :]) & (stop_ids[None, :] >= 0), axis=-1)
-
-    @jax.jit
-    def first_token(logits, key, temperature, top_k, top_p, stop_ids):
-        tok = G.sample(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)  # step 0, as decode_fn
-        return tok, is_stop(tok, stop_ids)
-
-    @functools.partial(jax.jit, static_argnames=("cfg", "policy", "steps"), donate_argnames=("tail_k", "tail_v"))
-    def decode_chunk(params, cache, tail_k, tail_v, token, t, done, limit, key, temperature, top_k, top_p,
-                     stop_ids, pad_id, cfg, policy, steps):
-        """Decode steps t, t+1, ... until `limit` (traced, so any chunk length up to `steps` shares one
-        program) or until every row stopped. Returns (tokens [B, steps], count, t, done, tail_k, tail_v, token).
-        """
-        B = token.shape[0]
-
-        def cond(s):
-            i, t, done = s[:3]
-            return (i < steps) & (t < limit) & ~jnp.all(done)
-
-        def body(s):
-            # The prompt K/V are closed over, not carried: only the tail changes while decoding.
-            i, t, done, tail_k, tail_v, token, out = s
-            step_cache = cache.replace(tail_k=tail_k, tail_v=tail_v, length=t - 1)
-            logits, step_cache = M.decode_step(params, token, step_cache, cfg, policy)
-            nxt = G.sample(logits, jax.random.fold_in(key, t), temperature, top_k, top_p)
-            nxt = jnp.where(done, pad_id, nxt)
-            out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
-            done = done | is_stop(nxt, stop_ids)
-            return i + 1, t + 1, done, step_cache.tail_k, step_cache.tail_v, nxt, out
-
-        out = jnp.full((B, steps), pad_id, jnp.int32)
-        state = (jnp.int32(0), t, done, tail_k, tail_v, token, out)
-        i, t, done, tail_k, tail_v, token, out = jax.lax.while_loop(cond, body, state)
-        return out, i, t, done, tail_k, tail_v, token
-
-    return first_token, decode_chunk
 
 
 _COMPILED: dict = {}  # (program, static args, shapes, placements) -> compiled program
@@ -178,7 +129,7 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
     if bad:
         raise InputError(f"token ids {bad[:5]} are outside the model's vocabulary [0, {cfg.vocab_size}); does the "
                          "tokenizer belong to this model?")
-    first_token, decode_chunk = _jitted()
+    first_token, decode_chunk = G.first_token_fn, G.decode_chunk_fn
     stops = list(cfg.eos_token_ids if stop_tokens is None else stop_tokens)
     pad_id = jnp.int32(stops[0] if stops else 0)
     stop_ids = np.full(max(8, len(stops)), -1, np.int32)  # fixed size, as momjax.generate

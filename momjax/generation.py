@@ -91,41 +91,65 @@ def decode_step_fn(params, token, cache: KVCache, cfg: Config, policy: MemoryPol
     return M.decode_step(params, token, cache, cfg, policy)
 
 
+def is_stop(token, stop_ids):
+    """[B] bool: which tokens are stop tokens. stop_ids: [n] int32, -1 entries are ignored."""
+    return jnp.any((token[:, None] == stop_ids[None, :]) & (stop_ids[None, :] >= 0), axis=-1)
+
+
+@jax.jit
+def first_token_fn(logits, key, temperature, top_k, top_p, stop_ids):
+    """The first new token of each row, sampled from the prefill logits, and whether it is a stop token."""
+    token = sample(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)
+    return token, is_stop(token, stop_ids)
+
+
+def decode_loop(params, cache: KVCache, tail_k, tail_v, token, t, done, limit, key, temperature, top_k, top_p,
+                stop_ids, pad_id, cfg: Config, policy: MemoryPolicy, steps: int):
+    """Decode new tokens t, t+1, ... (token is new token t-1) in a lax.while_loop, until new token `limit`,
+    `steps` tokens, or every row stopped. Rows that stopped get pad_id.
+
+    The prompt K/V are closed over, not carried: only the generated-token tail changes while decoding.
+    Returns (tokens [B, steps], count, t, done, tail_k, tail_v, token) to resume from.
+    """
+    B = token.shape[0]
+
+    def cond(state):
+        i, t, done = state[:3]
+        return (i < steps) & (t < limit) & ~jnp.all(done)
+
+    def body(state):
+        i, t, done, tail_k, tail_v, token, out = state
+        step_cache = cache.replace(tail_k=tail_k, tail_v=tail_v, length=t - 1)
+        logits, step_cache = M.decode_step(params, token, step_cache, cfg, policy)
+        nxt = jnp.where(done, pad_id, sample(logits, jax.random.fold_in(key, t), temperature, top_k, top_p))
+        out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
+        done = done | is_stop(nxt, stop_ids)
+        return i + 1, t + 1, done, step_cache.tail_k, step_cache.tail_v, nxt, out
+
+    out = jnp.full((B, steps), pad_id, jnp.int32)
+    state = (jnp.int32(0), t, done, tail_k, tail_v, token, out)
+    i, t, done, tail_k, tail_v, token, out = jax.lax.while_loop(cond, body, state)
+    return out, i, t, done, tail_k, tail_v, token
+
+
+# Decoding in resumable chunks (streaming): `limit` is traced, so any chunk length up to `steps` shares one program.
+decode_chunk_fn = jax.jit(decode_loop, static_argnames=("cfg", "policy", "steps"), donate_argnames=("tail_k", "tail_v"))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "max_new_tokens"))
 def decode_fn(params, cache: KVCache, first_logits, key, temperature, top_k, top_p, stop_ids, pad_id,
               cfg: Config, policy: MemoryPolicy, max_new_tokens: int):
-    """Sample the first token from the prefill logits, then decode in a while_loop.
+    """Sample the first token from the prefill logits, then decode the rest in one while_loop.
 
     Returns (tokens [B, max_new_tokens], lengths [B]): row b's tokens after lengths[b] are pad_id.
-    stop_ids: [n] int32, -1 entries are ignored.
     """
-    B = first_logits.shape[0]
     cache = cache.with_tail(max(max_new_tokens - 1, 1))
-
-    def is_stop(tok):
-        return jnp.any((tok[:, None] == stop_ids[None, :]) & (stop_ids[None, :] >= 0), axis=-1)
-
-    first = sample(first_logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)
-    out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-    done = is_stop(first)
-    lengths = jnp.ones((B,), jnp.int32)
-
-    def cond(state):
-        t, _, _, done, _, _, _ = state
-        return (t < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        # The prompt K/V are closed over, not carried: they never change while decoding.
-        t, out, lengths, done, tail_k, tail_v, token = state
-        step_cache = cache.replace(tail_k=tail_k, tail_v=tail_v, length=t - 1)
-        logits, step_cache = M.decode_step(params, token, step_cache, cfg, policy)
-        nxt = sample(logits, jax.random.fold_in(key, t), temperature, top_k, top_p)
-        nxt = jnp.where(done, pad_id, nxt)
-        out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], t, axis=1)
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | is_stop(nxt)
-        return t + 1, out, lengths, done, step_cache.tail_k, step_cache.tail_v, nxt
-
-    state = (jnp.int32(1), out, lengths, done, cache.tail_k, cache.tail_v, first)
-    _, out, lengths, _, _, _, _ = jax.lax.while_loop(cond, body, state)
+    first, done = first_token_fn(first_logits, key, temperature, top_k, top_p, stop_ids)
+    rest, *_ = decode_loop(params, cache, cache.tail_k, cache.tail_v, first, jnp.int32(1), done,
+                           jnp.int32(max_new_tokens), key, temperature, top_k, top_p, stop_ids, pad_id, cfg, policy,
+                           max(max_new_tokens - 1, 1))
+    out = jnp.concatenate([first[:, None], rest], axis=1)[:, :max_new_tokens]  # [B, max_new_tokens]
+    stops = is_stop(out.reshape(-1), stop_ids).reshape(out.shape)
+    first_stop = jnp.argmax(stops, axis=1)
+    lengths = jnp.where(stops.any(axis=1), first_stop + 1, max_new_tokens).astype(jnp.int32)
     return out, lengths
