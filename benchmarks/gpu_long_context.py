@@ -42,6 +42,9 @@ import time
 
 GIB = 2**30
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from provenance import git_state
+
 RESULTS = os.path.join(HERE, "results")
 POLICIES = ("baseline", "mom", "mom-stream")
 SYSTEMS = ("momjax", "transformers")
@@ -385,16 +388,6 @@ def search_max_context(probe, known_ok: int, known_miss: int | None, resolution:
     return {"max_context": lo, "first_miss": hi, "stopped_by": "bisection", "probes": probes}
 
 
-def git_state() -> dict:
-    """The commit the figures were made with, and whether momjax/ had uncommitted changes."""
-    root = os.path.dirname(HERE)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "momjax"], cwd=root, capture_output=True, text=True,
-                               check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "momjax_modified": None}
-    return {"commit": commit.stdout.strip(), "momjax_modified": bool(dirty.stdout.strip())}
 
 
 def slug(text: str) -> str:

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -37,6 +36,9 @@ GIB = 2**30
 HBM, HOST = "80GiB", "1TiB"
 START, CAP = 8192, 4 * 2**20  # 8k tokens up to 4M (compiles grow with the length)
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from provenance import git_state
+
 RESULTS = os.path.join(HERE, "results")
 
 # Arxiv 2504.12526, Llama-3-8B in bf16 on one A100 80 GB with transformers + FlashAttention-2.
@@ -50,16 +52,6 @@ PAPER = {
 }
 
 
-def git_state() -> dict:
-    """The commit the figures were made with, and whether momjax/ had uncommitted changes."""
-    root = os.path.dirname(HERE)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "momjax"], cwd=root, capture_output=True, text=True,
-                               check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "momjax_modified": None}
-    return {"commit": commit.stdout.strip(), "momjax_modified": bool(dirty.stdout.strip())}
 
 
 def lengths_up_to(limit: int, start: int = START, cap: int = CAP) -> list[int]:
