@@ -23,16 +23,17 @@ class KVCache:
     length: jax.Array  # int32 scalar: tokens written in the tail
 
     @classmethod
-    def from_prompt(cls, k, v, start, tail: int = 0):
-        return cls(k=k, v=v, start=start, tail_k=k[:, :, :, :0], tail_v=v[:, :, :, :0],
-                   length=jnp.zeros((), jnp.int32)).with_tail(tail)
+    def from_prompt(cls, k, v, start, tail: int = 0) -> KVCache:
+        """The cache of a prefilled prompt, with room for `tail` generated tokens."""
+        empty = jnp.zeros((), jnp.int32)
+        return cls(k=k, v=v, start=start, tail_k=empty, tail_v=empty, length=empty).with_tail(tail)
 
     def with_tail(self, tail: int) -> KVCache:
         """Room for `tail` generated tokens (the tail is reset)."""
         L, B, K, _, E = self.k.shape
-        shape, dtype = (L, B, K, tail, E), self.tail_k.dtype
+        shape = (L, B, K, tail, E)
         # Two separate buffers: the jitted decode step donates the cache, and a buffer cannot be donated twice.
-        return self.replace(tail_k=jnp.zeros(shape, dtype), tail_v=jnp.zeros(shape, dtype),
+        return self.replace(tail_k=jnp.zeros(shape, self.k.dtype), tail_v=jnp.zeros(shape, self.k.dtype),
                             length=jnp.zeros((), jnp.int32))
 
     @property
