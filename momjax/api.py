@@ -80,7 +80,7 @@ def get_policy(policy) -> MemoryPolicy:
         raise InputError(str(e)) from None
 
 
-def _as_prompts(model: Model, tokens) -> list[list[int]]:
+def check_prompts(model: Model, tokens) -> list[list[int]]:
     """A [B, S] array, a list of token lists (lengths may differ) or one flat list -> list of int lists."""
     if isinstance(tokens, (jax.Array, np.ndarray)):
         arr = np.asarray(tokens)
@@ -132,13 +132,34 @@ def _padded(model: Model, prompts, policy: MemoryPolicy):
     return jnp.asarray(tokens), jnp.asarray(start)
 
 
+def sampling_args(model: Model, temperature=0.0, top_k=None, top_p=None, seed=0, stop_tokens=None) -> tuple:
+    """Checked sampling settings as the decode programs take them:
+    (key, temperature, top_k, top_p, stop_ids, pad_id). top_k 0 and top_p 1 mean off; stop_ids has a
+    fixed length (-1 padded) so different stop lists share one compiled program; rows that stopped are
+    padded with the first stop token (0 when there is none)."""
+    if temperature < 0:
+        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1] or None, got {top_p}")
+    stops = [int(t) for t in (model.config.eos_token_ids if stop_tokens is None else stop_tokens)]
+    bad = [t for t in stops if not 0 <= t < model.config.vocab_size]
+    if bad:
+        raise InputError(f"stop_tokens outside the vocabulary: {bad}")
+    stop_ids = np.full(max(8, len(stops)), -1, np.int32)
+    stop_ids[: len(stops)] = stops
+    return (jax.random.PRNGKey(seed), jnp.float32(temperature), jnp.int32(top_k or 0),
+            jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(stop_ids), jnp.int32(stops[0] if stops else 0))
+
+
 # ---------------------------------------------------------------------- public functions
 
 
 def forward(model: Model, tokens, policy="baseline") -> jax.Array:
     """float32 logits [B, S, V] at every position of tokens [B, S] (all rows the same length)."""
     policy = get_policy(policy)
-    prompts = _as_prompts(model, tokens)
+    prompts = check_prompts(model, tokens)
     S = len(prompts[0])
     if any(len(p) != S for p in prompts):
         raise InputError("forward takes rows of one length; pad them yourself or call prefill/generate with a list")
@@ -151,7 +172,7 @@ def forward(model: Model, tokens, policy="baseline") -> jax.Array:
 def prefill(model: Model, tokens, policy="mom", on_layer=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, V] at each row's last token, and the prompt's KV cache (placed as the policy says)."""
     policy = get_policy(policy)
-    prompts = _as_prompts(model, tokens)
+    prompts = check_prompts(model, tokens)
     _check_context(model, max(len(p) for p in prompts))
     padded, start = _padded(model, prompts, policy)
     return G.prefill_fn(model.params, padded, start, model.config, policy, on_layer=on_layer)
@@ -196,23 +217,11 @@ def generate(model: Model, tokens, max_new_tokens: int, policy="mom", temperatur
     temperature 0 is greedy. stop_tokens: None = the checkpoint's EOS ids; [] = never stop early.
     """
     policy = get_policy(policy)
-    prompts = _as_prompts(model, tokens)
+    prompts = check_prompts(model, tokens)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise InputError(f"top_k must be a positive integer or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1] or None, got {top_p}")
     _check_context(model, max(len(p) for p in prompts), max_new_tokens)
-    stops = list(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
-    bad = [t for t in stops if not 0 <= int(t) < model.config.vocab_size]
-    if bad:
-        raise InputError(f"stop_tokens outside the vocabulary: {bad}")
-    pad_id = int(stops[0]) if stops else 0
-    stop_ids = np.full(max(8, len(stops)), -1, np.int32)  # fixed size: few distinct compilations
-    stop_ids[: len(stops)] = stops
+    sampling = sampling_args(model, temperature, top_k, top_p, seed, stop_tokens)
 
     padded, start = _padded(model, prompts, policy)
     t0 = time.perf_counter()
@@ -221,12 +230,9 @@ def generate(model: Model, tokens, max_new_tokens: int, policy="mom", temperatur
     ttft = time.perf_counter() - t0
     cache = place_prompt(cache, policy.kv_decode)  # mom: the paper's one copy back to the device
     t1 = time.perf_counter()
-    out, lengths = G.decode_fn(
-        model.params, cache, logits, jax.random.PRNGKey(seed), jnp.float32(temperature),
-        jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0), jnp.asarray(stop_ids),
-        jnp.int32(pad_id), cfg=model.config, policy=policy, max_new_tokens=int(max_new_tokens),
-    )
+    out, lengths = G.decode_fn(model.params, cache, logits, *sampling, cfg=model.config, policy=policy,
+                               max_new_tokens=int(max_new_tokens))
     out = np.asarray(out)
     decode_s = time.perf_counter() - t1
-    return Generation(tokens=out, lengths=np.asarray(lengths), pad_id=pad_id, prompt_tokens=sum(map(len, prompts)),
+    return Generation(tokens=out, lengths=np.asarray(lengths), pad_id=int(sampling[-1]), prompt_tokens=sum(map(len, prompts)),
                       time_to_first_token_s=ttft, decode_s=decode_s, policy=policy.name)

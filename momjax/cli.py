@@ -117,27 +117,15 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
     import numpy as np
 
     from momjax import generation as G
-    from momjax.api import InputError
+    from momjax.api import check_prompts, get_policy, sampling_args
     from momjax.cache import place_prompt
-    from momjax.config import get_policy
 
     policy = get_policy(policy)
     cfg = model.config
-    if not prompt:
-        raise InputError("the prompt is empty: give at least one token")
-    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise InputError(f"token ids {bad[:5]} are outside the model's vocabulary [0, {cfg.vocab_size}); does the "
-                         "tokenizer belong to this model?")
+    (prompt,) = check_prompts(model, [prompt])
     first_token, decode_chunk = G.first_token_fn, G.decode_chunk_fn
-    stops = list(cfg.eos_token_ids if stop_tokens is None else stop_tokens)
-    pad_id = jnp.int32(stops[0] if stops else 0)
-    stop_ids = np.full(max(8, len(stops)), -1, np.int32)  # fixed size, as momjax.generate
-    stop_ids[: len(stops)] = stops
-    stop_ids = jnp.asarray(stop_ids)
-    key = jax.random.PRNGKey(seed)
-    temperature, top_k = jnp.float32(temperature), jnp.int32(top_k or 0)
-    top_p = jnp.float32(1.0 if top_p is None else top_p)
+    key, temperature, top_k, top_p, stop_ids, pad_id = sampling_args(model, temperature, top_k, top_p, seed,
+                                                                      stop_tokens)
     stats = stats if stats is not None else StreamStats(len(prompt), policy.name)
 
     if progress is None:
@@ -167,12 +155,11 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
         return
 
     cache = place_prompt(cache, policy.kv_decode)  # mom: the one copy back to the device, as generate does
-    L, B, K, _, E = cache.k.shape
-    tail = (L, B, K, max(max_new_tokens - 1, 1), E)  # the tail generate uses: same shapes, same numbers
-    tail_k, tail_v = jnp.zeros(tail, cache.k.dtype), jnp.zeros(tail, cache.k.dtype)
+    cache = cache.with_tail(max(max_new_tokens - 1, 1))  # the tail generate uses: same shapes, same numbers
+    tail_k, tail_v = cache.tail_k, cache.tail_v
     t = jnp.int32(1)
     step, stats.decode_compile_s = _compiled(
-        ("decode", cfg, policy, cache.k.shape, tail, cache.k.sharding.memory_kind, where),
+        ("decode", cfg, policy, cache.k.shape, tail_k.shape, cache.k.sharding.memory_kind, where),
         lambda: decode_chunk.lower(model.params, cache, tail_k, tail_v, token, t, done, t, key, temperature, top_k,
                                    top_p, stop_ids, pad_id, cfg=cfg, policy=policy, steps=CHUNK_MAX))
     chunk = 1
