@@ -5,6 +5,7 @@ from momjax.api import Generation, InputError, Model, forward, generate, load, p
 from momjax.cache import KVCache
 from momjax.config import POLICIES, PRESETS, Config, ConfigError, MemoryPolicy, get_policy, preset
 from momjax.memory import estimate, memory_report, plan
+from momjax.session import Session, SessionError
 
 __all__ = [
     "POLICIES",
@@ -25,5 +26,7 @@ __all__ = [
     "plan",
     "prefill",
     "preset",
+    "Session",
+    "SessionError",
 ]
 __version__ = "0.1.0"

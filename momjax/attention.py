@@ -109,11 +109,13 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
     return jnp.moveaxis(out, 0, 1).reshape(B, S, H, E)
 
 
-def decode_attention(q, k, v, tail_k, tail_v, q_index, step, start, *, window=None):
+def decode_attention(q, k, v, tail_k, tail_v, q_index, step, start, *, window=None, prompt_end=None):
     """One new query per row over the prompt cache and the generated-token tail.
 
     q: [B, 1, H, E] at sequence index q_index (= prompt length + step); k, v: [B, K, T, E] prompt keys at
     [0, T); tail_k, tail_v: [B, K, N, E] generated keys at T + [0, N), filled up to and including `step`.
+    prompt_end (may be traced): only the prompt keys below it are valid (a session's buffer has spare room
+    after them) and the tail sits at prompt_end + [0, N); None means T.
     The softmax runs over both parts without concatenating them (no copy of the prompt's scores).
     """
     B, _, H, E = q.shape
@@ -125,11 +127,14 @@ def decode_attention(q, k, v, tail_k, tail_v, q_index, step, start, *, window=No
     s_tail = jnp.einsum("bkge,bkne->bkgn", qg, tail_k, preferred_element_type=jnp.float32) * scale  # [B, K, G, N]
     j = jnp.arange(T)
     ok_prompt = j[None, :] >= start[:, None]  # [B, T]
+    if prompt_end is not None:
+        ok_prompt &= j[None, :] < prompt_end
     u = jnp.arange(N)
     ok_tail = jnp.broadcast_to(u <= step, (B, N))
     if window is not None:
+        tail_at = T if prompt_end is None else prompt_end
         ok_prompt &= q_index - j[None, :] < window
-        ok_tail &= q_index - (T + u)[None, :] < window
+        ok_tail &= q_index - (tail_at + u)[None, :] < window
     s_prompt = jnp.where(ok_prompt[:, None, None, :], s_prompt, MASKED)
     s_tail = jnp.where(ok_tail[:, None, None, :], s_tail, MASKED)
     m = jnp.maximum(s_prompt.max(-1), s_tail.max(-1))[..., None]  # [B, K, G, 1]; the new token itself is seen

@@ -23,6 +23,9 @@ class KVCache:
     tail_k: tuple[jax.Array, ...]  # L x [B, K, N, E] keys of generated tokens, on the device
     tail_v: tuple[jax.Array, ...]  # L x [B, K, N, E]
     length: jax.Array  # int32 scalar: tokens written in the tail
+    # int32 scalar or None: valid prompt keys. None means all T are (a prefill cache); a session's buffer holds
+    # `end` valid keys followed by spare room, and the generated tokens sit at positions end + [0, N).
+    end: jax.Array | None = None
 
     @classmethod
     def from_prompt(cls, k, v, start, tail: int = 0) -> KVCache:
@@ -45,6 +48,11 @@ class KVCache:
     @property
     def prompt_length(self) -> int:
         return self.k[0].shape[2]
+
+    @property
+    def prompt_end(self):
+        """Index of the first generated token: the valid prompt length (traced for a session's cache)."""
+        return self.prompt_length if self.end is None else self.end
 
     @property
     def memory_kind(self) -> str:

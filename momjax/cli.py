@@ -1,4 +1,4 @@
-"""The `momjax` command: demo, generate, plan, convert, bench.
+"""The `momjax` command: demo, generate, chat, plan, convert, bench (chat and --prompt-cache: chat.py).
 
 `generate` streams text as it is decoded: one prefill, then the decode loop runs in jitted chunks (a
 `lax.while_loop` per chunk, compiled once) whose length grows until each chunk takes a fraction of a
@@ -246,6 +246,10 @@ def cmd_generate(args) -> int:
     check_context(model.max_context)
     model.max_context = max(model.max_context, total)
 
+    if args.prompt_cache:
+        from momjax.chat import generate_with_prompt_cache
+
+        return generate_with_prompt_cache(args, model, tok, ids)
     stats = StreamStats(len(ids), args.policy)
     stream = tok.stream()
     for new in stream_tokens(model, ids, args.max_new_tokens, policy=args.policy, temperature=args.temperature,
@@ -343,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-long-context", action="store_true",
                    help="accept prompts longer than the model's trained context")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--prompt-cache", metavar="FILE", default=None,
+                   help="reuse the longest prompt prefix cached in FILE, then save the cache there")
+    _add_chat_parser(sub, common)
 
     p = sub.add_parser("plan", parents=[common], help="longest context each policy fits in a memory budget")
     p.add_argument("--model", required=True, metavar="PRESET|DIR", help="a preset name or a checkpoint folder")
@@ -360,6 +367,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_chat_parser(sub, common) -> None:
+    p = sub.add_parser("chat", parents=[common], help="chat over stdin/stdout, keeping the KV cache between turns")
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face or Orbax checkpoint folder")
+    p.add_argument("--document", metavar="FILE", default=None, help="a text file to prefill once and chat about")
+    p.add_argument("--session", metavar="FILE", default=None,
+                   help="load the session from FILE if it exists, and save it there on exit")
+    p.add_argument("--policy", choices=POLICY_NAMES, default="mom", help="memory policy (default: mom)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer per turn")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _cmd_chat(args) -> int:
+    from momjax.chat import cmd_chat
+
+    return cmd_chat(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -375,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             args.prompt = DEFAULT_PROMPT
         if args.compile_cache:
             enable_compile_cache(args.compile_cache)
-        command = {"demo": cmd_demo, "generate": cmd_generate, "plan": cmd_plan, "bench": cmd_bench}[args.command]
+        command = {"demo": cmd_demo, "generate": cmd_generate, "plan": cmd_plan, "bench": cmd_bench,
+                   "chat": _cmd_chat}[args.command]
         return command(args)
     except _error_types() as e:
         message = " ".join(str(e).split()) or type(e).__name__

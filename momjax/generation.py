@@ -275,3 +275,78 @@ def decode_fn(params, cache: KVCache, first_logits, key, temperature, top_k, top
     first_stop = jnp.argmax(stops, axis=1)
     lengths = jnp.where(stops.any(axis=1), first_stop + 1, max_new_tokens).astype(jnp.int32)
     return out, lengths
+
+
+# ---------------------------------------------------------------------- session feeds
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def feed_embed_fn(embed, tokens, offset, chunk: int):
+    """Tokens [B, W] fed at key indices offset + [0, W) -> chunk-major x [N, B, C, D] and positions [N, B, C]."""
+    B, W = tokens.shape
+    to_chunks = lambda t: jnp.moveaxis(t.reshape(B, W // chunk, chunk), 1, 0)
+    pos = jnp.broadcast_to(offset + jnp.arange(W, dtype=jnp.int32), (B, W))
+    return embed[to_chunks(tokens)], to_chunks(pos)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("x", "k_cache", "v_cache"))
+def feed_layer_fn(lp, x, pos, k_cache, v_cache, offset, count, cfg: Config, policy: MemoryPolicy):
+    """One layer of a session feed (model.feed_layer): (x, k_cache, v_cache); x and the buffers are donated,
+    so the new K/V are written in place. offset and count are traced: one program serves every offset."""
+    return M.feed_layer(lp, x, pos, k_cache, v_cache, offset, count, cfg, policy)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("k_cache", "v_cache"))
+def feed_last_fn(lp, x, pos, k_cache, v_cache, offset, count, cfg: Config, policy: MemoryPolicy):
+    """The final layer of a feed at the last real token only: (x [1, B, 1, D], k_cache, v_cache)."""
+    return M.feed_layer(lp, x, pos, k_cache, v_cache, offset, count, cfg, policy, last=True)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def feed_logits_fn(head: M.Params, x, count, cfg: Config):
+    """Logits [B, V] at the last real token of a feed: position count - 1 of x (or x's one position)."""
+    x_last = M.nth_position(x, count - 1 if x.shape[0] * x.shape[2] > 1 else 0)  # [B, 1, D]
+    return M.lm_head(head, M.rms_norm(x_last, head.final_norm, cfg.rms_norm_eps))[:, 0]
+
+
+def feed_stages(params, tokens, k_cache, v_cache, cfg: Config, policy: MemoryPolicy):
+    """The programs a session feed runs, in order, with abstract arguments (as `prefill_stages`): "embed",
+    "layer" (runs times), "last" (when the policy computes only the last position) and "logits".
+    tokens: [B, W] (W a bucket length); k_cache, v_cache: one layer's buffer [B, K, cap, E]."""
+    abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
+    chunk = M.chunk_length(tokens.shape[1], policy)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=getattr(tokens, "sharding", None))
+    x, pos = jax.eval_shape(functools.partial(feed_embed_fn, chunk=chunk), params.embed, tokens, scalar)
+    x, pos = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(tokens, "sharding", None)) for a in (x, pos))
+    L, last = cfg.num_layers, policy.last_position_only
+    lp = jax.tree.map(abstract, params.layers[0])
+    kc, vc = abstract(k_cache), abstract(v_cache)
+    stages = [Stage("embed", feed_embed_fn, (params.embed, tokens, scalar), dict(chunk=chunk))]
+    static = dict(cfg=cfg, policy=policy)
+    if L - last:
+        stages.append(Stage("layer", feed_layer_fn, (lp, x, pos, kc, vc, scalar, scalar), static, L - last))
+    if last:
+        stages.append(Stage("last", feed_last_fn, (lp, x, pos, kc, vc, scalar, scalar), static))
+        x = jax.ShapeDtypeStruct((1, x.shape[1], 1, x.shape[3]), x.dtype, sharding=x.sharding)
+    stages.append(Stage("logits", feed_logits_fn, (head_params(params), x, scalar), dict(cfg=cfg)))
+    return stages
+
+
+def feed_fn(params, tokens, ks, vs, offset: int, count: int, cfg: Config, policy: MemoryPolicy, on_layer=None):
+    """Run a session feed layer by layer: tokens [B, W] (count real ones, then right padding) at key index
+    offset, into the per-layer buffers ks, vs (donated; pass them on only through the result).
+    Returns (logits [B, V] at the last real token, new ks, new vs). on_layer(i) as in `prefill_fn`."""
+    chunk = M.chunk_length(tokens.shape[1], policy)
+    offset, count = jnp.int32(offset), jnp.int32(count)
+    x, pos = feed_embed_fn(params.embed, tokens, offset, chunk=chunk)
+    L, last = cfg.num_layers, policy.last_position_only
+    new_k, new_v = [], []
+    for i, lp in enumerate(params.layers):
+        fn = feed_last_fn if last and i == L - 1 else feed_layer_fn
+        x, k, v = fn(lp, x, pos, ks[i], vs[i], offset, count, cfg=cfg, policy=policy)
+        new_k.append(k)
+        new_v.append(v)
+        if on_layer is not None:
+            x.block_until_ready()
+            on_layer(i)
+    return feed_logits_fn(head_params(params), x, count, cfg=cfg), tuple(new_k), tuple(new_v)

@@ -131,20 +131,21 @@ def _attend_and_mlp(lp, x_c, pos_c, q_offset, k, v, start, cfg, policy, inv_freq
     return x_c
 
 
-def _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq):
-    """Attention, o-projection and MLP for every position, as the policy's mini-sequences say."""
+def _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq, offset=0):
+    """Attention, o-projection and MLP for every position, as the policy's mini-sequences say. The first
+    query sits at key index `offset` (0 in a prefill; a session's cached length when feeding it)."""
     N, B, C, D = x.shape
     if policy.minisequence_scope == "mlp" and N > 1:
         # The paper's MOM: attention over the whole sequence at once, only the MLP in mini-sequences.
         xs = jnp.moveaxis(x, 0, 1).reshape(B, N * C, D)
         ps = jnp.moveaxis(pos, 0, 1).reshape(B, N * C)
-        xs = _attend_and_mlp(lp, xs, ps, 0, k, v, start, cfg, policy, inv_freq, with_mlp=False)
+        xs = _attend_and_mlp(lp, xs, ps, offset, k, v, start, cfg, policy, inv_freq, with_mlp=False)
         x = jnp.moveaxis(xs.reshape(B, N, C, D), 1, 0)
         return chunk_map(lambda x_c: x_c + mlp(lp, rms_norm(x_c, lp.mlp_norm, cfg.rms_norm_eps)), x)
 
     def one(args):
         x_c, pos_c, c = args
-        return _attend_and_mlp(lp, x_c, pos_c, c * C, k, v, start, cfg, policy, inv_freq)
+        return _attend_and_mlp(lp, x_c, pos_c, offset + c * C, k, v, start, cfg, policy, inv_freq)
 
     return chunk_map(one, (x, pos, jnp.arange(N)))
 
@@ -170,6 +171,55 @@ def prefill_layer(lp: LayerParams, x, pos, start, cfg: Config, policy: MemoryPol
     else:
         x = _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq)
     return x, to_memory_kind(k, policy.kv_prefill), to_memory_kind(v, policy.kv_prefill)
+
+
+def feed_layer(lp: LayerParams, x, pos, k_cache, v_cache, offset, count, cfg: Config, policy: MemoryPolicy, *,
+               last: bool = False):
+    """One layer of a session feed: W new tokens (x [N, B, C, D], count of them real, the rest right padding)
+    extend a cache buffer k_cache, v_cache [B, K, cap, E] that holds `offset` tokens. Returns (x out, k_cache,
+    v_cache) with the new K/V written at [offset, offset + W).
+
+    The buffer comes to the device for this layer only and goes back where the policy keeps the session's
+    cache (policy.kv_prefill), so a host-resident cache is streamed one layer at a time. The new queries
+    (at key indices offset + [0, W)) attend causally over the buffer: keys past a query are invisible to it,
+    so the padding tokens' keys (written after the real ones) are seen by padding queries only, and the next
+    feed overwrites them (padding past the buffer's end is dropped, see write_kv). last: only the last real token's output is read; compute it alone ([1, B, 1, D]).
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    k_new, v_new = _kv_pass(lp, x, pos, cfg, inv_freq)  # [B, K, W, E]
+    k = write_kv(to_memory_kind(k_cache, "device"), k_new.astype(k_cache.dtype), offset)
+    v = write_kv(to_memory_kind(v_cache, "device"), v_new.astype(v_cache.dtype), offset)
+    start = jnp.zeros((x.shape[1],), jnp.int32)  # a session's rows have no left padding
+    if last:
+        x_last, pos_last = nth_position(x, count - 1), nth_position(pos, count - 1)  # [B, 1, D], [B, 1]
+        x = _attend_and_mlp(lp, x_last, pos_last, offset + count - 1, k, v, start, cfg, policy, inv_freq)[None]
+    else:
+        x = _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq, offset=offset)
+    return x, to_memory_kind(k, policy.kv_prefill), to_memory_kind(v, policy.kv_prefill)
+
+
+def write_kv(buf, new, offset):
+    """buf [B, K, T, E] with new [B, K, W, E] written at [offset, offset + W), W <= T, in place when buf is donated.
+
+    What would run past T is dropped: it is right padding (a session's buffer has room for the real tokens,
+    not always for their padding). dynamic_update_slice would instead move the write back to fit, over valid
+    keys; so when offset + W > T the write starts at T - W, keeps the buffer's own keys before `offset`, and
+    the new keys are shifted to land at `offset`.
+    """
+    W, T = new.shape[2], buf.shape[2]
+    at = jnp.minimum(offset, T - W)
+    shift = offset - at  # 0 unless the padding would run past the end
+    kept = jax.lax.dynamic_slice_in_dim(buf, at, W, axis=2)
+    moved = jnp.roll(new, shift, axis=2)  # what rolls around to the front is padding, and is not kept
+    keep = (jnp.arange(W) < shift)[None, None, :, None]
+    return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(keep, kept, moved), at, axis=2)
+
+
+def nth_position(x, n):
+    """Position n (may be traced) of a chunk-major [N, B, C, ...] array, as [B, 1, ...]."""
+    C = x.shape[2]
+    chunk = jax.lax.dynamic_index_in_dim(x, n // C, axis=0, keepdims=False)  # [B, C, ...]
+    return jax.lax.dynamic_slice_in_dim(chunk, n % C, 1, axis=1)
 
 
 def embed_chunks(params: Params, tokens, start, chunk: int):
@@ -218,8 +268,8 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     step = cache.length
-    L, T = cache.num_layers, cache.prompt_length
-    q_index = T + step
+    L = cache.num_layers
+    q_index = cache.prompt_end + step
     positions = (q_index - cache.start)[:, None]  # [B, 1]
     x = params.embed[token][:, None, :]  # [B, 1, D]
     streamed = policy.kv_decode == "pinned_host"
@@ -237,7 +287,8 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
         k_new, v_new = project_kv(lp, h, positions, inv_freq)  # [B, 1, K, E]
         tail_k = jax.lax.dynamic_update_slice_in_dim(cache.tail_k[l], jnp.swapaxes(k_new, 1, 2), step, axis=2)
         tail_v = jax.lax.dynamic_update_slice_in_dim(cache.tail_v[l], jnp.swapaxes(v_new, 1, 2), step, axis=2)
-        o = decode_attention(q, k, v, tail_k, tail_v, q_index, step, cache.start, window=cfg.sliding_window)
+        o = decode_attention(q, k, v, tail_k, tail_v, q_index, step, cache.start, window=cfg.sliding_window,
+                             prompt_end=cache.end)
         x = x + project_o(lp, o)
         x = x + mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
         tails_k.append(tail_k)
