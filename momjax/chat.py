@@ -159,7 +159,7 @@ def cmd_chat(args) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)
     convo = Conversation(tok, document)
     doc_ids = convo.document_tokens()
-    session, loaded = _load_or_new_session(model, args.session, args.policy, len(doc_ids) + 4 * args.max_new_tokens,
+    session, loaded = _load_or_new_session(model, args.session, args.policy, len(doc_ids) + 8 * args.max_new_tokens,
                                            log)
     if loaded:
         saved = session.info.get("chat", {})

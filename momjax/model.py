@@ -183,7 +183,8 @@ def feed_layer(lp: LayerParams, x, pos, k_cache, v_cache, offset, count, cfg: Co
     cache (policy.kv_prefill), so a host-resident cache is streamed one layer at a time. The new queries
     (at key indices offset + [0, W)) attend causally over the buffer: keys past a query are invisible to it,
     so the padding tokens' keys (written after the real ones) are seen by padding queries only, and the next
-    feed overwrites them (padding past the buffer's end is dropped, see write_kv). last: only the last real token's output is read; compute it alone ([1, B, 1, D]).
+    feed overwrites them (padding past the buffer's end is dropped, see write_kv). last: only the last real
+    token's output is read; compute it alone ([1, B, 1, D]).
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     k_new, v_new = _kv_pass(lp, x, pos, cfg, inv_freq)  # [B, K, W, E]
