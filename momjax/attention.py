@@ -124,8 +124,11 @@ def decode_attention(q, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start
     scale = 1.0 / math.sqrt(E)
     qg = q[:, 0].reshape(B, K, G, E)
     s_prompt = jnp.einsum("bkge,bkte->bkgt", qg, k, preferred_element_type=jnp.float32) * scale  # [B, K, G, T]
-    s_tail = jnp.einsum("bkge,bkne->bkgn", qg, tail_k, preferred_element_type=jnp.float32) * scale  # [B, K, G, N]
-    s_self = jnp.einsum("bkge,bke->bkg", qg, k_new[:, 0], preferred_element_type=jnp.float32) * scale  # [B, K, G]
+    # The tail's and the new token's scores as multiply-and-sum, not dots: XLA's GPU compiler merges dots that
+    # share an operand (q) by concatenating their other operands, which would copy the prompt's K every step.
+    q32 = qg.astype(jnp.float32)
+    s_tail = jnp.sum(q32[:, :, :, None, :] * tail_k[:, :, None].astype(jnp.float32), -1) * scale  # [B, K, G, N]
+    s_self = jnp.sum(q32 * k_new[:, 0, :, None, :].astype(jnp.float32), -1) * scale  # [B, K, G]
     j = jnp.arange(T)
     ok_prompt = j[None, :] >= start[:, None]  # [B, T]
     u = jnp.arange(N)
