@@ -41,6 +41,9 @@ from momjax.config import MemoryPolicy
 
 FORMAT = "momjax-session"
 FORMAT_VERSION = 1
+# safetensors dtype names of the tensors a session file holds
+_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(jnp.bfloat16),
+           "I32": np.dtype(np.int32)}
 
 
 class SessionError(InputError):
@@ -81,12 +84,8 @@ def _describe_difference(saved: dict, current: dict) -> str:
 # ---------------------------------------------------------------------- buffers
 
 
-def _grow(buf, capacity: int, memory_kind: str):
-    """A copy of one layer's buffer [B, K, cap, E] with room for `capacity` positions, placed in memory_kind."""
-    return _grow_fn(buf, capacity=capacity, memory_kind=memory_kind)
-
-
 def _grow_impl(buf, capacity: int, memory_kind: str):
+    """A copy of one layer's buffer [B, K, cap, E] with room for `capacity` positions, placed in memory_kind."""
     B, K, _, E = buf.shape
     out = jnp.zeros((B, K, capacity, E), buf.dtype)
     out = jax.lax.dynamic_update_slice_in_dim(out, to_memory_kind(buf, "device"), 0, axis=2)
@@ -95,10 +94,10 @@ def _grow_impl(buf, capacity: int, memory_kind: str):
 
 # Not donated: the grown buffer has another shape, so it cannot reuse the old one's memory; the old one is freed
 # when the caller drops it, so the copy costs one layer's buffer at a time.
-_grow_fn = jax.jit(_grow_impl, static_argnames=("capacity", "memory_kind"))
+_grow = jax.jit(_grow_impl, static_argnames=("capacity", "memory_kind"))
 
 
-def _host_buffer(values: np.ndarray, capacity: int, memory_kind: str):
+def _placed_buffer(values: np.ndarray, capacity: int, memory_kind: str):
     """A buffer [B, K, capacity, E] holding values [B, K, n, E] in its first n positions, placed in memory_kind."""
     B, K, n, E = values.shape
     buf = np.zeros((B, K, capacity, E), values.dtype)
@@ -229,8 +228,8 @@ class Session:
             return
         ks, vs = list(self._k), list(self._v)
         for i in range(cfg.num_layers):  # one layer at a time: never two copies of the whole cache
-            ks[i] = _grow(ks[i], capacity, kind)
-            vs[i] = _grow(vs[i], capacity, kind)
+            ks[i] = _grow(ks[i], capacity=capacity, memory_kind=kind)
+            vs[i] = _grow(vs[i], capacity=capacity, memory_kind=kind)
         self._k, self._v = tuple(ks), tuple(vs)
 
     def decode_cache(self) -> KVCache:
@@ -321,7 +320,7 @@ class Session:
     def save(self, path: str) -> None:
         """Write the session to a safetensors file at path, atomically (a temp file in the same folder, then
         renamed over path): an interrupted save never leaves a half-written session file."""
-        from safetensors.numpy import save as st_save
+        from safetensors.numpy import save_file
 
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
@@ -344,16 +343,15 @@ class Session:
             metadata["info"] = json.dumps(self.info)
         except TypeError as e:
             raise SessionError(f"session.info must hold JSON values only: {e}") from None
-        data = st_save(tensors, metadata=metadata)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         try:
+            os.close(fd)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give the file the usual permissions
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            save_file(tensors, tmp, metadata=metadata)  # straight to the file: no second copy in memory
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())  # on disk before the rename, so a crash leaves the old file or the new one
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -365,7 +363,9 @@ class Session:
         """A session read from a file written by `save`, for the same model (config, dtype and weights).
         policy: None for the saved one; any other gives the same results (it only moves the cache).
         capacity: room to allocate, as in `Session` (at least the saved tokens)."""
-        tensors, meta = _read_file(path)
+        from safetensors import safe_open
+
+        meta, names = _read_header(path)
         where = f"session file {path}"
         if meta.get("format") != FORMAT:
             raise SessionError(f"{where} is not a momjax session file (no '{FORMAT}' header)")
@@ -393,22 +393,35 @@ class Session:
         expected = {"tokens": ((n,), np.dtype(np.int32))}
         for i in range(cfg.num_layers):
             expected[f"k.{i}"] = expected[f"v.{i}"] = (shape, np.dtype(model.dtype))
-        got = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
-        if got != expected:
-            wrong = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+        if names != expected:
+            wrong = sorted(k for k in set(names) | set(expected) if names.get(k) != expected.get(k))
             raise SessionError(f"{where} does not hold this model's cache layout (tensors {', '.join(wrong[:4])} "
                                "missing or misshapen); save the session again")
-        if _checksum(tensors) != checksum:
-            raise SessionError(f"{where} is corrupted (its checksum does not match its contents)")
         if n > model.max_context:
             raise SessionError(f"{where} holds {n} tokens, more than model.max_context = {model.max_context}")
-        ids = tensors["tokens"].tolist()
+        # One tensor at a time (the checksum is built as they are read), so loading holds the session's
+        # buffers and one layer's K or V, not a second copy of the whole cache.
+        room, kind = G.bucket_length(max(n, int(capacity), 1), session.policy), session.memory_kind
+        buffers, h = {}, hashlib.sha256()
+        try:
+            with safe_open(path, framework="np") as f:
+                for name in sorted(expected):
+                    t = f.get_tensor(name)
+                    _hash_tensor(h, name, t)
+                    if name == "tokens":
+                        ids = t.tolist()
+                    elif n:
+                        buffers[name] = _placed_buffer(t, room, kind)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for data that is cut short
+            raise SessionError(f"{where} is truncated or damaged ({' '.join(str(e).split())}); save the session "
+                               "again") from None
+        if h.hexdigest() != checksum:
+            raise SessionError(f"{where} is corrupted (its checksum does not match its contents)")
         if any(not 0 <= t < cfg.vocab_size for t in ids):
             raise SessionError(f"{where} holds token ids outside the vocabulary")
         if n:
-            capacity, kind = G.bucket_length(max(n, int(capacity)), session.policy), session.memory_kind
-            session._k = tuple(_host_buffer(tensors[f"k.{i}"], capacity, kind) for i in range(cfg.num_layers))
-            session._v = tuple(_host_buffer(tensors[f"v.{i}"], capacity, kind) for i in range(cfg.num_layers))
+            session._k = tuple(buffers[f"k.{i}"] for i in range(cfg.num_layers))
+            session._v = tuple(buffers[f"v.{i}"] for i in range(cfg.num_layers))
         elif capacity:
             session._reserve(int(capacity))
         session._tokens = ids
@@ -416,17 +429,22 @@ class Session:
         return session
 
 
+def _hash_tensor(h, name: str, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr)
+    h.update(f"{name}:{arr.shape}:{arr.dtype};".encode())
+    h.update(arr.view(np.uint8).reshape(-1).data)
+
+
 def _checksum(tensors: dict) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        h.update(f"{name}:{arr.shape}:{arr.dtype};".encode())
-        h.update(arr.view(np.uint8).reshape(-1).data)
+        _hash_tensor(h, name, tensors[name])
     return h.hexdigest()
 
 
-def _read_file(path: str) -> tuple[dict, dict]:
-    """Tensors and metadata of a safetensors file; SessionError if it is missing, truncated or not safetensors."""
+def _read_header(path: str) -> tuple[dict, dict]:
+    """Metadata and {name: (shape, dtype)} of a safetensors file, without reading its tensors; SessionError if
+    it is missing, truncated or not safetensors."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -434,12 +452,15 @@ def _read_file(path: str) -> tuple[dict, dict]:
     try:
         with safe_open(path, framework="np") as f:
             meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+            names = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                names[name] = (tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype()))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated or garbled files
         message = " ".join(str(e).split()) or type(e).__name__
         raise SessionError(f"session file {path} is truncated or not a safetensors file ({message}); "
                            "save the session again") from None
-    return tensors, meta
+    return meta, names
 
 
 # ---------------------------------------------------------------------- memory
