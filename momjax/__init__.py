@@ -5,6 +5,7 @@ from momjax.api import Generation, InputError, Model, forward, generate, load, p
 from momjax.cache import KVCache
 from momjax.config import POLICIES, PRESETS, Config, ConfigError, MemoryPolicy, get_policy, preset
 from momjax.memory import estimate, memory_report, plan
+from momjax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 __all__ = [
     "POLICIES",
@@ -16,11 +17,14 @@ __all__ = [
     "KVCache",
     "MemoryPolicy",
     "Model",
+    "Tokenizer",
+    "TokenizerError",
     "estimate",
     "forward",
     "generate",
     "get_policy",
     "load",
+    "load_tokenizer",
     "memory_report",
     "plan",
     "prefill",
