@@ -9,6 +9,7 @@ ids into text pieces, holding back bytes that do not yet form a whole UTF-8 char
 from __future__ import annotations
 
 import os
+import warnings
 
 # Files that make a folder's tokenizer loadable (any one of them, with tokenizer_config.json for the last two).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -57,12 +58,15 @@ class Tokenizer:
 
 
 def _import_transformers():
-    """transformers' AutoTokenizer and logging module, imported without its "PyTorch was not found" notice.
+    """transformers' AutoTokenizer and logging module, imported without notices that read like errors.
 
     transformers prints that advice (even to `--quiet` commands) when it is imported without torch; momjax
     never needs torch, so the notice would only read like an error. It is silenced for the import alone:
     TRANSFORMERS_NO_ADVISORY_WARNINGS is restored afterwards, so later advice still reaches the user.
     """
+    # transformers' hub code imports tqdm.auto, which warns "IProgress not found" in a notebook without
+    # ipywidgets although its plain-text bars work: ignore exactly that message, not tqdm's other warnings.
+    warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
     name = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
     before = os.environ.get(name)
     os.environ[name] = "1"
