@@ -290,10 +290,11 @@ def cmd_generate(args) -> int:
         ended = f"stopped at the end-of-sequence token {stats.stopped_at}"
     else:
         ended = f"reached --max-new-tokens {args.max_new_tokens}"
+    ttft, decode = stats.time_to_first_token_s, stats.decode_tokens_per_s
     print(f"prompt tokens:        {stats.prompt_tokens}\n"
           f"new tokens:           {stats.new_tokens} ({ended})\n"
-          f"time to first token:  {stats.time_to_first_token_s:.3f} s ({stats.prefill_compile_s:.3f} s of it compiling)\n"
-          f"decode:               {stats.decode_tokens_per_s:.1f} tokens/s (compiled in {stats.decode_compile_s:.3f} s)\n"
+          f"time to first token:  {ttft:.3f} s ({stats.prefill_compile_s:.3f} s of it compiling)\n"
+          f"decode:               {decode:.1f} tokens/s (compiled in {stats.decode_compile_s:.3f} s)\n"
           f"policy:               {args.policy}\n"
           f"peak device memory:   {_peak_device_memory()}", file=sys.stderr)
     return 0
