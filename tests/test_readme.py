@@ -32,9 +32,10 @@ def test_ci_runs_readme_commands_verbatim():
         readme = f.read()
     with open(CI_SCRIPT, encoding="utf-8") as f:
         ci = f.read()
-    newcomer = readme_example.section(readme, "Two commands for a newcomer")
-    commands = re.findall(r"^```bash\n(.*?)\n```", newcomer, re.MULTILINE | re.DOTALL)
-    install, tests = commands[0], commands[1]
+    commands = re.findall(r"^```bash\n(.*?)\n```", readme_example.section(readme, "Getting started"),
+                          re.MULTILINE | re.DOTALL)
+    install = next(c for c in commands if c.endswith("momjax demo"))
+    tests = next(c for c in commands if c.endswith("pytest -q tests"))
     assert install.startswith("python3 -m venv .venv") and "pip install -e . " in install
     assert "torch==2.13.0" in tests and "pytest" in tests
     for command in (install, tests):
