@@ -46,17 +46,21 @@ def _nbytes(tree, memory_kind=None) -> int:
 def _abstract_cache(cfg: Config, seq_len: int, new_tokens: int, dtype, prompt_kind: str, batch: int) -> KVCache:
     L, K, E = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     dev = sharding("device")
-    prompt = jax.ShapeDtypeStruct((L, batch, K, seq_len, E), dtype, sharding=sharding(prompt_kind))
-    tail = jax.ShapeDtypeStruct((L, batch, K, max(new_tokens - 1, 1), E), dtype, sharding=dev)
+    prompt = jax.ShapeDtypeStruct((batch, K, seq_len, E), dtype, sharding=sharding(prompt_kind))
+    tail = jax.ShapeDtypeStruct((batch, K, max(new_tokens - 1, 1), E), dtype, sharding=dev)
     return KVCache(
-        k=prompt, v=prompt, start=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev), tail_k=tail, tail_v=tail,
-        length=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev),
+        k=(prompt,) * L, v=(prompt,) * L, start=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev),
+        tail_k=(tail,) * L, tail_v=(tail,) * L, length=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev),
     )
 
 
 def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="float32", phase="prefill", batch=1,
                     new_tokens=DEFAULT_NEW_TOKENS):
-    """The compiled prefill or decode-step program for abstract inputs, and its abstract arguments."""
+    """The compiled programs of a prefill or a decode step, for abstract inputs: [(stage, compiled, args)].
+
+    Prefill is several programs (generation.prefill_stages: embed, one per-layer program run for every layer,
+    the last layer, logits); a decode step is one.
+    """
     dtype = jnp.dtype(dtype)
     dev = sharding("device")
     params = abstract_params(cfg, dtype, sharding=dev)
@@ -64,27 +68,27 @@ def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="floa
         padded = G.bucket_length(seq_len, policy)
         tokens = jax.ShapeDtypeStruct((batch, padded), jnp.int32, sharding=dev)
         start = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
-        args = (params, tokens, start)
-        lowered = G.prefill_fn.lower(*args, cfg=cfg, policy=policy)
-    elif phase == "decode":
+        return [(s, s.lower().compile(), s.args) for s in G.prefill_stages(params, tokens, start, cfg, policy)]
+    if phase == "decode":
         cache = _abstract_cache(cfg, seq_len, new_tokens, dtype, policy.kv_decode, batch)
         token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
         args = (params, token, cache)
-        lowered = G.decode_step_fn.lower(*args, cfg=cfg, policy=policy)
-    else:
-        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
-    return lowered.compile(), args
+        stage = G.Stage("decode", G.decode_step_fn, args, dict(cfg=cfg, policy=policy))
+        return [(stage, stage.lower().compile(), args)]
+    raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
 
 
 def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
                   new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
-    """Bytes the compiled program needs, from XLA's memory analysis (no memory is allocated).
+    """Bytes the compiled programs need, from XLA's memory analysis (no memory is allocated).
 
     model_or_config: a Model, a Config or a preset name. phase: "prefill" (the prompt of seq_len tokens)
     or "decode" (one step with seq_len prompt tokens cached and room for new_tokens).
-    Returns device_bytes (arguments + outputs + temporaries on the device, aliasing counted once),
-    host_bytes (pinned host arguments and outputs), weight_bytes, kv_bytes (the KV cache of the phase,
-    wherever it lives), temp_bytes (XLA temporaries) and source="xla".
+    Returns device_bytes (the peak over the phase's programs of what is on the device: arguments, outputs and
+    temporaries, aliasing counted once, plus what stays resident between programs: the weights, and in
+    prefill the K/V of the layers already done when the policy keeps them on the device), host_bytes (pinned
+    host arguments and outputs), weight_bytes, kv_bytes (the KV cache of the phase, wherever it lives),
+    temp_bytes (XLA temporaries of the program at the peak) and source="xla".
     On CPU measure in float32: the CPU compiler upcasts bfloat16 matmuls and inflates bf16 figures.
     """
     cfg = _resolve(model_or_config)
@@ -95,29 +99,56 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", 
     return report
 
 
+def _program_bytes(compiled, args) -> dict:
+    """One compiled program's bytes: device arguments and outputs (host-placed ones counted apart), temporaries
+    and aliasing, from XLA's memory analysis."""
+    ma = compiled.memory_analysis()
+    outputs = jax.tree.map(lambda shape, s: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s),
+                           compiled.out_info, compiled.output_shardings)
+    host_args, host_outs = _nbytes(args, "pinned_host"), _nbytes(outputs, "pinned_host")
+    host = host_args + host_outs + ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes
+    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    # The CPU backend reports host-placed buffers inside argument/output sizes; take them out.
+    device = total - (host_args + host_outs if ma.host_argument_size_in_bytes == 0 else 0)
+    return dict(device=int(device), host=int(host), temp=int(ma.temp_size_in_bytes), outputs=outputs)
+
+
 @functools.lru_cache(maxsize=256)
 def _memory_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, phase: str, batch: int,
                    new_tokens: int) -> dict:
-    compiled, args = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens)
-    ma = compiled.memory_analysis()
-    outputs = jax.tree.map(
-        lambda shape, s: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s),
-        compiled.out_info, compiled.output_shardings,
-    )
-    host_args, host_outs = _nbytes(args, "pinned_host"), _nbytes(outputs, "pinned_host")
-    cache = outputs[1] if phase == "prefill" else args[2]
-    kv_bytes = _nbytes((cache.k, cache.v, cache.tail_k, cache.tail_v)) if phase == "decode" else _nbytes(
-        (cache.k, cache.v))
-    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-    host_bytes = host_args + host_outs + ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes
-    # The CPU backend reports host-placed buffers inside argument/output sizes; take them out.
-    device_bytes = total - (host_args + host_outs if ma.host_argument_size_in_bytes == 0 else 0)
+    programs = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens)
+    weights = param_bytes(cfg, dtype)
+    L = cfg.num_layers
+    if phase == "decode":
+        (_, compiled, args), = programs
+        b = _program_bytes(compiled, args)
+        cache = args[2]
+        device, host, temp = b["device"], b["host"], b["temp"]
+        kv_bytes = _nbytes((cache.k, cache.v, cache.tail_k, cache.tail_v))
+    else:
+        # Programs run one after another; between them the weights stay on the device, and so do the K/V of
+        # finished layers when the policy keeps them there. The peak is the largest of: what a program holds
+        # besides the weights it reads, plus the weights, plus the K/V still resident from earlier layers.
+        layer_kv_device = 0
+        device = host = temp = kv_bytes = 0
+        for stage, compiled, args in programs:
+            b = _program_bytes(compiled, args)
+            own = b["device"] - _nbytes(args[0], "device")  # args[0]: the weights this program reads
+            if stage.name in ("layer", "last"):
+                x, k, v = b["outputs"]
+                layer_kv_device = _nbytes((k, v), "device")
+                kv_bytes = L * _nbytes((k, v))
+                host = L * _nbytes((k, v), "pinned_host")
+            layers_before = {"embed": 0, "layer": stage.runs - 1, "last": L - 1, "logits": L}[stage.name]
+            peak = weights + own + layers_before * layer_kv_device
+            if peak > device:
+                device, temp = peak, b["temp"]
     return dict(
-        device_bytes=int(device_bytes),
-        host_bytes=int(host_bytes),
-        weight_bytes=int(_nbytes(args[0])),
+        device_bytes=int(device),
+        host_bytes=int(host),
+        weight_bytes=int(weights),
         kv_bytes=int(kv_bytes),
-        temp_bytes=int(ma.temp_size_in_bytes),
+        temp_bytes=int(temp),
         source="xla",
         seq_len=int(seq_len),
         phase=phase,
