@@ -120,8 +120,8 @@ def logits_fn(head: M.Params, x, cfg: Config, every_position: bool = False):
 
 
 def head_params(params: M.Params) -> M.Params:
-    """The params the LM head reads (embed, final norm, lm_head), without the layers."""
-    return params.replace(layers=())
+    """The params the LM head reads: the final norm and lm_head (or the tied embedding), no layers."""
+    return params.replace(layers=(), embed=params.embed if params.lm_head is None else None)
 
 
 @dataclass(frozen=True)

@@ -184,29 +184,25 @@ def format_bytes(n: float) -> str:
 # ---------------------------------------------------------------------- analytic estimate
 
 
-def _layer_weight_bytes(cfg: Config, itemsize: int) -> int:
-    D, H, K, E, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    n = D * (H + 2 * K) * E + H * E * D + 3 * D * F + 2 * D + (H + 2 * K) * E * cfg.qkv_bias
-    return n * itemsize
-
-
 def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
              new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
     """Closed-form estimate of `memory_report` (same keys, source="estimate"). b = bytes per element,
     S = padded prompt length, C = mini-sequence length (S when the policy has none), N = new_tokens - 1,
-    W = all weights, W_l = one layer's weights (the scan's slice of the stacked weights).
+    W = all weights. Prefill runs one program per layer; its peak is the last run of that program:
 
-    KV (prompt)        = 2 L B K S E b                     (device or pinned host, as the policy says)
-    prefill temporaries = W_l + B b [ S (2D + 2KE) + C (3F + HE) ]       (whole-layer mini-sequences)
-                          W_l + B b [ S (D + 2KE) + C 3F + S (2D + HE) ]  (MLP-only mini-sequences)
-                          W_l + B b S (3F + D + 2KE + HE)                 (baseline: C = S)
-      S(2D + 2KE): the residual stream in and out of a layer and one layer's K and V (twice: as computed
-      chunk by chunk and in cache layout); 3F: the MLP's gate, up and product for one mini-sequence.
-    prefill device     = W + temporaries + KV on device + logits (4 B V)
-    decode temporaries = W_l + 2 B K S E b (one layer's prompt K/V on the device; 2.5 times that when
-                         streaming from the host: this layer's and the prefetched next layer's) + 8 B H (S + N)
-    decode device      = W + temporaries + prompt KV on device + tail KV (2 L B K N E b) + logits
-    host               = the prompt KV when the policy places it in pinned host memory.
+    KV (prompt)         = 2 L B K S E b                     (device or pinned host, as the policy says)
+    prefill temporaries = B b [ S D + C (3F + D) ]            (whole-layer mini-sequences)
+                          B b [ S (2D + HE + 2KE) + C 3F ]    (MLP-only mini-sequences)
+                          B b S (3F + D)                      (baseline: one chunk of S)
+      3F + D: the MLP's gate, up and product and the layer's output for one mini-sequence; S D: the
+      residual stream carried across the mini-sequences.
+    prefill device      = W + B b S D (the residual stream in, donated to the output) + temporaries
+                          + the prompt KV when the policy keeps it on the device (all L layers' by then)
+    decode temporaries  = 8 B H (S + N) (one layer's float32 scores and probabilities), plus, when
+                          streaming from the host, 2 layers' prompt K/V (this layer's and the prefetched next)
+    decode device       = W + temporaries + prompt KV on device + tail KV (2 L B K N E b) + logits (4 B V)
+    host                = the prompt KV when the policy places it in pinned host memory.
+    Weights and K/V are read in place (per-layer arrays): no slice of either is copied.
     """
     cfg = _resolve(model_or_config)
     policy = get_policy(policy)
@@ -215,29 +211,27 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
                            cfg.intermediate_size, cfg.vocab_size)
     B = batch
     W = param_bytes(cfg, dtype)
-    Wl = _layer_weight_bytes(cfg, b)
     S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
     C = min(policy.minisequence or S, S)
     kv_prompt = 2 * L * B * K * S * E * b
     logits = 4 * B * V
     if phase == "prefill":
         if policy.minisequence is None or C == S:
-            temp = Wl + B * b * S * (3 * F + D + 2 * K * E + H * E)
+            temp = B * b * S * (3 * F + D)
         elif policy.minisequence_scope == "mlp":
-            temp = Wl + B * b * (S * (D + 2 * K * E) + C * 3 * F + S * (2 * D + H * E))
+            temp = B * b * (S * (2 * D + H * E + 2 * K * E) + C * 3 * F)
         else:
-            temp = Wl + B * b * (S * (2 * D + 2 * K * E) + C * (3 * F + H * E))
+            temp = B * b * (S * D + C * (3 * F + D))
         on_device = policy.kv_prefill == "device"
         kv_bytes = kv_prompt
-        device = W + temp + logits + (kv_prompt if on_device else 0)
+        device = W + B * b * S * D + temp + (kv_prompt if on_device else 0)
         host = 0 if on_device else kv_prompt
     elif phase == "decode":
         N = max(new_tokens - 1, 1)
         tail = 2 * L * B * K * N * E * b
         on_device = policy.kv_decode == "device"
         layer_kv = 2 * B * K * S * E * b
-        # Streaming holds the current and the prefetched layer, each copied in and out of the loop carry.
-        temp = Wl + (layer_kv if on_device else 2.5 * layer_kv) + 8 * B * H * (S + N)
+        temp = 8 * B * H * (S + N) + (0 if on_device else 2 * layer_kv)
         kv_bytes = kv_prompt + tail
         device = W + temp + logits + tail + (kv_prompt if on_device else 0)
         host = 0 if on_device else kv_prompt
