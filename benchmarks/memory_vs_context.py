@@ -4,7 +4,7 @@ For each preset and policy this compiles the real prefill and decode-step progra
 (`momjax.memory_report`, source "xla") at context lengths on a log scale, from 8k tokens up to the policy's
 limit on an 80 GiB device, and records XLA's figure beside the closed-form `momjax.estimate`. Nothing is
 allocated, so it runs on a laptop CPU. Figures are float32: the CPU compiler upcasts bfloat16 matmuls and
-inflates bf16 figures (DESIGN.md). A second figure shows bfloat16 from the estimate, which is what
+inflates bf16 figures. A second figure shows bfloat16 from the estimate, which is what
 `momjax plan --dtype bfloat16` uses.
 
 The device figure of a length is max(prefill, decode) device bytes: a context fits only if both phases do.

@@ -6,6 +6,7 @@ from momjax.cache import KVCache
 from momjax.config import POLICIES, PRESETS, Config, ConfigError, MemoryPolicy, get_policy, preset
 from momjax.memory import estimate, memory_report, plan
 from momjax.session import Session, SessionError
+from momjax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 __all__ = [
     "POLICIES",
@@ -17,16 +18,19 @@ __all__ = [
     "KVCache",
     "MemoryPolicy",
     "Model",
+    "Session",
+    "SessionError",
+    "Tokenizer",
+    "TokenizerError",
     "estimate",
     "forward",
     "generate",
     "get_policy",
     "load",
+    "load_tokenizer",
     "memory_report",
     "plan",
     "prefill",
     "preset",
-    "Session",
-    "SessionError",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The public API: load, forward, prefill, generate (DESIGN.md). Inputs are checked here, with errors that
+"""The public API: load, forward, prefill, generate. Inputs are checked here, with errors that
 say what is wrong and what to do, before anything reaches JAX."""
 
 from __future__ import annotations

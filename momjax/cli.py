@@ -71,18 +71,40 @@ def _compiled(key, compile):
     return _COMPILED[key], time.perf_counter() - t0
 
 
-_PROGRESS = {"layers": 0, "done": 0, "t0": 0.0}
+class PrefillProgress:
+    """The "prefill: layer i/L" line on stderr, driven by the model's per-layer callback.
+
+    The model calls on_layer(i) once layer i (0-based) has finished, so the line shows i + 1 layers done:
+    "layer L/L" appears only when the last layer is done. The line ends (a newline) then, or at close(),
+    which the caller runs before it prints the first token, so the text never starts on the progress line.
+    One instance serves every prefill: jit keys its programs on the callback, so it must not change.
+    """
+
+    def __init__(self, stream=None):
+        self.stream = stream  # None: sys.stderr at the time of writing (tests swap it)
+        self.layers, self.done, self.t0, self.open = 0, 0, 0.0, False
+
+    def start(self, layers: int) -> None:
+        self.layers, self.done, self.t0, self.open = layers, 0, time.perf_counter(), False
+
+    def __call__(self, layer) -> None:
+        i = int(layer) + 1
+        if i <= self.done or self.done >= self.layers:  # a late or repeated callback, or after close(): ignore
+            return
+        self.done = i
+        last = i == self.layers
+        print(f"\rprefill: layer {i}/{self.layers} ({time.perf_counter() - self.t0:.1f} s)", end="\n" if last else "",
+              file=self.stream or sys.stderr, flush=True)
+        self.open = not last
+
+    def close(self) -> None:
+        """End the line if it is still open, and ignore any callback that arrives afterwards."""
+        if self.open:
+            print(file=self.stream or sys.stderr, flush=True)
+        self.open, self.done = False, self.layers
 
 
-def _prefill_progress(layer) -> None:
-    """Host callback after each prefill layer (one function object, so it never causes a recompile)."""
-    i, n = int(layer) + 1, _PROGRESS["layers"]
-    if i <= _PROGRESS["done"]:  # an unordered callback may arrive late: never step back
-        return
-    _PROGRESS["done"] = i
-    end = "\n" if i == n else ""
-    print(f"\rprefill: layer {i}/{n} ({time.perf_counter() - _PROGRESS['t0']:.1f} s)", end=end, file=sys.stderr,
-          flush=True)
+_prefill_progress = PrefillProgress()
 
 
 class StreamStats:
@@ -96,6 +118,7 @@ class StreamStats:
         self.prefill_compile_s = 0.0
         self.decode_compile_s = 0.0
         self.decode_s = 0.0  # the decode steps after the first token, compilation excluded
+        self.stopped_at = None  # the stop token (EOS) that ended the generation, if one did
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -144,14 +167,18 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
         ("first", cfg.vocab_size, stop_ids.shape, top_k),
         lambda: first_token.lower(logits_shape, key, temperature, top_k, top_p, stop_ids).compile())
     stats.prefill_compile_s += seconds
-    _PROGRESS.update(layers=cfg.num_layers, done=0, t0=time.perf_counter())
+    _prefill_progress.start(cfg.num_layers)
     logits, cache = G.prefill_fn(model.params, tokens, start, cfg, policy, on_layer=on_layer, compiled=programs)
     token, done = sample_first(logits, key, temperature, top_p, stop_ids)
     first = int(np.asarray(token)[0])
+    if on_layer is not None:
+        _prefill_progress.close()  # before the caller prints the first token
     stats.time_to_first_token_s = time.perf_counter() - t0
     stats.new_tokens = 1
+    if bool(np.asarray(done)[0]):
+        stats.stopped_at = first
     yield [first]
-    if bool(np.asarray(done)[0]) or max_new_tokens == 1:
+    if stats.stopped_at is not None or max_new_tokens == 1:
         return
 
     cache = place_prompt(cache, policy.kv_decode)  # mom: the one copy back to the device, as generate does
@@ -172,6 +199,8 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
         elapsed = time.perf_counter() - c0
         stats.decode_s += elapsed  # chunks only: the time the caller spends printing is not decoding
         stats.new_tokens += len(new)
+        if bool(np.asarray(done)[0]) and new:
+            stats.stopped_at = new[-1]
         if new:
             yield new
         if bool(np.asarray(done)[0]) or not new:
@@ -261,13 +290,37 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()
+    if stats.stopped_at is not None:
+        ended = f"stopped at the end-of-sequence token {stats.stopped_at}"
+    else:
+        ended = f"reached --max-new-tokens {args.max_new_tokens}"
+    ttft, decode = stats.time_to_first_token_s, stats.decode_tokens_per_s
     print(f"prompt tokens:        {stats.prompt_tokens}\n"
-          f"new tokens:           {stats.new_tokens}\n"
-          f"time to first token:  {stats.time_to_first_token_s:.3f} s ({stats.prefill_compile_s:.3f} s of it compiling)\n"
-          f"decode:               {stats.decode_tokens_per_s:.1f} tokens/s (compiled in {stats.decode_compile_s:.3f} s)\n"
+          f"new tokens:           {stats.new_tokens} ({ended})\n"
+          f"time to first token:  {ttft:.3f} s ({stats.prefill_compile_s:.3f} s of it compiling)\n"
+          f"decode:               {decode:.1f} tokens/s (compiled in {stats.decode_compile_s:.3f} s)\n"
           f"policy:               {args.policy}\n"
           f"peak device memory:   {_peak_device_memory()}", file=sys.stderr)
     return 0
+
+
+def plan_notes(cfg, result: dict) -> list[str]:
+    """What a plan does not say by itself: contexts past the trained length, and an unlimited host budget."""
+    import textwrap
+
+    notes = []
+    trained = cfg.max_position_embeddings
+    past = [name for name, n in result["max_context"].items() if n > trained]
+    if past:
+        notes.append(
+            f"note: the model was trained on {trained:,} tokens (max_position_embeddings); longer contexts "
+            f"({', '.join(past)}) run only on purpose (`generate --allow-long-context`, or `model.max_context` in "
+            "Python) and may give degraded output")
+    if result["host_bytes"] is None:
+        notes.append(
+            "note: no host budget was given (`--host-memory`), so host memory counts as unlimited; mom and "
+            "mom-stream keep the KV cache there (mom-stream for the whole generation)")
+    return [textwrap.fill(n, 110, subsequent_indent="      ", break_on_hyphens=False) for n in notes]
 
 
 def cmd_plan(args) -> int:
@@ -286,10 +339,13 @@ def cmd_plan(args) -> int:
         result = memory.plan(cfg, hbm, host, dtype=args.dtype)
     except ValueError as e:  # an unreadable size, or a budget that cannot hold the weights
         raise UsageError(str(e)) from None
+    notes = plan_notes(cfg, result)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
+        for note in notes:  # stdout stays valid JSON
+            print(note, file=sys.stderr)
     else:
-        print(memory.plan_table(result))
+        print("\n".join([memory.plan_table(result), *notes]))
     return 0
 
 
@@ -306,6 +362,12 @@ def cmd_bench(args) -> int:
 
 def cmd_demo(args) -> int:
     from momjax import demo
+
+    # Checked before anything is built or loaded, with the same rules as generate.
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty; give some text with --prompt (or leave it out for the default)")
 
     return demo.run(prompt=args.prompt, max_new_tokens=args.max_new_tokens, rebuild=args.rebuild)
 

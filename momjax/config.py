@@ -6,7 +6,7 @@ field names appear; it raises `ConfigError` on anything it does not handle rathe
 wrongly in silence.
 
 `MemoryPolicy` holds the runtime memory knobs (mini-sequence length, attention blocks, where the KV
-cache lives). The three named policies of DESIGN.md are `POLICIES["baseline" | "mom" | "mom-stream"]`.
+cache lives). The three named policies are `POLICIES["baseline" | "mom" | "mom-stream"]`.
 """
 
 from __future__ import annotations

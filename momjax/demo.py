@@ -205,7 +205,9 @@ def run(prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 24, rebuild: bool = 
         model = momjax.load(path, progress=False)
         n_params = param_bytes(model.config, "float32") // 4
         log(f"  loaded {path}: {n_params / 1e6:.1f}M parameters, {model.dtype}")
-        reports = [pool.submit(momjax.memory_report, model, REPORT_TOKENS, p, dtype="float32") for p in policies]
+        phases = [(p, ph) for p in policies for ph in ("prefill", "decode")]
+        reports = [pool.submit(momjax.memory_report, model, REPORT_TOKENS, p, dtype="float32", phase=ph)
+                   for p, ph in phases]
         tok = tokenizer.result()
         ids = tok.encode(prompt)
         log(f"\nprompt: {prompt!r} ({len(ids)} tokens); {max_new_tokens} new tokens, greedy, with each policy")
@@ -224,15 +226,26 @@ def run(prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 24, rebuild: bool = 
             log(f"✗ tokens differ from baseline for: {', '.join(differ)}")
         log(f"  text (random weights, so it is noise): {tok.decode(reference)!r}")
 
-        log(f"\nmemory of the demo model for a {REPORT_TOKENS}-token prefill (float32, from the compiled programs):")
-        log(f"  {'policy':<11} {'device':>12} {'host':>12} {'weights':>12} {'kv cache':>12} {'temp':>12}")
-        for p, report in zip(policies, reports):
+        log(f"\nmemory of the demo model with a {REPORT_TOKENS}-token prompt (float32, from the compiled programs):")
+        log(f"  {'policy':<11} {'phase':<8} {'device':>12} {'host':>12} {'weights':>12} {'kv cache':>12} {'temp':>12}")
+        for (p, ph), report in zip(phases, reports):
             r = report.result()
             cells = [_mib(r.get(k)) for k in ("device_bytes", "host_bytes", "weight_bytes", "kv_bytes", "temp_bytes")]
-            log(f"  {p:<11} " + " ".join(f"{c:>12}" for c in cells) + f"   ({r.get('source', '?')})")
+            log(f"  {p:<11} {ph:<8} " + " ".join(f"{c:>12}" for c in cells) + f"   ({r.get('source', '?')})")
+        log("  prefill: mom and mom-stream run alike (mini-sequences, KV cache sent to the host layer by layer).\n"
+            "  decode (one step): mom copies the KV cache back to the device, mom-stream leaves it on the host.\n"
+            "  host = pinned host memory, the CPU RAM beside a GPU. On this CPU device and host are the same RAM;\n"
+            "  the columns show how a GPU would split it.")
 
     log(f"\ncontext plan for {PLAN_PRESET} on {PLAN_HBM} of accelerator memory (bfloat16):")
-    plan = memory.plan(momjax.preset(PLAN_PRESET), memory.parse_bytes(PLAN_HBM), dtype="bfloat16")
+    from momjax.cli import plan_notes
+
+    plan_cfg = momjax.preset(PLAN_PRESET)
+    plan = memory.plan(plan_cfg, memory.parse_bytes(PLAN_HBM), dtype="bfloat16")
     log(memory.plan_table(plan))
+    for note in plan_notes(plan_cfg, plan):
+        log(note)
+    log(f"\ntry the demo model from the command line (random weights, so the text is noise):\n"
+        f"  momjax generate --model {path} --chat --prompt \"Hello\"")
     log(f"\ndemo finished in {time.perf_counter() - t_start:.1f} s")
     return 0 if same else 1

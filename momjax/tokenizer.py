@@ -9,6 +9,7 @@ ids into text pieces, holding back bytes that do not yet form a whole UTF-8 char
 from __future__ import annotations
 
 import os
+import warnings
 
 # Files that make a folder's tokenizer loadable (any one of them, with tokenizer_config.json for the last two).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -56,6 +57,30 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
 
+def _import_transformers():
+    """transformers' AutoTokenizer and logging module, imported without notices that read like errors.
+
+    transformers prints that advice (even to `--quiet` commands) when it is imported without torch; momjax
+    never needs torch, so the notice would only read like an error. It is silenced for the import alone:
+    TRANSFORMERS_NO_ADVISORY_WARNINGS is restored afterwards, so later advice still reaches the user.
+    """
+    # transformers' hub code imports tqdm.auto, which warns "IProgress not found" in a notebook without
+    # ipywidgets although its plain-text bars work: ignore exactly that message, not tqdm's other warnings.
+    warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
+    name = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+    return AutoTokenizer, hf_logging
+
+
 def has_tokenizer(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
 
@@ -81,8 +106,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         except Exception as e:  # noqa: BLE001 - the Rust library raises bare Exceptions for malformed files
             raise TokenizerError(f"cannot read {json_path}: {e}") from None
 
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    AutoTokenizer, hf_logging = _import_transformers()
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # keep transformers' advisory warnings out of the command's output

@@ -83,9 +83,24 @@ def test_generate_streams_text_and_summarizes(folder, capsys, monkeypatch):
     assert code == 0, err
     assert "".join(writes) == want + "\n"
     assert len([w for w in writes if w]) >= 3, f"text came in {writes!r}, not streamed"
-    for line in ("prompt tokens:        12", "time to first token:", "tokens/s", "policy:               mom",
-                 "peak device memory:   n/a on CPU"):
+    for line in ("prompt tokens:        12", "new tokens:           24 (reached --max-new-tokens 24)",
+                 "time to first token:", "tokens/s", "policy:               mom", "peak device memory:   n/a on CPU"):
         assert line in err, err
+
+
+def test_stream_records_the_stop_token(folder):
+    from momjax.cli import StreamStats, stream_tokens
+
+    model = momjax.load(folder, progress=False)
+    ids = load_tokenizer(folder).encode(SHORT)
+    free = [t for piece in stream_tokens(model, ids, 8, stop_tokens=[]) for t in piece]
+    stats = StreamStats(len(ids), "mom")
+    stop = free[4]  # the greedy path reaches this token at step 5 (or earlier, if it occurs before)
+    stopped = [t for piece in stream_tokens(model, ids, 8, stop_tokens=[stop], stats=stats) for t in piece]
+    assert stopped == free[: free.index(stop) + 1] and stats.stopped_at == stop
+    stats = StreamStats(len(ids), "mom")
+    [t for piece in stream_tokens(model, ids, 8, stop_tokens=[], stats=stats) for t in piece]
+    assert stats.stopped_at is None and stats.new_tokens == 8
 
 
 @pytest.mark.parametrize("policy", ["baseline", "mom-stream"])
@@ -131,6 +146,8 @@ BAD_INPUTS = {
     "plan unknown model": (["plan", "--model", "llama-9", "--hbm", "80GiB"], "neither a preset"),
     "plan bad size": (["plan", "--model", "llama-3.1-8b", "--hbm", "eighty"], "80GiB"),
     "unknown command": (["frobnicate"], "invalid choice"),
+    "demo no new tokens": (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+    "demo empty prompt": (["demo", "--prompt", ""], "prompt is empty"),
 }
 
 
@@ -158,6 +175,30 @@ def test_plan_json(capsys):
     assert set(result["max_context"]) == {"baseline", "mom", "mom-stream"}
     assert all(isinstance(n, int) and n > 0 for n in result["max_context"].values())
     assert result["max_context"]["mom"] >= result["max_context"]["baseline"]
+
+
+def test_demo_refuses_bad_input_before_building_or_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOMJAX_CACHE", str(tmp_path))
+    for argv in (["demo", "--max-new-tokens", "0"], ["demo", "--prompt", " "]):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and "".join(out) == "" and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []  # no checkpoint was written, so none was loaded
+
+
+def test_plan_notes_trained_length_and_host_budget(capsys):
+    code, out, err = run(["plan", "--model", "llama-3.1-8b", "--hbm", "80GiB"], capsys)
+    out = "".join(out)
+    assert code == 0, err
+    assert "trained on 131,072 tokens" in out and "--allow-long-context" in out
+    assert "no host budget was given" in out and "unlimited" in out
+    # A budget whose every limit is within the trained length, with a host budget: nothing to note.
+    code, out, err = run(["plan", "--model", "llama-3.1-8b", "--hbm", "20GiB", "--host-memory", "8GiB"], capsys)
+    out = "".join(out)
+    assert code == 0, err
+    assert "note:" not in out and "host budget 8.00 GiB" in out
+    code, out, err = run(["plan", "--model", "llama-3.1-8b", "--hbm", "80GiB", "--json"], capsys)
+    assert code == 0 and json.loads("".join(out))["host_bytes"] is None  # stdout stays JSON
+    assert "trained on 131,072 tokens" in err and "no host budget" in err
 
 
 def test_plan_table_from_a_folder(folder, capsys):
@@ -225,11 +266,48 @@ def test_long_prefill_progress_callback(folder, capsys, policy):
     ids = load_tokenizer(folder).encode(SHORT)
     quiet = [t for piece in stream_tokens(model, ids, 4, policy=policy, progress=False) for t in piece]
     capsys.readouterr()
-    shown = [t for piece in stream_tokens(model, ids, 4, policy=policy, progress=True) for t in piece]
-    err = capsys.readouterr().err
+    shown, err = [], ""
+    for piece in stream_tokens(model, ids, 4, policy=policy, progress=True):
+        if not shown:  # what the terminal holds when the first token is about to be printed
+            err = capsys.readouterr().err
+            assert err.endswith("\n"), "the progress line must be closed before the first token"
+        shown += piece
+    err += capsys.readouterr().err
     assert shown == quiet
     L = model.config.num_layers
     assert f"prefill: layer {L}/{L}" in err
+    assert err.count("\n") == 1  # one line, rewritten in place
+
+
+def test_prefill_progress_shows_finished_layers():
+    """on_layer(i) arrives once layer i (0-based) has finished: the line shows i + 1 layers done."""
+    import io
+
+    from momjax.cli import PrefillProgress
+
+    out = io.StringIO()
+    progress = PrefillProgress(stream=out)
+    progress.start(6)
+    for i in range(5):
+        progress(i)
+    assert out.getvalue().split("\r")[-1].startswith("prefill: layer 5/6 (") and "6/6" not in out.getvalue()
+    progress(2)  # a late or repeated callback never steps back
+    assert out.getvalue().split("\r")[-1].startswith("prefill: layer 5/6 (")
+    progress(5)
+    assert out.getvalue().split("\r")[-1].startswith("prefill: layer 6/6 (") and out.getvalue().endswith("\n")
+    progress.close()  # already closed by the last layer: nothing more
+    assert out.getvalue().count("\n") == 1
+
+    out = io.StringIO()
+    progress = PrefillProgress(stream=out)
+    progress.start(4)
+    progress(0)
+    progress(1)
+    progress.close()  # the first token is ready before the last callbacks arrived: end the line now
+    assert out.getvalue().endswith("layer 2/4 (0.0 s)\n")
+    progress(2)
+    progress(3)  # after close: ignored, nothing is printed over the generated text
+    assert out.getvalue().count("prefill") == 2 and out.getvalue().count("\n") == 1
 
 
 def test_bench_without_torch_says_what_to_install(capsys, monkeypatch):

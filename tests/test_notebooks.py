@@ -56,6 +56,9 @@ def test_notebook_runs_on_cpu_offline(name, tmp_path, monkeypatch):
 
     text = outputs_text(nb)
     assert "Traceback" not in text
+    # Nothing a reader would take for an error: no warnings or notices written to a cell's stderr.
+    stderr = [out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []) if out.get("name") == "stderr"]
+    assert stderr == [], stderr
     if name.startswith("01"):
         assert "offline fallback" in text
         assert "identical tokens across policies: True" in text
