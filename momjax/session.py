@@ -452,8 +452,8 @@ def _read_header(path: str) -> tuple[dict, dict]:
     try:
         with safe_open(path, framework="np") as f:
             meta = f.metadata() or {}
-            names = {}
-            for name in f.keys():
+            names, stored = {}, f.keys()  # safe_open has keys(), not dict iteration
+            for name in stored:
                 sl = f.get_slice(name)
                 names[name] = (tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype()))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated or garbled files

@@ -124,7 +124,7 @@ def test_stream_yields_what_generate_returns(zoo):
     feed(s, row0[:DOC])
     stats: dict = {}
     pieces = list(s.stream(row0[DOC:], NEW_TOKENS, stop_tokens=[], stats=stats))
-    assert sum(pieces, []) == one_shot(model)[0].tolist() and len(pieces) > 1
+    assert [t for piece in pieces for t in piece] == one_shot(model)[0].tolist() and len(pieces) > 1
     assert stats["new_tokens"] == NEW_TOKENS and s.length == PROMPT_LENS[0] + NEW_TOKENS
 
 
@@ -145,7 +145,8 @@ out = s.generate({row0[DOC:]!r}, {NEW_TOKENS}, stop_tokens=[])
 print(json.dumps(dict(length=s.length, policy=s.policy.name, tokens=out.tokens[0].tolist())))
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == dict(length=PROMPT_LENS[0] + NEW_TOKENS, policy="mom", tokens=one_shot(model)[0].tolist())
@@ -218,7 +219,8 @@ def test_bad_session_files(zoo, tmp_path):
     s.feed(row0[:16])
     good = str(tmp_path / "good.session")
     s.save(good)
-    data = open(good, "rb").read()
+    with open(good, "rb") as f:
+        data = f.read()
 
     def write(name, content: bytes) -> str:
         path = str(tmp_path / name)
@@ -230,7 +232,8 @@ def test_bad_session_files(zoo, tmp_path):
         from safetensors import safe_open
 
         with safe_open(good, framework="np") as f:
-            meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+            names = f.keys()
+            meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in names}
         if change_meta:
             change_meta(meta)
         if change_tensors:
@@ -281,7 +284,8 @@ def test_save_is_atomic(zoo, tmp_path, monkeypatch):
     s.feed(row0[:10])
     path = str(tmp_path / "s.session")
     s.save(path)
-    before = open(path, "rb").read()
+    with open(path, "rb") as f:
+        before = f.read()
     s.feed(row0[10:20])
 
     def broken_replace(src, dst):
@@ -291,7 +295,9 @@ def test_save_is_atomic(zoo, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         s.save(path)
     monkeypatch.undo()
-    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["s.session"]
+    with open(path, "rb") as f:
+        assert f.read() == before
+    assert os.listdir(tmp_path) == ["s.session"]
     with pytest.raises(SessionError, match="does not exist"):
         s.save(str(tmp_path / "no" / "such" / "folder.session"))
 
