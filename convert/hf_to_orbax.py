@@ -15,4 +15,4 @@ except ImportError:  # run from a source checkout without `pip install -e .`
     import momjax.convert
 
 if __name__ == "__main__":
-    sys.exit(momjax.convert.main())
+    sys.exit(momjax.convert.main(prog="convert/hf_to_orbax.py"))
