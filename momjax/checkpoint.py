@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -505,36 +504,13 @@ def write_orbax(folder: str, cfg: Config, leaves: Iterable[tuple[str, np.ndarray
 def atomic_folder(dst: str, force: bool = False) -> Iterator[str]:
     """Yield a fresh temp folder beside dst; move it to dst when the block succeeds, delete it if not.
 
-    An existing dst is refused unless force, and then replaced only once the new folder is complete.
+    An existing dst is refused unless force, and then replaced (only once the new folder is complete) only
+    when it is a previous momjax output: the converter's rules (momjax.convert.staged_folder).
     """
-    dst = os.path.abspath(dst)
-    if os.path.lexists(dst) and not force:
-        raise CheckpointError(f"{dst} already exists; pass --force (force=True) to replace it, or choose another "
-                              "destination")
-    parent, base = os.path.split(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{base}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp)
-    try:
+    from momjax.convert import staged_folder
+
+    with staged_folder(dst, force) as tmp:
         yield tmp
-        if os.path.lexists(dst):
-            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-            os.rename(dst, old)
-            try:
-                os.rename(tmp, dst)
-            except BaseException:
-                os.rename(old, dst)
-                raise
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old)
-            else:
-                os.remove(old)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_orbax(params: Params, cfg: Config, dst: str, force: bool = False) -> None:

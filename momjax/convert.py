@@ -30,7 +30,9 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -85,7 +87,7 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False, v
             dtype = dtype or cfg.dtype
             leaves = stream_hf_leaves(src, cfg, dtype, progress, desc="converting")  # checks every header first
             copies = _files_to_copy(src)
-        with _staged_output(dst, force, replace_any, signals) as tmp:
+        with _staged_output(dst, force, replace_any, signals) as tmp, _quiet_orbax_thread_errors():
             reader = _Reader(leaves, signals)
             try:
                 write_orbax(tmp, cfg.replace(dtype=dtype), reader)
@@ -102,7 +104,9 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False, v
                 if reader.failed:  # a bug or bad data while reading: not a write failure, keep its traceback
                     raise
                 # Orbax/tensorstore wrap a failed write (disk full, read-only, quota) in their own types.
-                raise CheckpointError(f"cannot write {dst}: {_short(e)}; check free space and permissions") from None
+                code = re.search(r"os_error_code='?(\d+)", str(e))
+                reason = f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})" if code else _short(e)
+                raise CheckpointError(f"cannot write {dst}: {reason}; check free space and permissions") from None
     return dst
 
 
@@ -189,6 +193,24 @@ def _files_to_copy(src: str) -> list[tuple[str, str]]:
     if refused:
         print(f"momjax: not copying {', '.join(refused)}: symbolic link to a file outside {src}", file=sys.stderr)
     return copies
+
+
+class _DropThreadTracebacks(logging.Filter):
+    """Orbax logs each failing writer thread's traceback before the main thread re-raises the same error,
+    which convert reports in one line."""
+
+    def filter(self, record):
+        return "raised an exception" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_orbax_thread_errors():
+    quiet = _DropThreadTracebacks()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
 
 
 # ---------------------------------------------------------------------- signals
@@ -399,6 +421,7 @@ def _staged_output(dst: str, force: bool, replace_any: bool, signals: _Signals):
             raise CheckpointError(f"cannot write into {parent}: {_os_reason(e)}; choose a writable destination"
                                   ) from None
         yield tmp
+        signals.raise_pending()  # one that arrived during the last unsafe write: discard rather than commit
         try:
             if exists:
                 exists = _check_replaceable(dst, force, replace_any)  # it may have changed meanwhile
@@ -426,6 +449,18 @@ def _staged_output(dst: str, force: bool, replace_any: bool, signals: _Signals):
         if fd is not None:
             _remove(lock)
             os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_folder(dst: str, force: bool = False, replace_any: bool = False):
+    """The converter's destination handling for other writers (checkpoint.save_orbax): yield a fresh folder
+    beside dst, moved to dst when the block succeeds and removed otherwise; an existing dst is replaced only
+    with force and, unless replace_any, only when it is a previous momjax output. Signals are not deferred."""
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.islink(dst):
+        raise CheckpointError(f"the destination {dst} is a symbolic link; pass the real path of a new folder")
+    with _staged_output(dst, force, replace_any, _Signals()) as tmp:
+        yield tmp
 
 
 def _make_parents(parent: str) -> list[str]:
