@@ -251,10 +251,11 @@ def plan_hf_load(path: str, cfg: Config) -> dict[str, list[tuple[Slot, TensorRef
             # taken from whichever file happens to be read last.
             where = weight_map.get(name) if weight_map is not None else refs[name].file if name in refs else file
             if where != file and not IGNORED.fullmatch(name):
-                misplaced.append(f"{name} in {os.path.basename(file)} ("
-                                 + (f"the index assigns it to {os.path.basename(where)}" if where else
-                                    "not in the index" if weight_map is not None else
-                                    f"also in {os.path.basename(where)}") + ")")
+                if weight_map is None:
+                    why = f"also in {os.path.basename(where)}"
+                else:
+                    why = f"the index assigns it to {os.path.basename(where)}" if where else "not in the index"
+                misplaced.append(f"{name} in {os.path.basename(file)} ({why})")
             elif where == file:
                 refs[name] = ref
     if misplaced:
@@ -357,7 +358,13 @@ def _count_nonfinite(x: np.ndarray) -> int:
 
 def _finite_leaves(leaves, plan, path: str, dtype: str):
     """Pass leaves through, refusing one with NaN or inf: generating from such weights gives token 0 forever."""
-    for leaf, x in leaves:
+    leaves = iter(leaves)
+    while True:
+        with np.errstate(over="ignore"):  # a cast that overflows float16 is reported below, not warned about
+            item = next(leaves, None)
+        if item is None:
+            return
+        leaf, x = item
         bad = _count_nonfinite(x)
         if bad:
             names = sorted({re.sub(r"\.\d+\.", ".*.", slot.hf_name) for slot, _ in plan[leaf]})

@@ -269,6 +269,7 @@ def cmd_generate(args) -> int:
     if not os.path.isdir(args.model):
         raise UsageError(f"model folder {args.model} does not exist; pass a Hugging Face or Orbax checkpoint folder")
     _check_sampling_args(args)
+    cfg = _folder_config(args.model)  # before the tokenizer and the weights: a bad config fails fast
     text = _read_prompt(args)
     tok = load_tokenizer(args.model)  # before the weights: a folder without a tokenizer fails fast
     ids = tok.encode_chat(text) if args.chat else tok.encode(text)
@@ -284,8 +285,7 @@ def cmd_generate(args) -> int:
                 f"fit the model's context of {context}; shorten it, or pass --allow-long-context to run past the "
                 "trained length (outputs may degrade)")
 
-    cfg = _folder_config(args.model)  # before the weights are read: refuse what cannot run, fast
-    check_context(cfg.max_position_embeddings)
+    check_context(cfg.max_position_embeddings)  # before the weights are read: refuse what cannot run, fast
     check_fits(cfg, len(ids), args.max_new_tokens, get_policy(args.policy), args.dtype or cfg.dtype)
     model = momjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
     check_context(model.max_context)

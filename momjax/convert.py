@@ -376,7 +376,7 @@ def _clear_stale(parent: str, base: str) -> None:
         names = os.listdir(parent)
     except OSError:
         return
-    for folder in sorted({n[: -len(".lock")] if n.endswith(".lock") else n for n in names if n.startswith(prefix)}):
+    for folder in sorted({n.removesuffix(".lock") for n in names if n.startswith(prefix)}):
         tmp, lock = os.path.join(parent, folder), os.path.join(parent, folder + ".lock")
         try:
             fd = os.open(lock, os.O_RDWR)
