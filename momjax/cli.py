@@ -405,14 +405,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_index(argv: list[str]) -> int | None:
+    """Where the command name is in argv, skipping the global `--compile-cache DIR` (or `=DIR`)."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--compile-cache":
+            i += 2
+        elif argv[i].startswith("--compile-cache="):
+            i += 1
+        else:
+            return i
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        if argv and argv[0] == "convert":  # its own parser: `momjax convert SRC DST ...` = convert/hf_to_orbax.py
+        command_at = _command_index(argv)
+        if command_at is not None and argv[command_at] == "convert":
+            # Its own parser (`momjax convert SRC DST ...` = convert/hf_to_orbax.py); a --compile-cache given
+            # before the command name is handed on to it.
             from momjax import convert
 
-            return convert.main(argv[1:])
+            return convert.main(argv[command_at + 1:] + argv[:command_at])
         args = parser.parse_args(argv)
         if args.command == "demo" and args.prompt is None:
             from momjax.demo import DEFAULT_PROMPT

@@ -397,6 +397,9 @@ def _clear_stale(parent: str, base: str) -> None:
         finally:
             if fd is not None:
                 os.close(fd)
+        if os.path.lexists(tmp):
+            raise CheckpointError(f"{tmp} was left by an interrupted conversion and cannot be removed; remove it "
+                                  "yourself, then run the conversion again")
         print(f"momjax: removed {tmp}, left by an interrupted conversion", file=sys.stderr)
 
 

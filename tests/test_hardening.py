@@ -391,7 +391,7 @@ def test_bad_max_context_is_an_input_error(model):
 
 
 def test_top_k_beyond_the_vocabulary_means_no_top_k(model):
-    run = lambda top_k: momjax.generate(model, PROMPT, 4, temperature=1.0, top_k=top_k, seed=3, stop_tokens=[])
+    run = lambda top_k: momjax.generate(model, PROMPT, 3, temperature=1.0, top_k=top_k, seed=3, stop_tokens=[])
     np.testing.assert_array_equal(run(np.int64(10**12)).tokens, run(None).tokens)
 
 
@@ -439,6 +439,8 @@ CLI_CASES = {  # name -> (arguments, words in the one line), "{m}" is a copy of 
                               "--allow-long-context"], "cannot fit"),
     "compile cache is a file": (["generate", "--model", "{m}", "--prompt", "hi", "--compile-cache", "{m}/config.json"],
                                 "compile cache"),
+    "convert compile cache is a file": (["--compile-cache", "{m}/config.json", "convert", "{m}", "{m}-out"],
+                                        "compile cache"),
     "string offsets in a header": (["convert", "{m}", "{m}-out", "--quiet"], "malformed header"),
     "tie as a string": (["generate", "--model", "{m}", "--prompt", "hi"], "tie_word_embeddings"),
     "bad generation config": (["generate", "--model", "{m}", "--prompt", "hi"], "generation_config.json"),
