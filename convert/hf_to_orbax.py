@@ -1,6 +1,7 @@
 """Convert a Hugging Face safetensors checkpoint folder into a momjax Orbax folder.
 
-    python convert/hf_to_orbax.py SRC DST [--dtype float32|bfloat16|float16] [--force] [--verify]
+    python convert/hf_to_orbax.py SRC DST [--dtype float32|bfloat16|float16] [--force [--replace-any-folder]]
+                                  [--verify] [--compile-cache DIR] [--quiet]
 
 A thin wrapper over `momjax.convert.main` (also available as `momjax convert`).
 """

@@ -20,7 +20,7 @@ The converter never destroys or half-writes anything:
 - Tokenizer files that are symbolic links to a place outside SRC are not copied (a Hub cache snapshot's
   links into its own blobs/ folder are fine).
 
-    python convert/hf_to_orbax.py SRC DST [--dtype float32|bfloat16|float16] [--force] [--verify]
+    momjax convert SRC DST [--dtype float32|bfloat16|float16] [--force [--replace-any-folder]] [--verify]
 """
 
 from __future__ import annotations

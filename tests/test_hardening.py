@@ -695,3 +695,18 @@ def test_a_killed_conversion_is_cleaned_up_by_the_next_one(big, tmp_path):
     assert "removed" in run.stderr and "interrupted conversion" in run.stderr
     assert os.listdir(tmp_path) == ["out"] and is_orbax_folder(str(tmp_path / "out"))
     assert math.isclose(Config.from_folder(big).num_layers, 32)
+
+
+def test_two_conversions_to_one_dst_at_once_one_wins(big, tmp_path):
+    cmd = [sys.executable, "-m", "momjax.cli", "convert", big, str(tmp_path / "out"), "--quiet"]
+    procs = [subprocess.Popen(cmd, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    results = sorted((p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs)
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    (ok, out, _), (refused, _, err) = results
+    assert ok == 0 and out.startswith("wrote"), results
+    assert refused == 2 and err.count("\n") == 1 and "Traceback" not in err, results
+    assert "another conversion" in err or "appeared while converting" in err, err
+    assert os.listdir(tmp_path) == ["out"] and is_orbax_folder(str(tmp_path / "out"))
