@@ -577,6 +577,10 @@ def load_orbax(path: str, dtype=None, memory_kind: str = "device") -> tuple[Conf
         if restored.shape != shape:
             raise CheckpointError(f"{path}: {name} has shape {list(restored.shape)}, its config needs "
                                   f"{list(shape)}; convert the checkpoint again")
+        if dtype in _INF_BITS and _count_nonfinite(restored):
+            overflow = " (or overflow float16: load it in bfloat16 or float32)" if dtype == np.float16 else ""
+            raise CheckpointError(f"{path}: {_count_nonfinite(restored)} values of {name} are NaN or inf{overflow}; "
+                                  "convert the checkpoint again from a healthy source")
         flat[name] = _place_leaf(name, restored.astype(dtype, copy=False), sharding)
         del restored
         _release_memory(param_nbytes(flat[name]))

@@ -305,6 +305,11 @@ def test_float16_overflow_is_refused_and_bfloat16_works(zoo, tmp_path):
     with pytest.raises(CheckpointError, match="overflow float16"):
         momjax.load(folder, dtype="float16", progress=False)
     assert momjax.load(folder, dtype="bfloat16", progress=False).dtype == "bfloat16"
+    dst = str(tmp_path / "orbax")  # a float32 conversion is fine; restoring it in float16 is refused the same way
+    convert(folder, dst, progress=False)
+    with pytest.raises(CheckpointError, match="overflow float16"):
+        momjax.load(dst, dtype="float16")
+    assert momjax.load(dst, dtype="bfloat16").dtype == "bfloat16"
 
 
 def test_pinned_host_weights_are_refused_at_load(zoo):
