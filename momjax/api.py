@@ -135,16 +135,19 @@ def check_prompts(model: Model, tokens) -> list[list[int]]:
         except TypeError:
             raise InputError(f"tokens must be a list of token ids or a list of such lists, got "
                              f"{type(tokens).__name__}") from None
-        if tokens and not any(isinstance(t, (list, tuple, *_ARRAYS)) for t in tokens):
+        if tokens and not any(isinstance(t, (list, tuple)) or (isinstance(t, _ARRAYS) and t.ndim) for t in tokens):
             tokens = [tokens]  # one flat prompt
         prompts = []
         for row in tokens:
             if not isinstance(row, (list, tuple, *_ARRAYS)):
                 raise InputError("tokens must be a list of token ids or a list of such lists")
             if isinstance(row, _ARRAYS):
-                if np.asarray(row).dtype == bool:
-                    raise InputError("tokens must be integer token ids, got booleans")
-                row = np.asarray(row).tolist()
+                a = np.asarray(row)
+                if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+                    raise InputError(f"each prompt must be a 1-D array of integer token ids, got shape {a.shape} "
+                                     f"and dtype {a.dtype}")
+                row = a.tolist()
+            row = [_scalar(t) for t in row]  # 0-d numpy/JAX integers count as ids
             if not all(_is_int(t) for t in row):
                 raise InputError("tokens must be integer token ids (not booleans, floats or text; tokenize the text "
                                  "first)")

@@ -400,6 +400,19 @@ def test_top_k_beyond_the_vocabulary_means_no_top_k(model):
     np.testing.assert_array_equal(run(np.int64(10**12)).tokens, run(None).tokens)
 
 
+def test_token_forms_with_numpy_and_jax_scalars_agree(model):
+    import jax.numpy as jnp
+
+    ids = [1, 5, 9, 4]
+    expected = momjax.forward(model, [ids])
+    for form in ([np.int64(t) for t in ids], [jnp.int32(t) for t in ids], [jnp.asarray(ids)], [np.asarray(ids)],
+                 (tuple(ids),), jnp.asarray([ids])):
+        np.testing.assert_array_equal(momjax.forward(model, form), expected)
+    for bad in ([jnp.asarray([1.0, 2.0])], [np.ones((2, 2), int)], [jnp.asarray([True])], [np.float32(1.0)]):
+        with pytest.raises(InputError, match="token ids"):
+            momjax.forward(model, bad)
+
+
 def test_numpy_scalars_are_accepted(model):
     a = momjax.generate(model, PROMPT, 3, temperature=np.float32(0.7), top_k=np.int32(5), top_p=np.float64(0.9),
                         seed=np.int64(4), stop_tokens=np.array([2]))
