@@ -81,11 +81,14 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False, v
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; choose one of {', '.join(SUPPORTED_DTYPES)}")
     src, dst = _check_paths(src, dst)
-    with _Signals() as signals:
+    with _Signals() as signals, contextlib.ExitStack() as stack:
         with signals.allowed():
             cfg = Config.from_folder(src)
             dtype = dtype or cfg.dtype
             leaves = stream_hf_leaves(src, cfg, dtype, progress, desc="converting")  # checks every header first
+            # Closed on the way out even when interrupted between leaves, so the progress bar ends before any
+            # message is printed.
+            stack.callback(getattr(leaves, "close", lambda: None))
             copies = _files_to_copy(src)
         with _staged_output(dst, force, replace_any, signals) as tmp, _quiet_orbax_thread_errors():
             reader = _Reader(leaves, signals)
