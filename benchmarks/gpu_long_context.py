@@ -123,21 +123,6 @@ def worker_info() -> dict:
             "python": platform.python_version()}
 
 
-def _xla_device_bytes(compiled, args) -> int:
-    """CPU stand-in for a peak: a compiled program's arguments + outputs + temporaries, less aliased and
-    pinned-host buffers (the CPU backend counts host-placed buffers as its own; see momjax/memory.py)."""
-    import jax
-    import numpy as np
-
-    ma = compiled.memory_analysis()
-    outs = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), compiled.out_info,
-                        compiled.output_shardings)
-    host = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves((args, outs))
-               if x.sharding.memory_kind == "pinned_host")
-    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-    return int(total - host)
-
-
 def _random_params(cfg, dtype):
     """`init_random` on a one-layer copy of cfg, repeated over the layers: the same kind of random weights,
     without the float32 temporaries of initialising every stacked leaf at once (they would set the peak)."""
@@ -147,7 +132,7 @@ def _random_params(cfg, dtype):
     from momjax.params import init_random
 
     one = init_random(cfg.replace(num_layers=1), seed=0, dtype=dtype)
-    layers = jax.tree.map(lambda x: jnp.repeat(x, cfg.num_layers, axis=0), one.layers)
+    layers = tuple(jax.tree.map(lambda x: jnp.array(x, copy=True), one.layers[0]) for _ in range(cfg.num_layers))
     return jax.block_until_ready(one.replace(layers=layers))
 
 
@@ -156,6 +141,7 @@ def worker_momjax(spec: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    import momjax
     from momjax import generation as G
     from momjax.cache import place_prompt, sharding
     from momjax.params import abstract_params
@@ -173,19 +159,21 @@ def worker_momjax(spec: dict) -> dict:
     padded = G.bucket_length(S, policy)
     tok_abs = jax.ShapeDtypeStruct((1, padded), jnp.int32, sharding=on_device)
     start_abs = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=on_device)
-    prefill_args = (params_abs, tok_abs, start_abs)
-    prefill = G.prefill_fn.lower(*prefill_args, cfg=cfg, policy=policy).compile()
-    logits_abs, cache_abs = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s),
-                                         prefill.out_info, prefill.output_shardings)
-    kv = jax.ShapeDtypeStruct(cache_abs.k.shape, cache_abs.k.dtype, sharding=sharding(policy.kv_decode))
-    cache_abs = cache_abs.replace(k=kv, v=kv)
+    programs = G.compile_prefill(params_abs, tok_abs, start_abs, cfg, policy)
+    K, E = cfg.num_kv_heads, cfg.head_dim
+    logits_abs = jax.ShapeDtypeStruct((1, cfg.vocab_size), jnp.float32, sharding=on_device)
+    prompt_kv = jax.ShapeDtypeStruct((1, K, padded, E), dtype, sharding=sharding(policy.kv_decode))
+    no_tail = jax.ShapeDtypeStruct((1, K, 0, E), dtype, sharding=on_device)
+    L = cfg.num_layers
+    cache_abs = momjax.KVCache(k=(prompt_kv,) * L, v=(prompt_kv,) * L, start=start_abs, tail_k=(no_tail,) * L,
+                               tail_v=(no_tail,) * L, length=jax.ShapeDtypeStruct((), jnp.int32, sharding=on_device))
 
     def scalar(dt, shape=()):
         return jax.ShapeDtypeStruct(shape, dt, sharding=on_device)
 
     key = jax.random.PRNGKey(0)
-    decode_args = (params_abs, cache_abs, logits_abs, scalar(key.dtype, key.shape), scalar(jnp.float32),
-                   scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32, (8,)), scalar(jnp.int32))
+    decode_args = (params_abs, cache_abs, logits_abs, scalar(key.dtype, key.shape), scalar(jnp.float32), 0,
+                   scalar(jnp.float32), scalar(jnp.int32, (8,)), scalar(jnp.int32))
     decode = G.decode_fn.lower(*decode_args, cfg=cfg, policy=policy, max_new_tokens=N).compile()
     compile_s = time.perf_counter() - t0
 
@@ -199,7 +187,7 @@ def worker_momjax(spec: dict) -> dict:
     jax.block_until_ready(jnp.ones((256, 256), dtype) @ jnp.ones((256, 256), dtype))  # runtime and BLAS set up
 
     t0 = time.perf_counter()
-    logits, cache = prefill(params, tokens, start)
+    logits, cache = G.prefill_fn(params, tokens, start, cfg, policy, compiled=programs)
     logits.block_until_ready()
     ttft = time.perf_counter() - t0
     stats = dev.memory_stats()
@@ -210,8 +198,7 @@ def worker_momjax(spec: dict) -> dict:
     copy_back_s = time.perf_counter() - t0
     stop_ids = jnp.full((8,), -1, jnp.int32)  # never stop early: every run decodes N tokens
     t0 = time.perf_counter()
-    out, _ = decode(params, cache, logits, key, jnp.float32(0), jnp.int32(0), jnp.float32(1), stop_ids,
-                          jnp.int32(0))
+    out, _ = decode(params, cache, logits, key, jnp.float32(0), jnp.float32(1), stop_ids, jnp.int32(0))
     out = np.asarray(out)
     decode_s = time.perf_counter() - t0
     stats = dev.memory_stats()
@@ -224,7 +211,8 @@ def worker_momjax(spec: dict) -> dict:
         result.update(peak_bytes=stats["peak_bytes_in_use"], peak_prefill_bytes=peak_prefill,
                       peak_source="jax memory_stats()['peak_bytes_in_use']")
     else:  # CPU: no allocator statistics; XLA's figure for the same two programs stands in
-        pre, dec = _xla_device_bytes(prefill, prefill_args), _xla_device_bytes(decode, decode_args)
+        pre = momjax.memory_report(cfg, S, policy, dtype, "prefill")["device_bytes"]
+        dec = momjax.memory_report(cfg, padded, policy, dtype, "decode", new_tokens=N)["device_bytes"]
         result.update(peak_bytes=max(pre, dec), peak_prefill_bytes=pre,
                       peak_source="XLA memory_analysis of the compiled prefill and decode (CPU has no allocator stats)")
     return result
@@ -512,7 +500,7 @@ def main(argv=None) -> int:
         "transformers_setup": "LlamaForCausalLM random init, sdpa, logits_to_keep=1 in prefill, "
                               "DynamicCache(offloading=True) = generate(cache_implementation='offloaded'); "
                               "no offloading on CPU",
-        "momjax_setup": "prefill_fn/decode_fn compiled ahead of time at the same shape before the weights exist; "
+        "momjax_setup": "prefill programs and decode_fn compiled ahead of time at the same shape before the weights exist; "
                         "weights init_random on one layer, repeated over the layers"
                         + (f"; tiny: mini-sequence {TINY_MINISEQUENCE}" if tiny else ""),
     })

@@ -109,12 +109,14 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
     return jnp.moveaxis(out, 0, 1).reshape(B, S, H, E)
 
 
-def decode_attention(q, k, v, tail_k, tail_v, q_index, step, start, *, window=None):
-    """One new query per row over the prompt cache and the generated-token tail.
+def decode_attention(q, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start, *, window=None):
+    """One new query per row over the prompt cache, the generated-token tail and the new token itself.
 
     q: [B, 1, H, E] at sequence index q_index (= prompt length + step); k, v: [B, K, T, E] prompt keys at
-    [0, T); tail_k, tail_v: [B, K, N, E] generated keys at T + [0, N), filled up to and including `step`.
-    The softmax runs over both parts without concatenating them (no copy of the prompt's scores).
+    [0, T); tail_k, tail_v: [B, K, N, E] generated keys at T + [0, N), filled below `step`; k_new, v_new:
+    [B, 1, K, E] the new token's own key and value. The tail is only read here (the caller writes the new
+    token into it afterwards), which lets XLA update it in place instead of copying it every step. The
+    softmax runs over the three parts without concatenating them.
     """
     B, _, H, E = q.shape
     K, T, N = k.shape[1], k.shape[2], tail_k.shape[2]
@@ -122,20 +124,26 @@ def decode_attention(q, k, v, tail_k, tail_v, q_index, step, start, *, window=No
     scale = 1.0 / math.sqrt(E)
     qg = q[:, 0].reshape(B, K, G, E)
     s_prompt = jnp.einsum("bkge,bkte->bkgt", qg, k, preferred_element_type=jnp.float32) * scale  # [B, K, G, T]
-    s_tail = jnp.einsum("bkge,bkne->bkgn", qg, tail_k, preferred_element_type=jnp.float32) * scale  # [B, K, G, N]
+    # The tail's and the new token's scores as multiply-and-sum, not dots: XLA's GPU compiler merges dots that
+    # share an operand (q) by concatenating their other operands, which would copy the prompt's K every step.
+    q32 = qg.astype(jnp.float32)
+    s_tail = jnp.sum(q32[:, :, :, None, :] * tail_k[:, :, None].astype(jnp.float32), -1) * scale  # [B, K, G, N]
+    s_self = jnp.sum(q32 * k_new[:, 0, :, None, :].astype(jnp.float32), -1) * scale  # [B, K, G]
     j = jnp.arange(T)
     ok_prompt = j[None, :] >= start[:, None]  # [B, T]
     u = jnp.arange(N)
-    ok_tail = jnp.broadcast_to(u <= step, (B, N))
+    ok_tail = jnp.broadcast_to(u < step, (B, N))
     if window is not None:
         ok_prompt &= q_index - j[None, :] < window
         ok_tail &= q_index - (T + u)[None, :] < window
     s_prompt = jnp.where(ok_prompt[:, None, None, :], s_prompt, MASKED)
     s_tail = jnp.where(ok_tail[:, None, None, :], s_tail, MASKED)
-    m = jnp.maximum(s_prompt.max(-1), s_tail.max(-1))[..., None]  # [B, K, G, 1]; the new token itself is seen
-    p_prompt, p_tail = jnp.exp(s_prompt - m), jnp.exp(s_tail - m)
-    denom = p_prompt.sum(-1) + p_tail.sum(-1)  # [B, K, G]
+    m = jnp.maximum(jnp.maximum(s_prompt.max(-1), s_tail.max(-1)), s_self)  # [B, K, G]
+    p_prompt, p_tail = jnp.exp(s_prompt - m[..., None]), jnp.exp(s_tail - m[..., None])
+    p_self = jnp.exp(s_self - m)
+    denom = p_prompt.sum(-1) + p_tail.sum(-1) + p_self  # [B, K, G]
     out = jnp.einsum("bkgt,bkte->bkge", p_prompt.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out += jnp.einsum("bkgn,bkne->bkge", p_tail.astype(v.dtype), tail_v, preferred_element_type=jnp.float32)
+    out += p_self[..., None] * v_new[:, 0, :, None, :].astype(jnp.float32)
     out = out / denom[..., None]
     return out.reshape(B, 1, H, E).astype(v.dtype)

@@ -235,9 +235,11 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         q = project_q(lp, h, positions, inv_freq)  # [B, 1, H, E]
         k_new, v_new = project_kv(lp, h, positions, inv_freq)  # [B, 1, K, E]
+        o = decode_attention(q, k, v, cache.tail_k[l], cache.tail_v[l], k_new, v_new, q_index, step, cache.start,
+                             window=cfg.sliding_window)
+        # Written after the attention has read the tail, so the tail is updated in place.
         tail_k = jax.lax.dynamic_update_slice_in_dim(cache.tail_k[l], jnp.swapaxes(k_new, 1, 2), step, axis=2)
         tail_v = jax.lax.dynamic_update_slice_in_dim(cache.tail_v[l], jnp.swapaxes(v_new, 1, 2), step, axis=2)
-        o = decode_attention(q, k, v, tail_k, tail_v, q_index, step, cache.start, window=cfg.sliding_window)
         x = x + project_o(lp, o)
         x = x + mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
         tails_k.append(tail_k)

@@ -1,0 +1,81 @@
+"""Decode reads each weight and each cached K/V byte where it lies: read from the compiled program.
+
+A layer's slice of a stacked [L, ...] array, a transposed weight or a copied K/V array shows up in the
+compiled HLO as a copy, slice, dynamic-slice or transpose whose result has the weight's (or the K/V's)
+shape, possibly permuted. The model below has sizes that coincide with nothing else (hidden 96, 3 heads of
+40, 1 KV head, ffn 232, 1000 prompt tokens), so a match can only be one of those arrays. This is the test
+that fails if the per-layer layout (params.py, cache.py) or the o-projection (model.project_o) regresses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import momjax
+from momjax import generation as G
+from momjax.memory import _abstract_cache
+from momjax.params import abstract_params
+
+CFG = momjax.Config(vocab_size=503, hidden_size=96, intermediate_size=232, num_layers=3, num_heads=3,
+                    num_kv_heads=1, head_dim=40, tie_embeddings=False, max_position_embeddings=4096)
+PROMPT, NEW = 1000, 24
+MOVES = ("copy", "slice", "dynamic-slice", "transpose", "copy-start")
+OP = re.compile(r"= \w+\[([\d,]*)\]\S* (" + "|".join(MOVES) + r")\(")
+
+
+def moved_shapes(hlo: str) -> list[tuple[tuple[int, ...], str]]:
+    """(result shape, op) of every copy, slice, dynamic-slice, transpose and copy-start in the HLO text."""
+    return [(tuple(int(d) for d in dims.split(",") if d), op) for dims, op in OP.findall(hlo)]
+
+
+def forbidden_shapes(cfg, policy) -> set[tuple[int, ...]]:
+    """Every permutation of a per-layer weight's shape and of one layer's prompt K/V shape, with and without
+    a leading layer axis of 1 (how a static slice of a stacked array looks)."""
+    lp = abstract_params(cfg, "float32").layers[0]
+    shapes = [leaf.shape for leaf in jax.tree.leaves(lp) if len(leaf.shape) > 1]
+    shapes.append((1, cfg.num_kv_heads, PROMPT, cfg.head_dim))
+    out = set()
+    for s in shapes:
+        for p in itertools.permutations(s):
+            out |= {p, (1, *p)}
+    return out
+
+
+@pytest.mark.parametrize("policy", ["baseline", "mom", "mom-stream"])
+def test_decode_loop_copies_no_weight_and_no_prompt_kv(policy):
+    policy = momjax.get_policy(policy)
+    sds = jax.ShapeDtypeStruct
+    cache = _abstract_cache(CFG, PROMPT, NEW, jnp.float32, policy.kv_decode, 1)
+    settings = (sds((1, CFG.vocab_size), jnp.float32), sds((2,), jnp.uint32), sds((), jnp.float32), 0,
+                sds((), jnp.float32), sds((8,), jnp.int32), sds((), jnp.int32))
+    hlo = G.decode_fn.lower(abstract_params(CFG, "float32"), cache, *settings, cfg=CFG, policy=policy,
+                            max_new_tokens=NEW).compile().as_text()
+    moved = moved_shapes(hlo)
+    assert any(op == "copy" for _, op in moved)  # the pattern does read this HLO (the tail is copied, small)
+    bad = [(shape, op) for shape, op in moved if shape in forbidden_shapes(CFG, policy)]
+    assert not bad, f"the decode loop copies weight- or K/V-sized arrays: {bad}"
+
+
+def test_the_check_catches_a_stacked_slice():
+    """The same check on a scan over stacked weights (the layout this test guards against) finds the copies."""
+    layers = abstract_params(CFG, "float32").layers
+    stacked = jax.tree.map(lambda *xs: sds_stack(xs), *layers)
+    x = jax.ShapeDtypeStruct((1, CFG.hidden_size), jnp.float32)
+
+    def scan(stacked, x):
+        def body(x, lp):
+            return jnp.tanh(x @ lp.w_gate) @ lp.w_down, None
+
+        return jax.lax.scan(body, x, stacked)[0]
+
+    hlo = jax.jit(scan).lower(stacked, x).compile().as_text()
+    assert any(shape in forbidden_shapes(CFG, momjax.get_policy("mom")) for shape, _ in moved_shapes(hlo))
+
+
+def sds_stack(xs):
+    return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
