@@ -78,6 +78,42 @@ def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="floa
     raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
 
 
+def _check_request(**args) -> None:
+    """InputError (a ValueError) for an argument of memory_report or plan that has no meaning: a length,
+    batch or budget that is not a positive number, a dtype momjax does not run in, an unknown phase."""
+    import math
+
+    from momjax.api import InputError
+    from momjax.config import SUPPORTED_DTYPES
+
+    def count(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and x >= 1
+
+    for name in ("seq_len", "batch", "new_tokens"):
+        if name in args and not count(args[name]):
+            raise InputError(f"{name} must be a positive integer, got {args[name]!r}")
+    if "dtype" in args:
+        try:
+            dtype = jnp.dtype(args["dtype"]).name
+        except TypeError:
+            dtype = None
+        if dtype not in SUPPORTED_DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {args['dtype']!r}")
+    if "phase" in args and args["phase"] not in ("prefill", "decode"):
+        raise InputError(f"phase must be 'prefill' or 'decode', got {args['phase']!r}")
+    if "source" in args and args["source"] not in ("auto", "xla", "estimate"):
+        raise InputError(f"source must be 'auto', 'xla' or 'estimate', got {args['source']!r}")
+    for name, minimum in (("hbm_bytes", 1), ("host_bytes", 0)):
+        value = args.get(name)
+        if name not in args or (value is None and name == "host_bytes"):
+            continue
+        if isinstance(value, bool) or (isinstance(value, (int, float, np.number))
+                                       and (not math.isfinite(value) or value < minimum)):
+            raise InputError(f"{name} must be a size of at least {minimum} bytes, got {value!r}")
+        if parse_bytes(value) < minimum:
+            raise InputError(f"{name} must be a size of at least {minimum} bytes, got {value!r}")
+
+
 def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
                   new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
     """Bytes the compiled programs need, from XLA's memory analysis (no memory is allocated).
@@ -91,6 +127,7 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", 
     temp_bytes (XLA temporaries of the program at the peak) and source="xla".
     On CPU measure in float32: the CPU compiler upcasts bfloat16 matmuls and inflates bf16 figures.
     """
+    _check_request(seq_len=seq_len, dtype=dtype, phase=phase, batch=batch, new_tokens=new_tokens)
     cfg = _resolve(model_or_config)
     policy = get_policy(policy)
     padded = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
@@ -289,6 +326,7 @@ def plan(model_or_config, hbm_bytes, host_bytes=None, dtype="bfloat16", new_toke
     figures, and a search of compiles at millions of tokens takes minutes on a CPU.
     Raises ValueError when the budget cannot hold even the weights.
     """
+    _check_request(dtype=dtype, new_tokens=new_tokens, hbm_bytes=hbm_bytes, host_bytes=host_bytes, source=source)
     cfg = _resolve(model_or_config)
     hbm, host = parse_bytes(hbm_bytes), (None if host_bytes is None else parse_bytes(host_bytes))
     weights = param_bytes(cfg, dtype)
