@@ -4,6 +4,8 @@
 (`jax.ShapeDtypeStruct`) and reads `compiled.memory_analysis()`, so an 8B model at 128k tokens is
 measured on a laptop CPU without allocating anything. The CPU backend does not split host from device
 bytes, so host-placed arguments and outputs are counted from their shardings and taken out.
+With `target="h100"` (or another of momjax.targets.TARGETS) the same programs are compiled by XLA's GPU
+compiler for that GPU, without a GPU (momjax.targets explains what those figures are).
 
 `estimate` is a closed-form model of the same programs (formulas in its docstring), checked against the
 XLA figure in tests/test_memory.py. `plan` bisects over the context length for the largest prompt each
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from momjax import generation as G
+from momjax import targets as T
 from momjax.cache import KVCache, sharding
 from momjax.config import Config, MemoryPolicy, get_policy, preset
 from momjax.params import abstract_params, param_bytes
@@ -55,8 +58,10 @@ def _abstract_cache(cfg: Config, seq_len: int, new_tokens: int, dtype, prompt_ki
 
 
 def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="float32", phase="prefill", batch=1,
-                    new_tokens=DEFAULT_NEW_TOKENS):
-    """The compiled prefill or decode-step program for abstract inputs, and its abstract arguments."""
+                    new_tokens=DEFAULT_NEW_TOKENS, target=None):
+    """The compiled prefill or decode-step program for abstract inputs, its abstract arguments, and its memory
+    analysis split into device and host bytes (momjax.targets.analyse). target: None = this machine's compiler.
+    """
     dtype = jnp.dtype(dtype)
     dev = sharding("device")
     params = abstract_params(cfg, dtype, sharding=dev)
@@ -65,60 +70,63 @@ def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="floa
         tokens = jax.ShapeDtypeStruct((batch, padded), jnp.int32, sharding=dev)
         start = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
         args = (params, tokens, start)
-        lowered = G.prefill_fn.lower(*args, cfg=cfg, policy=policy)
+        fn = G.prefill_fn
     elif phase == "decode":
         cache = _abstract_cache(cfg, seq_len, new_tokens, dtype, policy.kv_decode, batch)
         token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
         args = (params, token, cache)
-        lowered = G.decode_step_fn.lower(*args, cfg=cfg, policy=policy)
+        fn = G.decode_step_fn
     else:
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
-    return lowered.compile(), args
+    compiled, analysis = T.compile(fn, *args, target=target, cfg=cfg, policy=policy)
+    return compiled, args, analysis
 
 
 def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
-                  new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
+                  new_tokens: int = DEFAULT_NEW_TOKENS, target=None) -> dict:
     """Bytes the compiled program needs, from XLA's memory analysis (no memory is allocated).
 
     model_or_config: a Model, a Config or a preset name. phase: "prefill" (the prompt of seq_len tokens)
     or "decode" (one step with seq_len prompt tokens cached and room for new_tokens).
     Returns device_bytes (arguments + outputs + temporaries on the device, aliasing counted once),
     host_bytes (pinned host arguments and outputs), weight_bytes, kv_bytes (the KV cache of the phase,
-    wherever it lives), temp_bytes (XLA temporaries) and source="xla".
-    On CPU measure in float32: the CPU compiler upcasts bfloat16 matmuls and inflates bf16 figures.
+    wherever it lives), temp_bytes (XLA temporaries) and source ("xla", or "xla-gpu:<target>").
+    target: None or "cpu" = this machine's compiler (on CPU measure in float32: the CPU compiler upcasts
+    bfloat16 matmuls and inflates bf16 figures); a GPU name ("h100", "a100-80gb", see momjax.targets) = XLA's
+    GPU compiler for that GPU, deviceless, in any dtype (needs `pip install 'momjax[gpu-plan]'`). There the
+    host-resident arguments (the prompt KV of a mom-stream decode step), which the deviceless compiler cannot
+    be told about, are compiled as device arrays and moved by momjax from device_bytes to host_bytes; their
+    bytes are in host_argument_counted_bytes. The figures are the compiled program's buffer assignment, not
+    a live allocator peak: no autotuning runs, and cuDNN workspaces count as 0.
     """
     cfg = _resolve(model_or_config)
     policy = get_policy(policy)
+    t = T.get(target)
+    if t is not None:
+        T.check_compiler()
     padded = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
-    report = dict(_memory_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens))
+    report = dict(_memory_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens,
+                                 None if t is None else t.name))
     report["seq_len"] = int(seq_len)
     return report
 
 
 @functools.lru_cache(maxsize=256)
 def _memory_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, phase: str, batch: int,
-                   new_tokens: int) -> dict:
-    compiled, args = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens)
-    ma = compiled.memory_analysis()
-    outputs = jax.tree.map(
-        lambda shape, s: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s),
-        compiled.out_info, compiled.output_shardings,
-    )
-    host_args, host_outs = _nbytes(args, "pinned_host"), _nbytes(outputs, "pinned_host")
-    cache = outputs[1] if phase == "prefill" else args[2]
+                   new_tokens: int, target: str | None = None) -> dict:
+    compiled, args, analysis = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens, target)
+    cache = T.output_avals(compiled)[1] if phase == "prefill" else args[2]
     kv_bytes = _nbytes((cache.k, cache.v, cache.tail_k, cache.tail_v)) if phase == "decode" else _nbytes(
         (cache.k, cache.v))
-    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-    host_bytes = host_args + host_outs + ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes
-    # The CPU backend reports host-placed buffers inside argument/output sizes; take them out.
-    device_bytes = total - (host_args + host_outs if ma.host_argument_size_in_bytes == 0 else 0)
     return dict(
-        device_bytes=int(device_bytes),
-        host_bytes=int(host_bytes),
+        device_bytes=analysis["device_bytes"],
+        host_bytes=analysis["host_bytes"],
         weight_bytes=int(_nbytes(args[0])),
         kv_bytes=int(kv_bytes),
-        temp_bytes=int(ma.temp_size_in_bytes),
-        source="xla",
+        temp_bytes=analysis["temp_bytes"],
+        host_argument_counted_bytes=analysis["host_argument_counted_bytes"],
+        source=analysis["source"],
+        target=target or "cpu",
         seq_len=int(seq_len),
         phase=phase,
         policy=policy.name,
