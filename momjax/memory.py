@@ -236,14 +236,20 @@ def _fits(cfg, seq_len, policy, dtype, hbm, host, new_tokens, measure) -> bool:
     return True
 
 
+def _measure(source: str, target=None):
+    return estimate if source == "estimate" else functools.partial(memory_report, target=target)
+
+
 def max_context(cfg: Config, policy, hbm_bytes: int, host_bytes: int | None = None, dtype="bfloat16",
-                new_tokens: int = DEFAULT_NEW_TOKENS, source: str = "estimate", resolution: int = 1024) -> int:
+                new_tokens: int = DEFAULT_NEW_TOKENS, source: str = "estimate", resolution: int = 1024,
+                target=None) -> int:
     """The longest prompt (to `resolution` tokens) whose prefill and decode both fit; 0 if none does.
 
-    source="estimate" uses `estimate` (instant); source="xla" compiles the programs at each step.
+    source="estimate" uses `estimate` (instant); source="xla" compiles the programs at each step (for
+    `target`, see memory_report).
     """
     policy = get_policy(policy)
-    measure = estimate if source == "estimate" else memory_report
+    measure = _measure(source, target)
     fits = lambda n: _fits(cfg, n, policy, dtype, hbm_bytes, host_bytes, new_tokens, measure)
     if not fits(resolution):
         return 0
@@ -262,17 +268,27 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def plan(model_or_config, hbm_bytes, host_bytes=None, dtype="bfloat16", new_tokens: int = DEFAULT_NEW_TOKENS,
-         source: str = "auto") -> dict:
+def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new_tokens: int = DEFAULT_NEW_TOKENS,
+         source: str = "auto", target=None) -> dict:
     """Maximum context per policy for a device budget (and optional host budget).
 
-    source: "xla" compiles the real programs at every bisection step (float32 on CPU, or any dtype on
-    GPU); "estimate" uses the closed-form `estimate`, validated against XLA in float32 (tests/test_memory.py);
-    "auto" picks XLA on a GPU backend and the estimate elsewhere: the CPU compiler inflates bfloat16
-    figures, and a search of compiles at millions of tokens takes minutes on a CPU.
-    Raises ValueError when the budget cannot hold even the weights.
+    hbm_bytes: the device budget; None = the target's memory size (momjax.targets.TARGETS).
+    target: None / "cpu" = this machine; a GPU name ("h100", "a100-80gb", ...) = the answer is confirmed by
+    XLA's GPU compiler for that GPU, deviceless (needs `pip install 'momjax[gpu-plan]'`, see memory_report).
+    source: "xla" compiles the real programs, bisecting around the estimate (float32 on a CPU, any dtype on
+    a GPU or for a GPU target); "estimate" uses the closed-form `estimate`, validated against XLA in float32
+    (tests/test_memory.py); "auto" compiles on a GPU backend or for a GPU target, and uses the estimate on a
+    CPU: the CPU compiler inflates bfloat16 figures, and compiles at millions of tokens take minutes there.
+    Raises ValueError when the budget cannot hold even the weights (TargetError for an unknown target).
     """
     cfg = _resolve(model_or_config)
+    t = T.get(target)
+    if hbm_bytes is None:
+        if t is None:
+            raise ValueError("give the device budget (hbm_bytes, e.g. '80GiB') or a GPU target such as 'h100'")
+        hbm_bytes = t.memory_bytes
+    if t is not None and source != "estimate":
+        T.check_compiler()
     hbm, host = parse_bytes(hbm_bytes), (None if host_bytes is None else parse_bytes(host_bytes))
     weights = param_bytes(cfg, dtype)
     if weights >= hbm:
@@ -281,27 +297,32 @@ def plan(model_or_config, hbm_bytes, host_bytes=None, dtype="bfloat16", new_toke
             f"{format_bytes(hbm)} device budget; use a smaller dtype or a larger device"
         )
     if source == "auto":
-        source = "xla" if _on_gpu() else "estimate"
+        source = "xla" if _on_gpu() or t is not None else "estimate"
     result = {"max_context": {}, "source": {}, "weight_bytes": weights, "hbm_bytes": hbm, "host_bytes": host,
-              "dtype": str(jnp.dtype(dtype)), "new_tokens": new_tokens, "limits": {}}
+              "dtype": str(jnp.dtype(dtype)), "new_tokens": new_tokens, "limits": {},
+              "target": None if t is None else dict(
+                  name=t.name, description=t.description, memory_bytes=t.memory_bytes,
+                  memory_bandwidth=t.memory_bandwidth, host_link=t.host_link,
+                  host_link_bandwidth=t.host_link_bandwidth)}
     for name in ("baseline", "mom", "mom-stream"):
         n = max_context(cfg, name, hbm, host, dtype, new_tokens, source="estimate")
         if source == "xla" and n:
             # Refine around the estimate with the compiled programs (a few compiles, not a full search).
-            n = _refine_with_xla(cfg, name, n, hbm, host, dtype, new_tokens)
+            n = _refine_with_xla(cfg, name, n, hbm, host, dtype, new_tokens, target=t)
         result["max_context"][name] = n
-        result["source"][name] = source
-        result["limits"][name] = _limiting_phase(cfg, name, n, hbm, host, dtype, new_tokens, source)
+        result["source"][name] = T.source_name(t) if source == "xla" else source
+        result["limits"][name] = _limiting_phase(cfg, name, n, hbm, host, dtype, new_tokens, source, target=t)
     return result
 
 
-def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens) -> int:
+def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, target=None) -> int:
     """Bisect with the compiled programs within +-30% of the estimate (about ten compiles per policy)."""
-    fits = lambda n: _fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens, memory_report)
-    resolution = max(1024, guess // 50 // 1024 * 1024)
+    fits = lambda n: _fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens, _measure("xla", target))
+    resolution = max(1024, guess // 200 // 1024 * 1024)
     lo, hi = max(int(guess * 0.7) // 1024 * 1024, 1024), int(guess * 1.3) // 1024 * 1024 + 1024
     if not fits(lo):
-        return max_context(cfg, policy, hbm, host, dtype, new_tokens, source="xla", resolution=resolution)
+        return max_context(cfg, policy, hbm, host, dtype, new_tokens, source="xla", resolution=resolution,
+                           target=target)
     if fits(hi):
         return hi
     while hi - lo > resolution:
@@ -310,9 +331,9 @@ def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens) -> int:
     return lo
 
 
-def _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source) -> str:
+def _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source, target=None) -> str:
     """Which budget stops a longer context: 'prefill', 'decode' or 'host'."""
-    measure = estimate if source == "estimate" else memory_report
+    measure = _measure(source, target)
     step = max(n // 50, 1024)
     for phase in ("prefill", "decode"):
         r = measure(cfg, n + step, policy, dtype=dtype, phase=phase, new_tokens=new_tokens)
@@ -332,8 +353,16 @@ def plan_table(result: dict) -> str:
         f"room for {result['new_tokens']} new tokens",
         f"{'policy':<12}{'max context':>14}  {'limited by':<11}source",
     ]
+    if result.get("target"):
+        lines.insert(0, f"target {result['target']['description']}: compiled programs' buffer assignments from XLA's "
+                        "GPU compiler (no GPU used, no autotuning), not allocator peaks on a live GPU")
     for name, n in result["max_context"].items():
         src = result["source"][name]
-        src = "xla (compiled program)" if src == "xla" else "estimate (validated against XLA within 15%)"
+        if src == "xla":
+            src = "xla (compiled program)"
+        elif src.startswith("xla-gpu:"):
+            src = f"{src} (compiled for the GPU, deviceless)"
+        else:
+            src = "estimate (validated against XLA within 15%)"
         lines.append(f"{name:<12}{n:>14,}  {result['limits'][name]:<11}{src}")
     return "\n".join(lines)

@@ -50,12 +50,14 @@ def without_gpu() -> bool:
 
 
 @contextlib.contextmanager
-def filtered_stderr():
+def filtered_stderr(also: re.Pattern | None = None):
     """Capture file descriptor 2 (where the C++ libraries write), then pass on every line but the noise.
 
-    A no-op unless the CUDA plugin is installed without a driver, the only case that makes the noise.
+    The noise: the no-driver lines (when the CUDA plugin is installed without a driver), and lines matching
+    `also`. A no-op when there is nothing to filter.
     """
-    if not without_gpu():
+    noise = [p for p in (_NO_DRIVER_NOISE if without_gpu() else None, also) if p is not None]
+    if not noise:
         yield
         return
     sys.stderr.flush()
@@ -70,7 +72,7 @@ def filtered_stderr():
             os.close(saved)
             capture.seek(0)
             kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
-                    if not _NO_DRIVER_NOISE.search(line)]
+                    if not any(p.search(line) for p in noise)]
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
@@ -89,3 +91,10 @@ def prepare() -> None:
     if chosen or xla_bridge.backends_are_initialized() or importlib.util.find_spec("libtpu") is not None:
         return
     jax.config.update("jax_platforms", "cpu")
+    # Registering the plugin loads its libraries, which print the same lines again: do it now, filtered,
+    # rather than at jax's first use. Registration creates no backend (jax_num_cpu_devices and the like
+    # can still be set). _discover_and_register_pjrt_plugins runs once and is jax's own lazy first step.
+    register = getattr(xla_bridge, "_discover_and_register_pjrt_plugins", None)
+    if register is not None:
+        with filtered_stderr():
+            register()
