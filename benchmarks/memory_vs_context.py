@@ -262,8 +262,9 @@ def main_target(args, argv) -> int:
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=1)
     plot(results, key, stem + ".png",
-         f"Device memory vs context, bfloat16, XLA's GPU compiler for {target.description} without a GPU "
-         f"(buffer assignments, no autotuning; dotted: estimate); {memory.DEFAULT_NEW_TOKENS} new tokens",
+         f"Device memory vs context, bfloat16, XLA's GPU compiler for {target.description} without a GPU\n"
+         f"(compiled buffer assignments, not allocator peaks; no autotuning; dotted: estimate); "
+         f"{memory.DEFAULT_NEW_TOKENS} new tokens",
          with_estimate=True, paper=target.name.startswith("a100-80"), budget_gib=budget / GIB)
     print(results["summary_markdown"])
     print(f"wrote {stem}.json and .png in {results['total_s']} s")

@@ -190,7 +190,7 @@ def retarget(args, target):
     return jax.tree.map(move, args), host
 
 
-def compile(fn, *args, target=None, **static):  # noqa: A001 - the verb is the point
+def compile(fn, *args, target=None, **static):
     """Compile a jitted function for abstract args on target (None = this machine): (compiled, analysis).
 
     args: pytrees of jax.ShapeDtypeStruct; leaves with memory_kind="pinned_host" are host-resident

@@ -30,7 +30,7 @@ def test_target_names_and_cpu():
 def test_target_descriptions_ship_and_agree_with_the_table(name):
     t = targets.TARGETS[name]
     text = t.spec_text  # read from the installed package, as a user gets it
-    field = lambda key: float(re.search(rf"^\s*{key}:\s*([0-9.]+)", text, re.M).group(1))
+    field = lambda key: float(re.search(rf"^\s*{key}:\s*([0-9.]+)", text, re.MULTILINE).group(1))
     assert abs(field("memory_bandwidth") / t.memory_bandwidth - 1) < 0.01, name
     assert t.host_link_bandwidth > 10e9 and t.memory_bytes >= 16 * 2**30
     assert t.source
@@ -63,7 +63,7 @@ def test_plan_needs_a_budget_or_a_target():
 def test_plan_command_line_errors_are_one_line():
     for extra, message in ((["--target", "h200"], "unknown target 'h200'"), ([], "give --hbm")):
         out = subprocess.run([sys.executable, "-m", "momjax.cli", "plan", "--model", "llama-3.2-1b", *extra],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
         assert out.returncode == 2 and message in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
 
@@ -75,7 +75,7 @@ def test_host_placement_by_memory_space_offloads_inside_jit():
     _, y = f(x)
     assert y.sharding.memory_kind == "pinned_host"
     assert to_memory_kind(y, "device").sharding.memory_kind == "device"
-    compiled, analysis = targets.compile(f, jax.ShapeDtypeStruct((64, 64), jnp.float32), target=None)
+    _, analysis = targets.compile(f, jax.ShapeDtypeStruct((64, 64), jnp.float32), target=None)
     assert analysis["host_bytes"] == 64 * 64 * 4 and analysis["source"] == "xla"
     with pytest.raises(ValueError, match="pinned_host"):
         to_memory_kind(x, "host")
