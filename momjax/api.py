@@ -134,7 +134,8 @@ def _padded(model: Model, prompts, policy: MemoryPolicy):
 
 def sampling_args(model: Model, temperature=0.0, top_k=None, top_p=None, seed=0, stop_tokens=None) -> tuple:
     """Checked sampling settings as the decode programs take them:
-    (key, temperature, top_k, top_p, stop_ids, pad_id). top_k 0 and top_p 1 mean off; stop_ids has a
+    (key, temperature, top_k, top_p, stop_ids, pad_id). top_k is a Python int (static in the programs: each
+    value compiles once); top_k 0 and top_p 1 mean off; stop_ids has a
     fixed length (-1 padded) so different stop lists share one compiled program; rows that stopped are
     padded with the first stop token (0 when there is none)."""
     if temperature < 0:
@@ -149,7 +150,7 @@ def sampling_args(model: Model, temperature=0.0, top_k=None, top_p=None, seed=0,
         raise InputError(f"stop_tokens outside the vocabulary: {bad}")
     stop_ids = np.full(max(8, len(stops)), -1, np.int32)
     stop_ids[: len(stops)] = stops
-    return (jax.random.PRNGKey(seed), jnp.float32(temperature), jnp.int32(top_k or 0),
+    return (jax.random.PRNGKey(seed), jnp.float32(temperature), int(top_k or 0),
             jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(stop_ids), jnp.int32(stops[0] if stops else 0))
 
 

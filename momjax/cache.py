@@ -1,8 +1,10 @@
 """The KV cache pytree and its placement in device or pinned host memory.
 
-The prompt's keys and values, k and v: [L, B, K, T, E], are written once by prefill. Tokens generated
-afterwards go to a small tail, tail_k and tail_v: [L, B, K, N, E], that always lives on the device, so
-decoding never has to write into a host buffer (XLA cannot update host buffers in place on GPU).
+One array per layer, as for the weights (params.py): the prompt's keys and values, k[l] and v[l]:
+[B, K, T, E], written once by prefill, and a small tail for the tokens generated afterwards, tail_k[l] and
+tail_v[l]: [B, K, N, E], that always lives on the device, so decoding never writes into a host buffer (XLA
+cannot update host buffers in place on GPU). Separate per-layer arrays are what lets a decode step read a
+layer's K/V where it lies: a slice of a stacked [L, ...] cache would be copied first, every token.
 Offloading changes only the memory kind of k and v; every policy runs the same code on them.
 """
 
@@ -15,34 +17,38 @@ from flax import struct
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, K, T, E] prompt keys (device or pinned_host)
-    v: jax.Array  # [L, B, K, T, E]
+    k: tuple[jax.Array, ...]  # L x [B, K, T, E] prompt keys (device or pinned_host)
+    v: tuple[jax.Array, ...]  # L x [B, K, T, E]
     start: jax.Array  # [B] int32: left padding of each row (its first real token's index)
-    tail_k: jax.Array  # [L, B, K, N, E] keys of generated tokens, on the device
-    tail_v: jax.Array  # [L, B, K, N, E]
+    tail_k: tuple[jax.Array, ...]  # L x [B, K, N, E] keys of generated tokens, on the device
+    tail_v: tuple[jax.Array, ...]  # L x [B, K, N, E]
     length: jax.Array  # int32 scalar: tokens written in the tail
 
     @classmethod
     def from_prompt(cls, k, v, start, tail: int = 0) -> KVCache:
-        """The cache of a prefilled prompt, with room for `tail` generated tokens."""
+        """The cache of a prefilled prompt (per-layer sequences k, v), with room for `tail` generated tokens."""
         empty = jnp.zeros((), jnp.int32)
-        return cls(k=k, v=v, start=start, tail_k=empty, tail_v=empty, length=empty).with_tail(tail)
+        return cls(k=tuple(k), v=tuple(v), start=start, tail_k=(), tail_v=(), length=empty).with_tail(tail)
 
     def with_tail(self, tail: int) -> KVCache:
         """Room for `tail` generated tokens (the tail is reset)."""
-        L, B, K, _, E = self.k.shape
-        shape = (L, B, K, tail, E)
-        # Two separate buffers: the jitted decode step donates the cache, and a buffer cannot be donated twice.
-        return self.replace(tail_k=jnp.zeros(shape, self.k.dtype), tail_v=jnp.zeros(shape, self.k.dtype),
+        B, K, _, E = self.k[0].shape
+        zeros = lambda: jnp.zeros((B, K, tail, E), self.k[0].dtype)
+        # Separate buffers: the jitted decode step donates the cache, and a buffer cannot be donated twice.
+        return self.replace(tail_k=tuple(zeros() for _ in self.k), tail_v=tuple(zeros() for _ in self.k),
                             length=jnp.zeros((), jnp.int32))
 
     @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
     def prompt_length(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def memory_kind(self) -> str:
-        return self.k.sharding.memory_kind
+        return self.k[0].sharding.memory_kind
 
 
 def sharding(memory_kind: str, device=None) -> jax.sharding.Sharding:
@@ -66,6 +72,7 @@ def to_memory_kind(x, memory_kind: str):
 
 def place_prompt(cache: KVCache, memory_kind: str) -> KVCache:
     """Move the prompt K/V (not the tail) to memory_kind, e.g. back to the device before decoding."""
-    if cache.k.sharding.memory_kind == memory_kind:
+    if cache.memory_kind == memory_kind:
         return cache
-    return cache.replace(k=to_memory_kind(cache.k, memory_kind), v=to_memory_kind(cache.v, memory_kind))
+    move = lambda xs: tuple(to_memory_kind(x, memory_kind) for x in xs)
+    return cache.replace(k=move(cache.k), v=move(cache.v))

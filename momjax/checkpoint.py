@@ -8,7 +8,7 @@ and every missing, unexpected or misshapen tensor is reported in one `Checkpoint
 The safetensors header (8-byte little-endian length, then JSON) is parsed here, and tensor bytes are
 read one tensor at a time: straight into their place in the stacked leaf when no transpose or cast is
 needed, otherwise in blocks of a few MB. Leaves are assembled one at a time ([L, ...] stacked over
-layers) and handed on as soon as they are complete, so a loader or converter holds at most one leaf on
+layers, split into per-layer arrays when placed) and handed on as soon as they are complete, so a loader or converter holds at most one leaf on
 the host besides what it keeps. Pickled weights (*.bin, *.pt) are never loaded.
 
 Orbax side. A converted folder holds `momjax_config.json` (`Config.to_json`) and `params/<leaf>/`, one
@@ -16,7 +16,9 @@ Orbax checkpoint per flat leaf ("embed", "layers.wq", ...). One checkpoint per l
 converter write a model piece by piece: Orbax writes a whole pytree in one call, so a single checkpoint
 would need the whole model in memory at once. Arrays are stored as zarr chunks of `CHUNK_BYTES`
 (uncompressed, no OCDBT: that keeps Orbax's own write buffers small; weights barely compress).
-Restores go straight to the requested dtype and memory kind from `jax.ShapeDtypeStruct` targets.
+Layer weights are stored stacked ("layers.wq" is [L, D, H, E]), as the converter assembles them; a restore
+reads one stacked leaf into host memory in the requested dtype and places it layer by layer, as the
+model's per-layer arrays (params.py). Folders written before the per-layer layout load unchanged.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from momjax.config import SUPPORTED_DTYPES, Config
-from momjax.params import Params, abstract_params, flatten, param_shapes, unflatten
+from momjax.params import Params, param_shapes, stacked_leaves, unflatten
 
 
 class CheckpointError(ValueError):
@@ -70,6 +72,7 @@ NAME_TABLE = (
 # Buffers some exporters write that carry no weights (rope frequencies are recomputed from the config).
 IGNORED = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 
+NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _READ_BYTES = 8 << 20  # bytes per read() call, and per block transposed/cast at a time
@@ -348,6 +351,14 @@ def _placed(name: str, x: jax.Array, sharding) -> jax.Array:
     return x
 
 
+def _place_leaf(name: str, x: np.ndarray, sharding):
+    """A host leaf on the device (or pinned host): a stacked "layers.*" leaf becomes one array per layer,
+    each placed from a view of x, so no stacked copy ever exists where the model runs."""
+    if not name.startswith("layers."):
+        return _placed(name, jax.device_put(x, sharding), sharding)
+    return [_placed(f"{name}[{i}]", jax.device_put(x[i], sharding), sharding) for i in range(x.shape[0])]
+
+
 def load_hf_params(path: str, cfg: Config, dtype=None, memory_kind: str = "device", progress: bool = True) -> Params:
     """Load a HF safetensors checkpoint folder (single file or sharded) into Params.
 
@@ -357,10 +368,14 @@ def load_hf_params(path: str, cfg: Config, dtype=None, memory_kind: str = "devic
     sharding = _sharding(memory_kind)
     flat = {}
     for name, x in stream_hf_leaves(path, cfg, dtype, progress):
-        flat[name] = _placed(name, jax.device_put(x, sharding), sharding)
+        flat[name] = _place_leaf(name, x, sharding)
         del x
-        _release_memory(flat[name].nbytes)
-    return unflatten(flat)
+        _release_memory(param_nbytes(flat[name]))
+    return unflatten(flat, lambda _, pieces: pieces)
+
+
+def param_nbytes(leaf) -> int:
+    return sum(x.nbytes for x in (leaf if isinstance(leaf, list) else [leaf]))
 
 
 # ---------------------------------------------------------------------- Orbax
@@ -456,11 +471,10 @@ def atomic_folder(dst: str, force: bool = False) -> Iterator[str]:
 
 
 def save_orbax(params: Params, cfg: Config, dst: str, force: bool = False) -> None:
-    """Save params (any memory kind) and cfg as an Orbax folder, one leaf at a time, atomically."""
-    flat = flatten(params)
-    stored = cfg.replace(dtype=str(np.dtype(flat["embed"].dtype)))
+    """Save params (any memory kind) and cfg as an Orbax folder, one stacked leaf at a time, atomically."""
+    stored = cfg.replace(dtype=str(np.dtype(params.embed.dtype)))
     with atomic_folder(dst, force) as tmp:
-        write_orbax(tmp, stored, ((name, np.asarray(jax.device_get(x))) for name, x in flat.items()))
+        write_orbax(tmp, stored, stacked_leaves(params))
 
 
 def load_orbax(path: str, dtype=None, memory_kind: str = "device") -> tuple[Config, Params]:
@@ -478,25 +492,27 @@ def load_orbax(path: str, dtype=None, memory_kind: str = "device") -> tuple[Conf
     except (json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"{path}/{CONFIG_FILE} is unreadable ({e}); convert the checkpoint again") from None
     sharding = _sharding(memory_kind)
-    targets = flatten(abstract_params(cfg, _check_dtype(dtype or cfg.dtype), sharding))
-    absent = [n for n in targets if not os.path.isdir(os.path.join(path, PARAMS_DIR, n))]
+    dtype = np.dtype(NUMPY_DTYPES[_check_dtype(dtype or cfg.dtype)])
+    shapes = param_shapes(cfg)
+    absent = [n for n in shapes if not os.path.isdir(os.path.join(path, PARAMS_DIR, n))]
     if absent:
         raise CheckpointError(f"{path} lacks the params {', '.join(absent)}; the conversion did not finish, "
                               "convert the checkpoint again")
     ckptr = _checkpointer()
     flat = {}
-    for name, target in targets.items():
-        item = {name: target}
+    for name, shape in shapes.items():
+        # Restored to host numpy in the stored dtype, then cast and placed (per layer for stacked leaves).
+        item = {name: np.zeros((), dtype)}
         try:
             restored = ckptr.restore(os.path.join(path, PARAMS_DIR, name), args=ocp.args.PyTreeRestore(
-                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)))[name]
+                item=item, restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)}))[name]
         except Exception as e:  # Orbax/tensorstore raise many types; name the leaf and say what to do
             raise CheckpointError(f"{path}: cannot restore {name} ({type(e).__name__}: {e}); convert the "
                                   "checkpoint again") from e
-        if restored.shape != target.shape:
+        if restored.shape != shape:
             raise CheckpointError(f"{path}: {name} has shape {list(restored.shape)}, its config needs "
-                                  f"{list(target.shape)}; convert the checkpoint again")
-        flat[name] = _placed(name, restored, sharding)
+                                  f"{list(shape)}; convert the checkpoint again")
+        flat[name] = _place_leaf(name, restored.astype(dtype, copy=False), sharding)
         del restored
-        _release_memory(flat[name].nbytes)
-    return cfg, unflatten(flat)
+        _release_memory(param_nbytes(flat[name]))
+    return cfg, unflatten(flat, lambda _, pieces: pieces)

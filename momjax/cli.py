@@ -62,12 +62,12 @@ def enable_compile_cache(path: str) -> None:
 _COMPILED: dict = {}  # (program, static args, shapes, placements) -> compiled program
 
 
-def _compiled(key, lower):
-    """The compiled program for key, compiling lower() on first use. Returns (program, seconds compiling)."""
+def _compiled(key, compile):
+    """The compiled program(s) for key, running compile() on first use. Returns (programs, seconds compiling)."""
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     t0 = time.perf_counter()
-    _COMPILED[key] = lower().compile()
+    _COMPILED[key] = compile()
     return _COMPILED[key], time.perf_counter() - t0
 
 
@@ -136,17 +136,17 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
     t0 = time.perf_counter()
     # Compiled ahead of time (the same program momjax.prefill runs) so compilation is reported on its own.
     where = (str(model.dtype), model.params.embed.sharding.memory_kind)
-    prefill, stats.prefill_compile_s = _compiled(
-        ("prefill", cfg, policy, on_layer, tokens.shape, where),
-        lambda: G.prefill_fn.lower(model.params, tokens, start, cfg=cfg, policy=policy, on_layer=on_layer))
+    programs, stats.prefill_compile_s = _compiled(
+        ("prefill", cfg, policy, tokens.shape, where),
+        lambda: G.compile_prefill(model.params, tokens, start, cfg, policy))
     logits_shape = jax.ShapeDtypeStruct((1, cfg.vocab_size), jnp.float32)
     sample_first, seconds = _compiled(
-        ("first", cfg.vocab_size, stop_ids.shape),
-        lambda: first_token.lower(logits_shape, key, temperature, top_k, top_p, stop_ids))
+        ("first", cfg.vocab_size, stop_ids.shape, top_k),
+        lambda: first_token.lower(logits_shape, key, temperature, top_k, top_p, stop_ids).compile())
     stats.prefill_compile_s += seconds
     _PROGRESS.update(layers=cfg.num_layers, done=0, t0=time.perf_counter())
-    logits, cache = prefill(model.params, tokens, start)
-    token, done = sample_first(logits, key, temperature, top_k, top_p, stop_ids)
+    logits, cache = G.prefill_fn(model.params, tokens, start, cfg, policy, on_layer=on_layer, compiled=programs)
+    token, done = sample_first(logits, key, temperature, top_p, stop_ids)
     first = int(np.asarray(token)[0])
     stats.time_to_first_token_s = time.perf_counter() - t0
     stats.new_tokens = 1
@@ -159,15 +159,15 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
     tail_k, tail_v = cache.tail_k, cache.tail_v
     t = jnp.int32(1)
     step, stats.decode_compile_s = _compiled(
-        ("decode", cfg, policy, cache.k.shape, tail_k.shape, cache.k.sharding.memory_kind, where),
+        ("decode", cfg, policy, cache.k[0].shape, tail_k[0].shape, cache.memory_kind, where, top_k),
         lambda: decode_chunk.lower(model.params, cache, tail_k, tail_v, token, t, done, t, key, temperature, top_k,
-                                   top_p, stop_ids, pad_id, cfg=cfg, policy=policy, steps=CHUNK_MAX))
+                                   top_p, stop_ids, pad_id, cfg=cfg, policy=policy, steps=CHUNK_MAX).compile())
     chunk = 1
     while stats.new_tokens < max_new_tokens:
         c0 = time.perf_counter()
         limit = jnp.int32(min(stats.new_tokens + chunk, max_new_tokens))
         out, n, t, done, tail_k, tail_v, token = step(model.params, cache, tail_k, tail_v, token, t, done, limit, key,
-                                                      temperature, top_k, top_p, stop_ids, pad_id)
+                                                      temperature, top_p, stop_ids, pad_id)
         new = np.asarray(out)[0, : int(n)].tolist()
         elapsed = time.perf_counter() - c0
         stats.decode_s += elapsed  # chunks only: the time the caller spends printing is not decoding

@@ -1,14 +1,22 @@
-"""Jitted prefill and decode loop, sampling, stop tokens, prompt padding into length buckets.
+"""Jitted prefill and decode programs, sampling, stop tokens, prompt padding into length buckets.
 
-`prefill_fn` and `decode_fn` are the only jitted entry points for generation. The decode loop runs inside
-`lax.while_loop`; each row stops on its own stop token and the loop ends when every row has stopped.
-Prompt lengths are padded (on the left) to a small set of buckets so that many prompt lengths share
-one compiled prefill.
+Prefill is a short sequence of jitted programs run from Python: `embed_fn`, then `layer_fn` once per layer
+(one compiled program serves every layer: they all have the same shapes), `last_layer_fn` for the final
+layer when only its last position is needed, and `logits_fn`. Compile time is therefore flat in depth,
+each layer's K/V is its own array (offloaded as the layer finishes), and progress is reported in order.
+`prefill_stages` lists these programs with their abstract arguments, so memory reports and the CLI can
+compile exactly what `prefill_fn` runs.
+
+Decode runs inside `lax.while_loop`; each step walks the layers with a Python loop (model.decode_step);
+each row stops on its own stop token and the loop ends when every row has stopped. Prompt lengths are
+padded (on the left) to a small set of buckets so that many prompt lengths share one compiled prefill.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,24 +58,34 @@ def left_pad(prompts: list[list[int]], length: int, pad_id: int = 0) -> tuple[np
 # ---------------------------------------------------------------------- sampling
 
 
-def sample(logits, key, temperature, top_k, top_p):
-    """Next tokens [B] from logits [B, V]. temperature 0 = greedy; top_k 0 and top_p 1 switch those off."""
+def sample(logits, key, temperature, top_k: int, top_p):
+    """Next tokens [B] from logits [B, V]. temperature 0 = greedy (traced); top_k (static, 0 = off) keeps the k
+    most likely tokens, found with lax.top_k; top_p (traced, 1 = off) the smallest prefix of the sorted
+    distribution whose mass reaches top_p. Without top-k or top-p nothing is sorted at run time."""
+    V = logits.shape[-1]
 
     def greedy(_):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
+    def nucleus(values):  # values [B, n] sorted descending -> the same with the tokens outside top_p at -inf
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        return jnp.where(mass_before < top_p, values, -jnp.inf)
+
     def stochastic(_):
         scaled = logits / jnp.maximum(temperature, 1e-6)
-        desc = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B, V]
-        V = logits.shape[-1]
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-        kth = jnp.take_along_axis(desc, (k - 1)[None, None].repeat(logits.shape[0], 0), axis=-1)  # [B, 1]
-        # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p.
-        probs = jax.nn.softmax(jnp.where(desc >= kth, desc, -jnp.inf), axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = mass_before < top_p
-        cutoff = jnp.min(jnp.where(keep_sorted, desc, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
-        masked = jnp.where((scaled >= kth) & (scaled >= cutoff), scaled, -jnp.inf)
+        if top_k and top_k < V:
+            values, ids = jax.lax.top_k(scaled, top_k)  # [B, k], sorted descending
+            choice = jax.random.categorical(key, nucleus(values), axis=-1)
+            return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+        def top_p_only(_):
+            desc = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B, V]
+            kept = nucleus(desc)
+            cutoff = jnp.min(jnp.where(kept > -jnp.inf, desc, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+            return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+
+        masked = jax.lax.cond(top_p < 1, top_p_only, lambda _: scaled, None)
         return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, stochastic, greedy, None)
@@ -76,14 +94,116 @@ def sample(logits, key, temperature, top_k, top_p):
 # ---------------------------------------------------------------------- jitted entry points
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "on_layer"))
-def prefill_fn(params, tokens, start, cfg: Config, policy: MemoryPolicy, on_layer=None):
-    return M.prefill(params, tokens, start, cfg, policy, on_layer=on_layer)
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def embed_fn(embed, tokens, start, chunk: int):
+    """tokens [B, S] -> chunk-major embeddings x [N, B, C, D] and rope positions [N, B, C]."""
+    return M.embed_chunks(M.Params(embed=embed, layers=(), final_norm=None), tokens, start, chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "keep_kv"), donate_argnames=("x",))
+def layer_fn(lp, x, pos, start, cfg: Config, policy: MemoryPolicy, keep_kv: bool = True):
+    """One layer of prefill: x [N, B, C, D] -> (x, k, v), or x alone without keep_kv. x is donated."""
+    x, k, v = M.prefill_layer(lp, x, pos, start, cfg, policy)
+    return (x, k, v) if keep_kv else x
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy"))
+def last_layer_fn(lp, x, pos, start, cfg: Config, policy: MemoryPolicy):
+    """The final layer at the last position only: (x [1, B, 1, D], k, v)."""
+    return M.prefill_layer(lp, x, pos, start, cfg, policy, last=True)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "every_position"))
+def logits_fn(head: M.Params, x, cfg: Config, every_position: bool = False):
+    """Last-position logits [B, V], or logits at every position [B, S, V]. head: Params without layers."""
+    return M.all_logits(head, x, cfg) if every_position else M.last_logits(head, x, cfg)
+
+
+def head_params(params: M.Params) -> M.Params:
+    """The params the LM head reads: the final norm and lm_head (or the tied embedding), no layers."""
+    return params.replace(layers=(), embed=params.embed if params.lm_head is None else None)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One jitted program of a prefill: what it is, the function, its arguments (arrays or abstract
+    ShapeDtypeStructs), static keyword arguments, and how many times one prefill runs it."""
+
+    name: str
+    fn: Callable
+    args: tuple
+    static: dict
+    runs: int = 1
+
+    def lower(self):
+        return self.fn.lower(*self.args, **self.static)
+
+
+def prefill_stages(params, tokens, start, cfg: Config, policy: MemoryPolicy, every_position: bool = False):
+    """The programs a prefill (or, with every_position, a forward pass) runs, in order, each listed once with
+    its arguments' abstract shapes: "embed", "layer" (runs times), "last" (the final layer at its last
+    position, when the policy says so) and "logits". Arguments keep their shardings (memory kinds)."""
+    chunk = M.chunk_length(tokens.shape[1], policy)
+    abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
+    x, pos = jax.eval_shape(functools.partial(embed_fn, chunk=chunk), params.embed, tokens, start)
+    x, pos = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(start, "sharding", None)) for a in (x, pos))
+    L = cfg.num_layers
+    last = policy.last_position_only and not every_position
+    lp = jax.tree.map(abstract, params.layers[0])
+    stages = [Stage("embed", embed_fn, (params.embed, tokens, start), dict(chunk=chunk))]
+    if L - last:
+        stages.append(Stage("layer", layer_fn, (lp, x, pos, start), dict(cfg=cfg, policy=policy,
+                                                                           keep_kv=not every_position), L - last))
+    if last:
+        stages.append(Stage("last", last_layer_fn, (lp, x, pos, start), dict(cfg=cfg, policy=policy)))
+        x = jax.ShapeDtypeStruct((1, x.shape[1], 1, x.shape[3]), x.dtype, sharding=x.sharding)
+    stages.append(Stage("logits", logits_fn, (head_params(params), x), dict(cfg=cfg, every_position=every_position)))
+    return stages
+
+
+def compile_prefill(params, tokens, start, cfg: Config, policy: MemoryPolicy, every_position: bool = False):
+    """Compile the prefill's programs ahead of time: {stage name: compiled program}, for `prefill_fn`."""
+    return {s.name: s.lower().compile() for s in prefill_stages(params, tokens, start, cfg, policy, every_position)}
+
+
+def _run_layers(params, tokens, start, cfg, policy, *, every_position, on_layer, compiled):
+    compiled = compiled or {}
+    call = lambda name, fn, *args, **static: compiled[name](*args) if name in compiled else fn(*args, **static)
+    chunk = M.chunk_length(tokens.shape[1], policy)
+    x, pos = call("embed", embed_fn, params.embed, tokens, start, chunk=chunk)
+    L = cfg.num_layers
+    last = policy.last_position_only and not every_position
+    ks, vs = [], []
+    for i, lp in enumerate(params.layers):
+        if last and i == L - 1:
+            x, k, v = call("last", last_layer_fn, lp, x, pos, start, cfg=cfg, policy=policy)
+        elif every_position:
+            x, k, v = call("layer", layer_fn, lp, x, pos, start, cfg=cfg, policy=policy, keep_kv=False), None, None
+        else:
+            x, k, v = call("layer", layer_fn, lp, x, pos, start, cfg=cfg, policy=policy, keep_kv=True)
+        ks.append(k)
+        vs.append(v)
+        if on_layer is not None:
+            x.block_until_ready()  # report a layer when it has finished, not when it was queued
+            on_layer(i)
+    logits = call("logits", logits_fn, head_params(params), x, cfg=cfg, every_position=every_position)
+    return logits, ks, vs
+
+
+def prefill_fn(params, tokens, start, cfg: Config, policy: MemoryPolicy, on_layer=None, compiled=None):
+    """Last-position logits [B, V] and the prompt's KVCache. tokens: [B, S] left-padded, S a chunk multiple.
+
+    on_layer(i) is called after layer i (0-based) has finished. compiled: programs from `compile_prefill`
+    (otherwise each is compiled on first use by jax.jit).
+    """
+    logits, ks, vs = _run_layers(params, tokens, start, cfg, policy, every_position=False, on_layer=on_layer,
+                                 compiled=compiled)
+    return logits, KVCache.from_prompt(ks, vs, start)
+
+
 def forward_fn(params, tokens, start, cfg: Config, policy: MemoryPolicy):
-    return M.forward_all(params, tokens, start, cfg, policy)
+    """Logits at every position [B, S, V]; the LM head runs over the policy's mini-sequences."""
+    return _run_layers(params, tokens, start, cfg, policy, every_position=True, on_layer=None, compiled=None)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("cache",))
@@ -96,7 +216,7 @@ def is_stop(token, stop_ids):
     return jnp.any((token[:, None] == stop_ids[None, :]) & (stop_ids[None, :] >= 0), axis=-1)
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("top_k",))
 def first_token_fn(logits, key, temperature, top_k, top_p, stop_ids):
     """The first new token of each row, sampled from the prefill logits, and whether it is a stop token."""
     token = sample(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)
@@ -109,6 +229,7 @@ def decode_loop(params, cache: KVCache, tail_k, tail_v, token, t, done, limit, k
     `steps` tokens, or every row stopped. Rows that stopped get pad_id.
 
     The prompt K/V are closed over, not carried: only the generated-token tail changes while decoding.
+    top_k is static (a Python int, 0 = off): lax.top_k needs it at compile time.
     Returns (tokens [B, steps], count, t, done, tail_k, tail_v, token) to resume from.
     """
     B = token.shape[0]
@@ -133,10 +254,11 @@ def decode_loop(params, cache: KVCache, tail_k, tail_v, token, t, done, limit, k
 
 
 # Decoding in resumable chunks (streaming): `limit` is traced, so any chunk length up to `steps` shares one program.
-decode_chunk_fn = jax.jit(decode_loop, static_argnames=("cfg", "policy", "steps"), donate_argnames=("tail_k", "tail_v"))
+decode_chunk_fn = jax.jit(decode_loop, static_argnames=("cfg", "policy", "steps", "top_k"),
+                          donate_argnames=("tail_k", "tail_v"))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "max_new_tokens", "top_k"))
 def decode_fn(params, cache: KVCache, first_logits, key, temperature, top_k, top_p, stop_ids, pad_id,
               cfg: Config, policy: MemoryPolicy, max_new_tokens: int):
     """Sample the first token from the prefill logits, then decode the rest in one while_loop.

@@ -49,18 +49,21 @@ def _nbytes(tree, memory_kind=None) -> int:
 def _abstract_cache(cfg: Config, seq_len: int, new_tokens: int, dtype, prompt_kind: str, batch: int) -> KVCache:
     L, K, E = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     dev = sharding("device")
-    prompt = jax.ShapeDtypeStruct((L, batch, K, seq_len, E), dtype, sharding=sharding(prompt_kind))
-    tail = jax.ShapeDtypeStruct((L, batch, K, max(new_tokens - 1, 1), E), dtype, sharding=dev)
+    prompt = jax.ShapeDtypeStruct((batch, K, seq_len, E), dtype, sharding=sharding(prompt_kind))
+    tail = jax.ShapeDtypeStruct((batch, K, max(new_tokens - 1, 1), E), dtype, sharding=dev)
     return KVCache(
-        k=prompt, v=prompt, start=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev), tail_k=tail, tail_v=tail,
-        length=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev),
+        k=(prompt,) * L, v=(prompt,) * L, start=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev),
+        tail_k=(tail,) * L, tail_v=(tail,) * L, length=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev),
     )
 
 
 def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="float32", phase="prefill", batch=1,
                     new_tokens=DEFAULT_NEW_TOKENS, target=None):
-    """The compiled prefill or decode-step program for abstract inputs, its abstract arguments, and its memory
-    analysis split into device and host bytes (momjax.targets.analyse). target: None = this machine's compiler.
+    """The compiled programs of a prefill or a decode step, for abstract inputs: [(stage, compiled, args, bytes)].
+
+    Prefill is several programs (generation.prefill_stages: embed, one per-layer program run for every layer,
+    the last layer, logits); a decode step is one. bytes: each program's memory analysis split into device
+    and host bytes (momjax.targets.analyse). target: None = this machine's compiler, or a GPU (momjax.targets).
     """
     dtype = jnp.dtype(dtype)
     dev = sharding("device")
@@ -69,34 +72,38 @@ def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="floa
         padded = G.bucket_length(seq_len, policy)
         tokens = jax.ShapeDtypeStruct((batch, padded), jnp.int32, sharding=dev)
         start = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
-        args = (params, tokens, start)
-        fn = G.prefill_fn
+        stages = G.prefill_stages(params, tokens, start, cfg, policy)
     elif phase == "decode":
         cache = _abstract_cache(cfg, seq_len, new_tokens, dtype, policy.kv_decode, batch)
         token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
-        args = (params, token, cache)
-        fn = G.decode_step_fn
+        stages = [G.Stage("decode", G.decode_step_fn, (params, token, cache), dict(cfg=cfg, policy=policy))]
     else:
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
-    compiled, analysis = T.compile(fn, *args, target=target, cfg=cfg, policy=policy)
-    return compiled, args, analysis
+    out = []
+    for s in stages:
+        compiled, analysis = T.compile(s.fn, *s.args, target=target, **s.static)
+        out.append((s, compiled, s.args, analysis))
+    return out
 
 
 def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
                   new_tokens: int = DEFAULT_NEW_TOKENS, target=None) -> dict:
-    """Bytes the compiled program needs, from XLA's memory analysis (no memory is allocated).
+    """Bytes the compiled programs need, from XLA's memory analysis (no memory is allocated).
 
     model_or_config: a Model, a Config or a preset name. phase: "prefill" (the prompt of seq_len tokens)
     or "decode" (one step with seq_len prompt tokens cached and room for new_tokens).
-    Returns device_bytes (arguments + outputs + temporaries on the device, aliasing counted once),
-    host_bytes (pinned host arguments and outputs), weight_bytes, kv_bytes (the KV cache of the phase,
-    wherever it lives), temp_bytes (XLA temporaries) and source ("xla", or "xla-gpu:<target>").
+    Returns device_bytes (the peak over the phase's programs of what is on the device: arguments, outputs and
+    temporaries, aliasing counted once, plus what stays resident between programs: the weights, and in
+    prefill the K/V of the layers already done when the policy keeps them on the device), host_bytes (pinned
+    host arguments and outputs), weight_bytes, kv_bytes (the KV cache of the phase, wherever it lives),
+    temp_bytes (XLA temporaries of the program at the peak) and source ("xla", or "xla-gpu:<target>").
     target: None or "cpu" = this machine's compiler (on CPU measure in float32: the CPU compiler upcasts
     bfloat16 matmuls and inflates bf16 figures); a GPU name ("h100", "a100-80gb", see momjax.targets) = XLA's
     GPU compiler for that GPU, deviceless, in any dtype (needs `pip install 'momjax[gpu-plan]'`). There the
     host-resident arguments (the prompt KV of a mom-stream decode step), which the deviceless compiler cannot
-    be told about, are compiled as device arrays and moved by momjax from device_bytes to host_bytes; their
-    bytes are in host_argument_counted_bytes. The figures are the compiled program's buffer assignment, not
+    be told about, are compiled as device arrays and moved by momjax from device_bytes to host_bytes (their
+    bytes are in host_argument_counted_bytes), and the device copies the step makes of them (two layers'
+    prompt K/V in flight), which that compile cannot show, are added to device_bytes. The figures are the compiled programs' buffer assignments, not
     a live allocator peak: no autotuning runs, and cuDNN workspaces count as 0.
     """
     cfg = _resolve(model_or_config)
@@ -114,18 +121,49 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", 
 @functools.lru_cache(maxsize=256)
 def _memory_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, phase: str, batch: int,
                    new_tokens: int, target: str | None = None) -> dict:
-    compiled, args, analysis = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens, target)
-    cache = T.output_avals(compiled)[1] if phase == "prefill" else args[2]
-    kv_bytes = _nbytes((cache.k, cache.v, cache.tail_k, cache.tail_v)) if phase == "decode" else _nbytes(
-        (cache.k, cache.v))
+    programs = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens, target)
+    weights = param_bytes(cfg, dtype)
+    L = cfg.num_layers
+    counted = 0  # host-resident argument bytes the GPU compiler was not told about (see memory_report)
+    if phase == "decode":
+        (_, compiled, args, b), = programs
+        cache = args[2]
+        device, host, temp, counted = b["device_bytes"], b["host_bytes"], b["temp_bytes"], b[
+            "host_argument_counted_bytes"]
+        kv_bytes = _nbytes((cache.k, cache.v, cache.tail_k, cache.tail_v))
+        if counted:
+            # A GPU target compiled the host-resident prompt K/V as device arrays, so the copies that bring
+            # them to the device are missing from its figure: add the two the step holds (this layer's and the
+            # prefetched next layer's, model.decode_step).
+            device += min(L, 2) * _nbytes((cache.k[0], cache.v[0]))
+    else:
+        # Programs run one after another; between them the weights stay on the device, and so do the K/V of
+        # finished layers when the policy keeps them there. The peak is the largest of: what a program holds
+        # besides the weights it reads, plus the weights, plus the K/V still resident from earlier layers.
+        layer_kv_device = 0
+        device = host = temp = kv_bytes = 0
+        for stage, compiled, args, b in programs:
+            own = b["device_bytes"] - _nbytes(args[0], "device")  # args[0]: the weights this program reads
+            if stage.name in ("layer", "last"):
+                _, k, v = T.output_avals(compiled)
+                # Which outputs went to the host: from their shardings on this machine, from the compiler's
+                # own count on a GPU target (deviceless shardings carry no memory kind).
+                layer_kv_device = _nbytes((k, v)) - b["host_output_bytes"]
+                kv_bytes = L * _nbytes((k, v))
+                host = L * b["host_output_bytes"]
+                counted += b["host_argument_counted_bytes"]
+            layers_before = {"embed": 0, "layer": stage.runs - 1, "last": L - 1, "logits": L}[stage.name]
+            peak = weights + own + layers_before * layer_kv_device
+            if peak > device:
+                device, temp = peak, b["temp_bytes"]
     return dict(
-        device_bytes=analysis["device_bytes"],
-        host_bytes=analysis["host_bytes"],
-        weight_bytes=int(_nbytes(args[0])),
+        device_bytes=int(device),
+        host_bytes=int(host),
+        weight_bytes=int(weights),
         kv_bytes=int(kv_bytes),
-        temp_bytes=analysis["temp_bytes"],
-        host_argument_counted_bytes=analysis["host_argument_counted_bytes"],
-        source=analysis["source"],
+        temp_bytes=int(temp),
+        host_argument_counted_bytes=int(counted),
+        source=T.source_name(target),
         target=target or "cpu",
         seq_len=int(seq_len),
         phase=phase,
@@ -161,29 +199,25 @@ def format_bytes(n: float) -> str:
 # ---------------------------------------------------------------------- analytic estimate
 
 
-def _layer_weight_bytes(cfg: Config, itemsize: int) -> int:
-    D, H, K, E, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    n = D * (H + 2 * K) * E + H * E * D + 3 * D * F + 2 * D + (H + 2 * K) * E * cfg.qkv_bias
-    return n * itemsize
-
-
 def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
              new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
     """Closed-form estimate of `memory_report` (same keys, source="estimate"). b = bytes per element,
     S = padded prompt length, C = mini-sequence length (S when the policy has none), N = new_tokens - 1,
-    W = all weights, W_l = one layer's weights (the scan's slice of the stacked weights).
+    W = all weights. Prefill runs one program per layer; its peak is the last run of that program:
 
-    KV (prompt)        = 2 L B K S E b                     (device or pinned host, as the policy says)
-    prefill temporaries = W_l + B b [ S (2D + 2KE) + C (3F + HE) ]       (whole-layer mini-sequences)
-                          W_l + B b [ S (D + 2KE) + C 3F + S (2D + HE) ]  (MLP-only mini-sequences)
-                          W_l + B b S (3F + D + 2KE + HE)                 (baseline: C = S)
-      S(2D + 2KE): the residual stream in and out of a layer and one layer's K and V (twice: as computed
-      chunk by chunk and in cache layout); 3F: the MLP's gate, up and product for one mini-sequence.
-    prefill device     = W + temporaries + KV on device + logits (4 B V)
-    decode temporaries = W_l + 2 B K S E b (one layer's prompt K/V on the device; 2.5 times that when
-                         streaming from the host: this layer's and the prefetched next layer's) + 8 B H (S + N)
-    decode device      = W + temporaries + prompt KV on device + tail KV (2 L B K N E b) + logits
-    host               = the prompt KV when the policy places it in pinned host memory.
+    KV (prompt)         = 2 L B K S E b                     (device or pinned host, as the policy says)
+    prefill temporaries = B b [ S D + C (3F + D) ]            (whole-layer mini-sequences)
+                          B b [ S (2D + HE + 2KE) + C 3F ]    (MLP-only mini-sequences)
+                          B b S (3F + D)                      (baseline: one chunk of S)
+      3F + D: the MLP's gate, up and product and the layer's output for one mini-sequence; S D: the
+      residual stream carried across the mini-sequences.
+    prefill device      = W + B b S D (the residual stream in, donated to the output) + temporaries
+                          + the prompt KV when the policy keeps it on the device (all L layers' by then)
+    decode temporaries  = 8 B H (S + N) (one layer's float32 scores and probabilities), plus, when
+                          streaming from the host, 2 layers' prompt K/V (this layer's and the prefetched next)
+    decode device       = W + temporaries + prompt KV on device + tail KV (2 L B K N E b) + logits (4 B V)
+    host                = the prompt KV when the policy places it in pinned host memory.
+    Weights and K/V are read in place (per-layer arrays): no slice of either is copied.
     """
     cfg = _resolve(model_or_config)
     policy = get_policy(policy)
@@ -192,29 +226,27 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
                            cfg.intermediate_size, cfg.vocab_size)
     B = batch
     W = param_bytes(cfg, dtype)
-    Wl = _layer_weight_bytes(cfg, b)
     S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
     C = min(policy.minisequence or S, S)
     kv_prompt = 2 * L * B * K * S * E * b
     logits = 4 * B * V
     if phase == "prefill":
         if policy.minisequence is None or C == S:
-            temp = Wl + B * b * S * (3 * F + D + 2 * K * E + H * E)
+            temp = B * b * S * (3 * F + D)
         elif policy.minisequence_scope == "mlp":
-            temp = Wl + B * b * (S * (D + 2 * K * E) + C * 3 * F + S * (2 * D + H * E))
+            temp = B * b * (S * (2 * D + H * E + 2 * K * E) + C * 3 * F)
         else:
-            temp = Wl + B * b * (S * (2 * D + 2 * K * E) + C * (3 * F + H * E))
+            temp = B * b * (S * D + C * (3 * F + D))
         on_device = policy.kv_prefill == "device"
         kv_bytes = kv_prompt
-        device = W + temp + logits + (kv_prompt if on_device else 0)
+        device = W + B * b * S * D + temp + (kv_prompt if on_device else 0)
         host = 0 if on_device else kv_prompt
     elif phase == "decode":
         N = max(new_tokens - 1, 1)
         tail = 2 * L * B * K * N * E * b
         on_device = policy.kv_decode == "device"
         layer_kv = 2 * B * K * S * E * b
-        # Streaming holds the current and the prefetched layer, each copied in and out of the loop carry.
-        temp = Wl + (layer_kv if on_device else 2.5 * layer_kv) + 8 * B * H * (S + N)
+        temp = 8 * B * H * (S + N) + (0 if on_device else 2 * layer_kv)
         kv_bytes = kv_prompt + tail
         device = W + temp + logits + tail + (kv_prompt if on_device else 0)
         host = 0 if on_device else kv_prompt

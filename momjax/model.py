@@ -4,8 +4,11 @@ Flax is used the functional way: `flax.struct` dataclass pytrees for params and 
 for the math. The mini-sequence code calls these functions inside `lax.map` bodies that close over
 weight arrays, which Linen submodules cannot be called from; and an explicit pytree is what Orbax saves.
 
-Layers are stacked ([L, ...] leaves) and scanned, so compile time is flat in depth and XLA's host
-offloading applies to the per-layer KV outputs. Norms, rope angles and softmax run in float32.
+Weights and KV caches are per-layer arrays (params.py, cache.py). Prefill is written for one layer
+(`prefill_layer`); generation.py runs that one compiled program for every layer in turn, so compile time
+is flat in depth and each layer's K/V leaves as its own array, offloaded as soon as the layer is done.
+Decode walks the layers with a Python loop inside one jitted step, reading each weight and each cached
+K/V byte where it lies. Norms, rope angles and softmax run in float32.
 
 Prefill keeps the residual stream chunk-major, x: [N, B, C, D] (N mini-sequences of C tokens), so the
 mini-sequence maps need no transposes; `baseline` is the same code with one chunk of the whole sequence.
@@ -78,6 +81,13 @@ def project_q(lp: LayerParams, h, positions, inv_freq):
     return rope(q, positions, inv_freq)
 
 
+def project_o(lp: LayerParams, o):
+    """o [B, S, H, E] -> [B, S, D] as one [S, H*E] x [H*E, D] matmul: an einsum over (h, e) would make XLA
+    transpose wo on every call."""
+    B, S, H, E = o.shape
+    return o.reshape(B, S, H * E) @ lp.wo.reshape(H * E, -1)
+
+
 def project_kv(lp: LayerParams, h, positions, inv_freq):
     k = jnp.einsum("bsd,dke->bske", h, lp.wk)  # [B, S, K, E]
     v = jnp.einsum("bsd,dke->bske", h, lp.wv)
@@ -115,7 +125,7 @@ def _attend_and_mlp(lp, x_c, pos_c, q_offset, k, v, start, cfg, policy, inv_freq
     o = blockwise_attention(
         q, k, v, q_offset, start, window=cfg.sliding_window, q_block=policy.q_block, kv_block=policy.kv_block
     )  # [B, C, H, E]
-    x_c = x_c + jnp.einsum("bshe,hed->bsd", o, lp.wo)
+    x_c = x_c + project_o(lp, o)
     if with_mlp:
         x_c = x_c + mlp(lp, rms_norm(x_c, lp.mlp_norm, cfg.rms_norm_eps))
     return x_c
@@ -140,42 +150,26 @@ def _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq):
 
 
 def _rest_last_position(lp, x, pos, k, v, start, cfg, policy, inv_freq):
-    """The final layer in prefill: only the last position's output is ever read, so compute only it."""
+    """The final layer in prefill: only the last position's output is ever read, so compute only it: [B, 1, D]."""
     N, _, C, _ = x.shape
     x_last, pos_last = last_position(x), last_position(pos)  # [B, 1, D], [B, 1]
-    x_last = _attend_and_mlp(lp, x_last, pos_last, N * C - 1, k, v, start, cfg, policy, inv_freq)
-    return x.at[N - 1, :, C - 1:].set(x_last)
+    return _attend_and_mlp(lp, x_last, pos_last, N * C - 1, k, v, start, cfg, policy, inv_freq)
 
 
-def run_layers(params: Params, x, pos, start, cfg: Config, policy: MemoryPolicy, *, keep_kv: bool, last_only: bool,
-               on_layer=None):
-    """Scan the stacked layers over the chunk-major residual stream x [N, B, C, D].
+def prefill_layer(lp: LayerParams, x, pos, start, cfg: Config, policy: MemoryPolicy, *, last: bool = False):
+    """One layer over the chunk-major residual stream x [N, B, C, D]: (x out, k, v), k and v [B, K, S, E]
+    placed at policy.kv_prefill (so with pinned_host the device holds one layer's K/V at a time).
 
-    keep_kv: return each layer's K/V, stacked [L, B, K, S, E], placed at policy.kv_prefill as the layer
-    finishes (so with pinned_host the device never holds more than one layer's KV).
-    last_only: the final layer computes its output at the last position only.
-    on_layer: optional host callback called with the layer index after each layer (progress).
+    last: this is the final layer and only its last position is read: compute that position only and
+    return it as x [1, B, 1, D].
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    L = cfg.num_layers
-
-    def body(x, inputs):
-        lp, layer = inputs
-        k, v = _kv_pass(lp, x, pos, cfg, inv_freq)
-        arrays = (lp, x, pos, k, v, start)
-        rest_all = lambda a: _rest_all_positions(*a, cfg, policy, inv_freq)
-        if last_only:
-            rest_last = lambda a: _rest_last_position(*a, cfg, policy, inv_freq)
-            x = jax.lax.cond(layer == L - 1, rest_last, rest_all, arrays)
-        else:
-            x = rest_all(arrays)
-        if on_layer is not None:
-            jax.debug.callback(on_layer, layer)  # unordered: ordered callbacks fail beside pinned_host outputs
-        if not keep_kv:
-            return x, None
-        return x, (to_memory_kind(k, policy.kv_prefill), to_memory_kind(v, policy.kv_prefill))
-
-    return jax.lax.scan(body, x, (params.layers, jnp.arange(L)))
+    k, v = _kv_pass(lp, x, pos, cfg, inv_freq)
+    if last:
+        x = _rest_last_position(lp, x, pos, k, v, start, cfg, policy, inv_freq)[None]
+    else:
+        x = _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq)
+    return x, to_memory_kind(k, policy.kv_prefill), to_memory_kind(v, policy.kv_prefill)
 
 
 def embed_chunks(params: Params, tokens, start, chunk: int):
@@ -188,23 +182,14 @@ def embed_chunks(params: Params, tokens, start, chunk: int):
     return params.embed[tok], pos
 
 
-def prefill(params: Params, tokens, start, cfg: Config, policy: MemoryPolicy, on_layer=None):
-    """Last-position logits [B, V] and the prompt's KVCache. tokens: [B, S] left-padded, S a chunk multiple."""
-    chunk = chunk_length(tokens.shape[1], policy)
-    x, pos = embed_chunks(params, tokens, start, chunk)
-    x, (k, v) = run_layers(
-        params, x, pos, start, cfg, policy, keep_kv=True, last_only=policy.last_position_only, on_layer=on_layer
-    )
+def last_logits(params: Params, x, cfg: Config):
+    """Final norm and LM head at the last position of chunk-major x [N, B, C, D]: logits [B, V]."""
     x_last = rms_norm(last_position(x), params.final_norm, cfg.rms_norm_eps)  # [B, 1, D]
-    logits = lm_head(params, x_last)[:, 0]  # [B, V]
-    return logits, KVCache.from_prompt(k, v, start)
+    return lm_head(params, x_last)[:, 0]
 
 
-def forward_all(params: Params, tokens, start, cfg: Config, policy: MemoryPolicy):
-    """Logits at every position [B, S, V]; the LM head runs over the policy's mini-sequences."""
-    chunk = chunk_length(tokens.shape[1], policy)
-    x, pos = embed_chunks(params, tokens, start, chunk)
-    x, _ = run_layers(params, x, pos, start, cfg, policy, keep_kv=False, last_only=False)
+def all_logits(params: Params, x, cfg: Config):
+    """Logits at every position [B, S, V] of chunk-major x; the LM head runs over the mini-sequences."""
     logits = chunk_map(lambda x_c: lm_head(params, rms_norm(x_c, params.final_norm, cfg.rms_norm_eps)), x)
     N, B, C, V = logits.shape
     return jnp.moveaxis(logits, 0, 1).reshape(B, N * C, V)
@@ -226,51 +211,36 @@ def chunk_length(seq_len: int, policy: MemoryPolicy) -> int:
 def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: MemoryPolicy):
     """One new token per row: logits [B, V] and the cache with the token's K/V in the tail.
 
-    With the prompt cache on the device each layer reads its slice of it. With the prompt cache in pinned
-    host memory (mom-stream) layer l's K/V is brought to the device as layer l runs, and layer l+1's copy
-    is issued in the same step (it does not depend on layer l's math, so the copy overlaps the compute):
-    the device holds two layers' prompt K/V, never all of them.
+    The layers are walked by a Python loop, so every weight and every cached K/V array is read in place.
+    With the prompt cache in pinned host memory (mom-stream) layer l's K/V is brought to the device as
+    layer l runs, and layer l+1's copy is issued before layer l's math (it does not depend on it, so the
+    copy overlaps the compute): the device holds two layers' prompt K/V, never all of them.
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     step = cache.length
-    L, T = cache.k.shape[0], cache.k.shape[3]
+    L, T = cache.num_layers, cache.prompt_length
     q_index = T + step
     positions = (q_index - cache.start)[:, None]  # [B, 1]
     x = params.embed[token][:, None, :]  # [B, 1, D]
-
-    def layer(x, lp, k, v, tail_k, tail_v):
+    streamed = policy.kv_decode == "pinned_host"
+    fetch = lambda l: (to_memory_kind(cache.k[l], "device"), to_memory_kind(cache.v[l], "device"))
+    kv = fetch(0) if streamed else None
+    tails_k, tails_v = [], []
+    for l, lp in enumerate(params.layers):
+        if streamed:
+            k, v = kv
+            kv = fetch(l + 1) if l + 1 < L else None  # prefetch layer l+1 while layer l computes
+        else:
+            k, v = cache.k[l], cache.v[l]
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         q = project_q(lp, h, positions, inv_freq)  # [B, 1, H, E]
         k_new, v_new = project_kv(lp, h, positions, inv_freq)  # [B, 1, K, E]
-        tail_k = jax.lax.dynamic_update_slice_in_dim(tail_k, jnp.swapaxes(k_new, 1, 2), step, axis=2)
-        tail_v = jax.lax.dynamic_update_slice_in_dim(tail_v, jnp.swapaxes(v_new, 1, 2), step, axis=2)
+        tail_k = jax.lax.dynamic_update_slice_in_dim(cache.tail_k[l], jnp.swapaxes(k_new, 1, 2), step, axis=2)
+        tail_v = jax.lax.dynamic_update_slice_in_dim(cache.tail_v[l], jnp.swapaxes(v_new, 1, 2), step, axis=2)
         o = decode_attention(q, k, v, tail_k, tail_v, q_index, step, cache.start, window=cfg.sliding_window)
-        x = x + jnp.einsum("bshe,hed->bsd", o, lp.wo)
+        x = x + project_o(lp, o)
         x = x + mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
-        return x, tail_k, tail_v
-
-    if policy.kv_decode == "pinned_host":
-
-        def fetch(layer_index):  # [B, K, T, E] of one layer, host -> device
-            pick = lambda a: jax.lax.dynamic_index_in_dim(a, layer_index, keepdims=False)
-            return to_memory_kind(pick(cache.k), "device"), to_memory_kind(pick(cache.v), "device")
-
-        def body(carry, inputs):
-            x, k, v = carry
-            lp, tail_k, tail_v, layer_index = inputs
-            k_next, v_next = fetch(jnp.minimum(layer_index + 1, L - 1))  # prefetch layer l+1
-            x, tail_k, tail_v = layer(x, lp, k, v, tail_k, tail_v)
-            return (x, k_next, v_next), (tail_k, tail_v)
-
-        xs = (params.layers, cache.tail_k, cache.tail_v, jnp.arange(L))
-        (x, _, _), (tail_k, tail_v) = jax.lax.scan(body, (x, *fetch(0)), xs)
-    else:
-
-        def body(x, inputs):
-            x, tail_k, tail_v = layer(x, *inputs)
-            return x, (tail_k, tail_v)
-
-        xs = (params.layers, cache.k, cache.v, cache.tail_k, cache.tail_v)
-        x, (tail_k, tail_v) = jax.lax.scan(body, x, xs)
+        tails_k.append(tail_k)
+        tails_v.append(tail_v)
     logits = lm_head(params, rms_norm(x, params.final_norm, cfg.rms_norm_eps))[:, 0]  # [B, V]
-    return logits, cache.replace(tail_k=tail_k, tail_v=tail_v, length=step + 1)
+    return logits, cache.replace(tail_k=tuple(tails_k), tail_v=tuple(tails_v), length=step + 1)

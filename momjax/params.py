@@ -4,11 +4,24 @@ Flax is used the functional way: parameters are `flax.struct` dataclass pytrees 
 functions over them (see model.py). Linen modules cannot be called from inside the `lax.map` bodies
 that run mini-sequences, and a plain pytree is what Orbax saves as is.
 
-Layers are stacked on a leading L axis so the forward pass scans over them. Layouts are einsum-friendly:
-letters D model, H heads, K kv heads, E head dim, F ffn, V vocab, L layers.
+Layout follows the hot path. `Params.layers` is a tuple of per-layer `LayerParams`, each leaf its own
+array. Decoding is bandwidth-bound, and XLA copies a layer's slice out of a stacked [L, ...] array before
+using it (on CPU and GPU alike, static slices too), which would double the bytes read per token; separate
+arrays are read in place. Prefill runs one compiled per-layer program over them (generation.py), so its
+compile time stays flat in depth anyway.
+
+Storage is stacked: the flat description (`param_shapes`, `flatten`/`unflatten`) names one [L, ...] leaf
+per weight kind ("layers.wq", ...), which is how the converter and Orbax folders hold a model. Loading
+splits a stacked leaf into per-layer arrays as it places them.
+
+Einsum-friendly layouts; letters D model, H heads, K kv heads, E head dim, F ffn, V vocab, L layers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,30 +33,33 @@ from momjax.config import Config
 
 @struct.dataclass
 class LayerParams:
-    attn_norm: jax.Array  # [L, D]
-    wq: jax.Array  # [L, D, H, E]
-    wk: jax.Array  # [L, D, K, E]
-    wv: jax.Array  # [L, D, K, E]
-    wo: jax.Array  # [L, H, E, D]
-    mlp_norm: jax.Array  # [L, D]
-    w_gate: jax.Array  # [L, D, F]
-    w_up: jax.Array  # [L, D, F]
-    w_down: jax.Array  # [L, F, D]
-    bq: jax.Array | None = None  # [L, H, E] (Qwen2)
-    bk: jax.Array | None = None  # [L, K, E]
-    bv: jax.Array | None = None  # [L, K, E]
+    attn_norm: jax.Array  # [D]
+    wq: jax.Array  # [D, H, E]
+    wk: jax.Array  # [D, K, E]
+    wv: jax.Array  # [D, K, E]
+    wo: jax.Array  # [H, E, D]
+    mlp_norm: jax.Array  # [D]
+    w_gate: jax.Array  # [D, F]
+    w_up: jax.Array  # [D, F]
+    w_down: jax.Array  # [F, D]
+    bq: jax.Array | None = None  # [H, E] (Qwen2)
+    bk: jax.Array | None = None  # [K, E]
+    bv: jax.Array | None = None  # [K, E]
 
 
 @struct.dataclass
 class Params:
     embed: jax.Array  # [V, D]
-    layers: LayerParams
+    layers: tuple[LayerParams, ...]  # one per layer, each leaf a separate array
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None = None  # [D, V]; None when tied to embed
 
 
+LAYER_FIELDS = tuple(LayerParams.__dataclass_fields__)
+
+
 def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """Flat name -> shape for every parameter this config has ("layers.wq", "embed", ...)."""
+    """Flat name -> stored shape for every parameter this config has ("layers.wq" is [L, D, H, E], ...)."""
     L, D, H, K, E, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                            cfg.intermediate_size, cfg.vocab_size)
     shapes = {
@@ -66,33 +82,42 @@ def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def unflatten(flat: dict[str, object]) -> Params:
-    """Build Params from a flat {"layers.wq": array, ...} dict (missing optional leaves become None)."""
-    layer_fields = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("layers.")}
-    return Params(
-        embed=flat["embed"],
-        layers=LayerParams(**layer_fields),
-        final_norm=flat["final_norm"],
-        lm_head=flat.get("lm_head"),
-    )
+def unflatten(flat: dict[str, object], split=None) -> Params:
+    """Build Params from a flat {"layers.wq": stacked [L, ...] leaf, ...} dict (absent optional leaves -> None).
+
+    split(name, leaf) -> the per-layer pieces of a stacked leaf; the default indexes leaf[l] (numpy views
+    on the host; copies for device arrays, so loaders place per-layer pieces themselves).
+    """
+    split = split or (lambda _, leaf: [leaf[i] for i in range(leaf.shape[0])])
+    pieces = {k.split(".", 1)[1]: split(k, v) for k, v in flat.items() if k.startswith("layers.")}
+    L = len(next(iter(pieces.values())))
+    layers = tuple(LayerParams(**{f: p[i] for f, p in pieces.items()}) for i in range(L))
+    return Params(embed=flat["embed"], layers=layers, final_norm=flat["final_norm"], lm_head=flat.get("lm_head"))
 
 
-def flatten(params: Params) -> dict[str, object]:
-    """Inverse of `unflatten`: a flat name -> leaf dict without the None leaves."""
-    flat = {"embed": params.embed, "final_norm": params.final_norm}
+def stacked_leaves(params: Params) -> Iterator[tuple[str, np.ndarray]]:
+    """(flat name, stacked host array) for every leaf, built one at a time (a saver holds one at once)."""
+    host = lambda x: np.asarray(jax.device_get(x))
+    yield "embed", host(params.embed)
+    for name in LAYER_FIELDS:
+        if getattr(params.layers[0], name) is not None:
+            yield f"layers.{name}", np.stack([host(getattr(lp, name)) for lp in params.layers])
+    yield "final_norm", host(params.final_norm)
     if params.lm_head is not None:
-        flat["lm_head"] = params.lm_head
-    for name in LayerParams.__dataclass_fields__:
-        leaf = getattr(params.layers, name)
-        if leaf is not None:
-            flat[f"layers.{name}"] = leaf
-    return flat
+        yield "lm_head", host(params.lm_head)
+
+
+def flatten(params: Params) -> dict[str, np.ndarray]:
+    """Inverse of `unflatten`: flat name -> stacked host array, without the None leaves."""
+    return dict(stacked_leaves(params))
 
 
 def abstract_params(cfg: Config, dtype=None, sharding=None) -> Params:
     """The params as a tree of ShapeDtypeStruct: drives loading, memory planning and compile-only runs."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    return unflatten({k: jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for k, s in param_shapes(cfg).items()})
+    flat = {k: jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for k, s in param_shapes(cfg).items()}
+    per_layer = lambda _, s: [jax.ShapeDtypeStruct(s.shape[1:], dtype, sharding=sharding)] * s.shape[0]
+    return unflatten(flat, per_layer)
 
 
 def param_bytes(cfg: Config, dtype) -> int:
@@ -104,18 +129,19 @@ def init_random(cfg: Config, seed: int = 0, dtype=None) -> Params:
     """Random weights with a sane scale (for demos, benchmarks and compile tests; not a trained model)."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     key = jax.random.PRNGKey(seed)
+    fan_in_axes = {"wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1), "w_gate": (0,), "w_up": (0,), "w_down": (0,),
+                   "lm_head": (0,), "bq": (1,), "bk": (1,), "bv": (1,)}
+
+    def init(name, shape, i):
+        if name.endswith("norm"):
+            return jnp.ones(shape, dtype)
+        scale = 0.02 if name == "embed" else math.prod(shape[a] for a in fan_in_axes[name]) ** -0.5
+        return (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * scale).astype(dtype)
+
     flat = {}
     for i, (name, shape) in enumerate(sorted(param_shapes(cfg).items())):
-        if name.endswith("norm"):
-            flat[name] = jnp.ones(shape, dtype)
-            continue
-        fan_in = shape[-2] if name in ("lm_head", "layers.w_gate", "layers.w_up", "layers.w_down") else shape[-1]
-        if name in ("layers.wq", "layers.wk", "layers.wv"):
-            fan_in = shape[1]
-        elif name == "layers.wo":
-            fan_in = shape[1] * shape[2]
-        elif name == "embed":
-            fan_in = 1
-        scale = 0.02 if name == "embed" else fan_in**-0.5
-        flat[name] = (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * scale).astype(dtype)
-    return unflatten(flat)
+        if name.startswith("layers."):
+            flat[name] = [init(name[7:], shape[1:], i * 1000 + l) for l in range(shape[0])]
+        else:
+            flat[name] = init(name, shape, i * 1000)
+    return unflatten(flat, lambda _, pieces: pieces)

@@ -217,7 +217,8 @@ def analyse(compiled, host_argument_bytes: int, target=None) -> dict:
     """XLA's memory analysis of compiled, split into device and host bytes the same way for every backend.
 
     device_bytes = arguments + outputs + temporaries - aliased bytes (donated inputs reused as outputs),
-    without what lives in host memory. host_bytes = host-resident arguments and outputs.
+    without what lives in host memory. host_bytes = host-resident arguments and outputs; host_output_bytes =
+    the outputs alone.
     On this machine's CPU compiler host-placed arguments and outputs sit inside the argument and output
     sizes and are taken out using their shardings. On a GPU target the compiler reports the outputs it
     moves to the host itself (host_output_size_in_bytes), while host-resident arguments, which it cannot
@@ -232,11 +233,13 @@ def analyse(compiled, host_argument_bytes: int, target=None) -> dict:
         host = host_argument_bytes + host_outs + compiler_host
         # The CPU backend reports host-placed buffers inside argument/output sizes; take them out.
         device = total - (host_argument_bytes + host_outs if ma.host_argument_size_in_bytes == 0 else 0)
+        host_outs += ma.host_output_size_in_bytes
     else:
         host = host_argument_bytes + compiler_host
         device = total - host_argument_bytes
+        host_outs = ma.host_output_size_in_bytes
     return dict(device_bytes=int(device), host_bytes=int(host), temp_bytes=int(ma.temp_size_in_bytes),
                 argument_bytes=int(ma.argument_size_in_bytes), output_bytes=int(ma.output_size_in_bytes),
-                alias_bytes=int(ma.alias_size_in_bytes), host_output_bytes=int(ma.host_output_size_in_bytes),
+                alias_bytes=int(ma.alias_size_in_bytes), host_output_bytes=int(host_outs),
                 host_argument_counted_bytes=int(host_argument_bytes if t is not None else 0),
                 source=source_name(t))

@@ -45,12 +45,12 @@ def prompt(n: int) -> list[int]:
 
 def test_twenty_prompt_lengths_compile_prefill_at_most_four_times(model, compile_log, policy="mom"):
     assert len({G.bucket_length(n, momjax.get_policy(policy)) for n in LENGTHS}) <= PREFILL_BUDGET
-    before = G.prefill_fn._cache_size()
+    before = G.layer_fn._cache_size()  # the per-layer prefill program: one compilation per bucket
     for n in LENGTHS:
         gen = momjax.generate(model, [prompt(n)], 3, policy=policy, stop_tokens=[])
         assert gen.tokens.shape == (1, 3)
-    added = G.prefill_fn._cache_size() - before
-    logged = [m for m in compile_log() if m.startswith("Compiling jit(prefill_fn)")]
+    added = G.layer_fn._cache_size() - before
+    logged = [m for m in compile_log() if m.startswith("Compiling jit(layer_fn)")]
     assert added <= PREFILL_BUDGET, f"{added} prefill compilations for {len(LENGTHS)} prompt lengths"
     assert len(logged) <= PREFILL_BUDGET, logged
     assert len(logged) == added >= 1  # the log sees the compilations (the check is not vacuous)
@@ -60,9 +60,10 @@ def test_repeated_generate_compiles_nothing(model, compile_log):
     args = {"policy": "mom-stream", "temperature": 0.7, "top_k": 5, "top_p": 0.9, "seed": 3, "stop_tokens": []}
     first = momjax.generate(model, [prompt(21)], 6, **args)
     n_logged = len(compile_log())
-    sizes = (G.prefill_fn._cache_size(), G.decode_fn._cache_size())
+    programs = (G.embed_fn, G.layer_fn, G.last_layer_fn, G.logits_fn, G.decode_fn)
+    sizes = [f._cache_size() for f in programs]
     again = momjax.generate(model, [prompt(21)], 6, **args)
-    assert (G.prefill_fn._cache_size(), G.decode_fn._cache_size()) == sizes
+    assert [f._cache_size() for f in programs] == sizes
     assert compile_log()[n_logged:] == [], "the second identical call compiled something"
     assert again.as_lists() == first.as_lists()
 

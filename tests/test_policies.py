@@ -54,7 +54,7 @@ def baseline(model, what: str):
             value = np.asarray(momjax.forward(model, prompt_tokens(model), base))
         elif what == "prefill":
             logits, cache = momjax.prefill(model, prompt_tokens(model), base)
-            value = (np.asarray(logits), np.asarray(cache.k), np.asarray(cache.v), np.asarray(cache.start))
+            value = (np.asarray(logits), np.stack(cache.k), np.stack(cache.v), np.asarray(cache.start))
         elif what == "prefill-mixed":
             value = np.asarray(momjax.prefill(model, mixed_prompts(model), base)[0])
         else:
@@ -77,16 +77,16 @@ def test_prefill_equals_forward_at_last_position(model, policy):
     assert logits.shape == (2, model.config.vocab_size) and logits.dtype == jnp.float32
     assert rel_err(logits, baseline(model, "forward")[:, -1]) < RTOL
     kind = "device" if policy == "baseline" else "pinned_host"
-    assert cache.k.sharding.memory_kind == kind and cache.v.sharding.memory_kind == kind
+    assert {x.sharding.memory_kind for x in (*cache.k, *cache.v)} == {kind}
     assert cache.memory_kind == kind
     # The cache holds the same keys and values, wherever it lives (compared at the real tokens).
     _, k, v, start = baseline(model, "prefill")
     np.testing.assert_array_equal(np.asarray(cache.start), start)
     cfg = model.config
-    assert cache.k.shape == k.shape == (cfg.num_layers, 2, cfg.num_kv_heads, 128, cfg.head_dim)
+    assert len(cache.k) == cfg.num_layers and k.shape == (cfg.num_layers, 2, cfg.num_kv_heads, 128, cfg.head_dim)
     first = int(start.max())
-    assert rel_err(np.asarray(cache.k)[:, :, :, first:], k[:, :, :, first:]) < RTOL
-    assert rel_err(np.asarray(cache.v)[:, :, :, first:], v[:, :, :, first:]) < RTOL
+    assert rel_err(np.stack(cache.k)[:, :, :, first:], k[:, :, :, first:]) < RTOL
+    assert rel_err(np.stack(cache.v)[:, :, :, first:], v[:, :, :, first:]) < RTOL
 
 
 @pytest.mark.parametrize("policy", PREFILL_DIFFERS)
@@ -123,20 +123,21 @@ def test_the_programs_not_run_above_are_the_ones_that_are(zoo):
     params = abstract_params(cfg, "float32")
     tokens, start = sds((2, 128), jnp.int32), sds((2,), jnp.int32)
 
-    def text(fn, policy, *args):
-        return fn.lower(params, *args, cfg=cfg, policy=POLICIES[policy]).as_text()
+    def stages(policy, every_position):
+        return "\n".join(s.lower().as_text() for s in G.prefill_stages(params, tokens, start, cfg, POLICIES[policy],
+                                                                         every_position=every_position))
 
     def forward(policy):
-        return text(G.forward_fn, policy, tokens, start)
+        return stages(policy, True)
 
     def prefill(policy):
-        return text(G.prefill_fn, policy, tokens, start)
+        return stages(policy, False)
 
     L, K, E, V = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    cache = momjax.KVCache(k=sds((L, 2, K, 128, E), jnp.float32), v=sds((L, 2, K, 128, E), jnp.float32),
-                           start=start, tail_k=sds((L, 2, K, 1, E), jnp.float32),
-                           tail_v=sds((L, 2, K, 1, E), jnp.float32), length=sds((), jnp.int32))
-    settings = (sds((2, V), jnp.float32), sds((2,), jnp.uint32), sds((), jnp.float32), sds((), jnp.int32),
+    prompt, tail = sds((2, K, 128, E), jnp.float32), sds((2, K, 1, E), jnp.float32)
+    cache = momjax.KVCache(k=(prompt,) * L, v=(prompt,) * L, start=start, tail_k=(tail,) * L, tail_v=(tail,) * L,
+                           length=sds((), jnp.int32))
+    settings = (sds((2, V), jnp.float32), sds((2,), jnp.uint32), sds((), jnp.float32), 0,
                 sds((), jnp.float32), sds((8,), jnp.int32), sds((), jnp.int32))
 
     def decode(policy):
@@ -159,7 +160,7 @@ def test_sizes_that_divide_nothing(zoo):
     assert momjax.generation.bucket_length(PROMPT_LENS[0], ODD) == 132
     assert rel_err(momjax.forward(model, prompt_tokens(model), ODD), baseline(model, "forward")) < RTOL
     logits, cache = momjax.prefill(model, mixed_prompts(model), ODD)
-    assert cache.k.shape[3] == 132
+    assert cache.prompt_length == cache.k[0].shape[2] == 132
     assert rel_err(logits, baseline(model, "prefill-mixed")) < RTOL
 
 
@@ -172,12 +173,11 @@ MID_SEQ = 4096
 
 
 def prefill_temp_bytes(policy) -> int:
-    """temp_size_in_bytes of the prefill compiled for MID at MID_SEQ tokens, from abstract inputs only."""
-    lowered = G.prefill_fn.lower(
-        abstract_params(MID, "float32"), jax.ShapeDtypeStruct((1, MID_SEQ), jnp.int32),
-        jax.ShapeDtypeStruct((1,), jnp.int32), cfg=MID, policy=policy,
-    )
-    return lowered.compile().memory_analysis().temp_size_in_bytes
+    """The largest temp_size_in_bytes of the prefill's programs compiled for MID at MID_SEQ tokens, from
+    abstract inputs only."""
+    stages = G.prefill_stages(abstract_params(MID, "float32"), jax.ShapeDtypeStruct((1, MID_SEQ), jnp.int32),
+                              jax.ShapeDtypeStruct((1,), jnp.int32), MID, policy)
+    return max(s.lower().compile().memory_analysis().temp_size_in_bytes for s in stages)
 
 
 def test_minisequences_lower_compiled_temp_bytes():

@@ -43,25 +43,27 @@ def test_tiny_programs_compile_for_the_gpu(gpu, policy, phase):
 @pytest.mark.parametrize("gpu", GPUS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_tiny_generate_programs_compile_for_the_gpu(gpu, policy):
-    """The forward over every position and the sampling decode loop that `generate` jits."""
+    """The forward pass over every position and the sampling decode loop that `generate` jits."""
     policy = momjax.get_policy(policy)
-    dev = targets.abstract_sharding(gpu)
+    dev = momjax.cache.sharding("device")  # this machine's: targets.compile moves every argument to the GPU
     params = abstract_params(TINY, jnp.bfloat16, sharding=dev)
     tokens = jax.ShapeDtypeStruct((2, TINY_LEN), jnp.int32, sharding=dev)
     start = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=dev)
-    _, forward = targets.compile(G.forward_fn, params, tokens, start, target=gpu, cfg=TINY, policy=policy)
-    assert forward["source"] == f"xla-gpu:{gpu}" and forward["device_bytes"] > 0
+    stages = G.prefill_stages(params, tokens, start, TINY, policy, every_position=True)
+    for stage in stages:
+        _, analysis = targets.compile(stage.fn, *stage.args, target=gpu, **stage.static)
+        assert analysis["source"] == f"xla-gpu:{gpu}" and analysis["device_bytes"] > 0, stage.name
 
-    prefill, _ = targets.compile(G.prefill_fn, params, tokens, start, target=gpu, cfg=TINY, policy=policy)
-    logits, cache = targets.output_avals(prefill)
-    kv = jax.ShapeDtypeStruct(cache.k.shape, cache.k.dtype, sharding=momjax.cache.sharding(policy.kv_decode))
-    cache = cache.replace(k=kv, v=kv)
+    cache = memory._abstract_cache(TINY, TINY_LEN, 16, jnp.bfloat16, policy.kv_decode, 2)
     scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=dev)
     key = jax.random.PRNGKey(0)
-    args = (params, cache, logits, scalar(key.dtype, key.shape), scalar(jnp.float32), scalar(jnp.int32),
-            scalar(jnp.float32), scalar(jnp.int32, (8,)), scalar(jnp.int32))
+    logits = scalar(jnp.float32, (2, TINY.vocab_size))
+    top_k = 40  # static
+    args = (params, cache, logits, scalar(key.dtype, key.shape), scalar(jnp.float32), top_k, scalar(jnp.float32),
+            scalar(jnp.int32, (8,)), scalar(jnp.int32))
     _, decode = targets.compile(G.decode_fn, *args, target=gpu, cfg=TINY, policy=policy, max_new_tokens=16)
-    assert decode["host_bytes"] == (2 * cache.k.size * 2 if policy.kv_decode == "pinned_host" else 0)
+    prompt_kv = 2 * TINY.num_layers * 2 * TINY.num_kv_heads * TINY_LEN * TINY.head_dim * 2
+    assert decode["host_bytes"] == (prompt_kv if policy.kv_decode == "pinned_host" else 0)
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +102,10 @@ def test_llama_128k_kv_goes_to_host_memory(llama_128k):
         assert stream["device_bytes"] < llama_128k[gpu, "mom", "decode"]["device_bytes"] - 0.9 * kv
         base = llama_128k[gpu, "baseline", "prefill"]
         assert base["host_bytes"] == 0 and base["device_bytes"] >= base["weight_bytes"] + kv
-    _, _, analysis = memory.compile_program(momjax.preset("llama-3.1-8b"), 131072, momjax.get_policy("mom"),
-                                                  "bfloat16", "prefill", target="h100")
-    assert analysis["host_output_bytes"] == kv  # the GPU compiler's own count of the offloaded outputs
+    programs = memory.compile_program(momjax.preset("llama-3.1-8b"), 131072, momjax.get_policy("mom"), "bfloat16",
+                                      "prefill", target="h100")
+    layer = next(b for stage, _, _, b in programs if stage.name == "layer")
+    assert layer["host_output_bytes"] * 32 == kv  # the GPU compiler's own count of each layer's offloaded K/V
 
 
 def test_plan_on_an_a100_is_confirmed_by_compiled_programs():
