@@ -374,11 +374,13 @@ def cmd_plan(args) -> int:
         cfg = Config.from_folder(args.model)
     else:
         raise UsageError(f"{args.model} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder")
+    if args.hbm is None and args.target in (None, "cpu"):
+        raise UsageError("give --hbm (e.g. --hbm 80GiB) or a GPU --target whose memory size to use")
     try:
-        hbm = memory.parse_bytes(args.hbm)
+        hbm = None if args.hbm is None else memory.parse_bytes(args.hbm)
         host = None if args.host_memory is None else memory.parse_bytes(args.host_memory)
-        result = memory.plan(cfg, hbm, host, dtype=args.dtype)
-    except ValueError as e:  # an unreadable size, or a budget that cannot hold the weights
+        result = memory.plan(cfg, hbm, host, dtype=args.dtype, target=args.target)
+    except ValueError as e:  # an unreadable size, a budget that cannot hold the weights, a missing GPU compiler
         raise UsageError(str(e)) from None
     notes = plan_notes(cfg, result)
     if args.json:
@@ -453,9 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", parents=[common], help="longest context each policy fits in a memory budget")
     p.add_argument("--model", required=True, metavar="PRESET|DIR", help="a preset name or a checkpoint folder")
-    p.add_argument("--hbm", required=True, help="accelerator memory, e.g. 80GiB")
+    p.add_argument("--hbm", default=None, help="accelerator memory, e.g. 80GiB (default: the --target's)")
     p.add_argument("--host-memory", default=None, help="host memory for the offloaded KV cache, e.g. 1TiB")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--target", default=None, metavar="GPU",
+                   help="confirm the plan with XLA's GPU compiler for this GPU, without a GPU: h100, a100-80gb, "
+                        "a100-40gb, l4, rtx4090 or t4 (needs pip install 'momjax[gpu-plan]'); default: the "
+                        "closed-form estimate on a CPU")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint to an Orbax folder (momjax convert -h)",
