@@ -13,11 +13,20 @@ The device figure of a length is max(prefill, decode) device bytes: a context fi
     python benchmarks/memory_vs_context.py --quick    # two presets' first lengths, for a smoke test
 
 Writes benchmarks/results/memory_vs_context.json, memory_vs_context.png and memory_vs_context_bf16.png.
+
+With --target a100-80gb (or h100, ...; needs `pip install 'momjax[gpu-plan]'`) the programs are compiled
+by XLA's GPU compiler for that GPU, without a GPU, in bfloat16; each policy's limit on the GPU's memory is
+the planner's answer confirmed by compiled programs (`momjax.plan(..., target=...)`). Those figures are the
+compiled programs' buffer assignments, not allocator peaks on a live GPU, and no autotuning runs.
+Writes memory_vs_context_<target>.json and .png.
+
+    python benchmarks/memory_vs_context.py --target a100-80gb
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -67,15 +76,25 @@ def lengths_up_to(limit: int, start: int = START, cap: int = CAP) -> list[int]:
 
 
 def _phases(report_fn, name, n, policy, dtype) -> dict:
+    """Both phases' figures at one length; report_fn is memory.memory_report (maybe with a target) or estimate."""
     keep = ("device_bytes", "host_bytes", "weight_bytes", "kv_bytes", "temp_bytes")
     return {ph: {k: report_fn(name, n, policy, dtype=dtype, phase=ph)[k] for k in keep} for ph in ("prefill", "decode")}
 
 
-def measure_preset(name: str, dtype: str = "float32", quick: bool = False, log=print) -> dict:
-    """XLA and estimate figures for one preset, every policy, prefill and decode, from 8k to the limit."""
-    plan = memory.plan(name, HBM, HOST, dtype=dtype, source="estimate")
+def measure_preset(name: str, dtype: str = "float32", quick: bool = False, log=print, target=None,
+                   hbm=HBM) -> dict:
+    """XLA and estimate figures for one preset, every policy, prefill and decode, from 8k to the limit.
+
+    target: None = this machine's compiler, limits from the estimate; a GPU name = its compiler, limits
+    from the planner confirmed by compiled programs (from the estimate with quick, to keep it short).
+    """
+    report = functools.partial(memory.memory_report, target=target)
+    confirmed = target is not None and not quick
+    plan = memory.plan(name, hbm, HOST, dtype=dtype, source="xla" if confirmed else "estimate", target=target)
     out = {"max_context_estimate": plan["max_context"], "limited_by": plan["limits"],
            "weight_bytes": plan["weight_bytes"], "points": {}}
+    if target is not None:
+        out["max_context_source"] = plan["source"]
     for policy in POLICIES:
         lengths = lengths_up_to(plan["max_context"][policy])
         if quick:
@@ -83,13 +102,13 @@ def measure_preset(name: str, dtype: str = "float32", quick: bool = False, log=p
         points = []
         for n in lengths:
             t0 = time.perf_counter()
-            xla = _phases(memory.memory_report, name, n, policy, dtype)
+            xla = _phases(report, name, n, policy, dtype)
             seconds = time.perf_counter() - t0
             est = _phases(memory.estimate, name, n, policy, dtype)
             device = max(xla["prefill"]["device_bytes"], xla["decode"]["device_bytes"])
             est_device = max(est["prefill"]["device_bytes"], est["decode"]["device_bytes"])
             points.append({"seq_len": n, "device_bytes": device, "estimate_device_bytes": est_device,
-                           "fits_device_budget": device <= memory.parse_bytes(HBM),
+                           "fits_device_budget": device <= memory.parse_bytes(hbm),
                            "host_bytes": max(xla["prefill"]["host_bytes"], xla["decode"]["host_bytes"]),
                            "xla": xla, "estimate": est, "compile_s": round(seconds, 2)})
             log(f"  {name:<17}{policy:<11}{n:>10,} tokens  device {device / GIB:7.2f} GiB (estimate "
@@ -120,7 +139,8 @@ def _k(n: int) -> str:
     return f"{n / 2**20:.2f}M" if n >= 2**20 else f"{n / 1024:.0f}k"
 
 
-def plot(results: dict, key: str, path: str, title: str, with_estimate: bool, paper: bool = False) -> None:
+def plot(results: dict, key: str, path: str, title: str, with_estimate: bool, paper: bool = False,
+         budget_gib: float = 80) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,7 +148,8 @@ def plot(results: dict, key: str, path: str, title: str, with_estimate: bool, pa
     from matplotlib.ticker import FixedLocator, NullLocator
 
     per_preset = results[key]
-    fig, axes = plt.subplots(1, len(per_preset), figsize=(5.6 * len(per_preset), 4.8), sharey=True)
+    fig, axes = plt.subplots(1, len(per_preset), figsize=(5.6 * len(per_preset), 4.8), sharey=True, squeeze=False)
+    axes = axes[0]  # one row (also with one preset)
     ticks = [2**k for k in range(13, 23)]
     for ax, (name, data) in zip(axes, per_preset.items()):
         for policy, points in data["points"].items():
@@ -144,8 +165,8 @@ def plot(results: dict, key: str, path: str, title: str, with_estimate: bool, pa
             if limit > CAP:
                 ax.annotate(f"cut at {_k(CAP)}\n(limit {_k(limit)})", (x[-1], y[-1]), textcoords="offset points",
                             xytext=(-8, -10), ha="right", va="top", color=COLORS[policy], fontsize=8)
-        ax.axhline(80, color="black", ls="--", lw=1)
-        ax.text(ticks[-1] * 1.2, 81, "80 GiB device", fontsize=8, va="bottom", ha="right")
+        ax.axhline(budget_gib, color="black", ls="--", lw=1)
+        ax.text(ticks[-1] * 1.2, budget_gib + 1, f"{budget_gib:g} GiB device", fontsize=8, va="bottom", ha="right")
         if paper and name == "llama-3.1-8b":
             p = PAPER
             ax.scatter([155_000, 155_000], [p["peak_at_155k_GB"]["standard"], p["peak_at_155k_GB"]["mom"]],
@@ -158,7 +179,7 @@ def plot(results: dict, key: str, path: str, title: str, with_estimate: bool, pa
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticklabels([_k(t) for t in ticks], fontsize=8)
         ax.set_xlim(6000, 5.5 * 2**20)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, max(100, budget_gib * 1.25))
         weights = data["weight_bytes"] / GIB
         ax.set_title(f"{name} (weights {weights:.1f} GiB)")
         ax.set_xlabel("context length (tokens, log scale)")
@@ -188,13 +209,78 @@ def summary_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def target_summary_table(results: dict, key: str) -> str:
+    """Markdown: per preset and policy, the limit on the GPU, what limits it, and GiB at the limit and at 128k."""
+    rows = ["| preset | policy | max context (compiled) | limited by | device GiB at the limit | "
+            "device GiB at 128k: compiled / estimate | host GiB at 128k |", "|---|---|---:|---|---:|---:|---:|"]
+    for name, data in results[key].items():
+        for policy, points in data["points"].items():
+            limit = data["max_context_estimate"][policy]
+            at_limit = next((p for p in points if p["seq_len"] == limit), None)
+            there = f"{at_limit['device_bytes'] / GIB:.2f}" if at_limit else "-"
+            at = next((p for p in points if p["seq_len"] == 131072), None)
+            at128 = f"{at['device_bytes'] / GIB:.2f} / {at['estimate_device_bytes'] / GIB:.2f}" if at else "-"
+            host = f"{at['host_bytes'] / GIB:.2f}" if at else "-"
+            rows.append(f"| {name} | {policy} | {limit:,} | {data['limited_by'][policy]} | {there} | {at128} | {host} |")
+    return "\n".join(rows)
+
+
+def main_target(args, argv) -> int:
+    """--target: bfloat16 figures from XLA's GPU compiler for one GPU, to memory_vs_context_<target>.json/.png."""
+    from momjax import targets
+
+    target = targets.get(args.target)
+    if target is None:
+        raise SystemExit("--target needs a GPU name; leave it out for this machine's compiler")
+    budget = target.memory_bytes
+    t0 = time.perf_counter()
+    key = f"bfloat16_{target.name}"
+    results = {
+        "command": "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + (argv or sys.argv[1:])),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__},
+        "git": git_state(),
+        "target": {"name": target.name, "description": target.description, "memory_bytes": budget,
+                   "memory_bandwidth": target.memory_bandwidth, "host_link": target.host_link,
+                   "host_link_bandwidth": target.host_link_bandwidth, "source": target.source},
+        "figures_are": (f"buffer assignments of the compiled prefill and decode-step programs, from XLA's GPU "
+                        f"compiler for {target.description} run without a GPU (deviceless); not allocator peaks "
+                        "on a live GPU; no autotuning ran (GEMM workspaces may differ, cuDNN workspaces count 0)"),
+        "device_budget": budget, "host_budget": HOST, "new_tokens": memory.DEFAULT_NEW_TOKENS,
+        "device_bytes_is": "max over prefill and decode of memory_report(target=...)['device_bytes']",
+        "max_context_is": ("momjax.plan(target=...): the estimate's answer refined by bisection with compiled "
+                           "programs" if not args.quick else "momjax.estimate (--quick)"),
+        "paper": PAPER,
+        key: {},
+    }
+    for name in args.presets:
+        print(f"{name}: bfloat16, compiled for {target.name}")
+        results[key][name] = measure_preset(name, "bfloat16", args.quick, target=target.name, hbm=budget)
+    results["total_s"] = round(time.perf_counter() - t0, 1)
+    results["summary_markdown"] = target_summary_table(results, key)
+    stem = os.path.join(args.out_dir, f"memory_vs_context_{target.name}")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    plot(results, key, stem + ".png",
+         f"Device memory vs context, bfloat16, XLA's GPU compiler for {target.description} without a GPU\n"
+         f"(compiled buffer assignments, not allocator peaks; no autotuning; dotted: estimate); "
+         f"{memory.DEFAULT_NEW_TOKENS} new tokens",
+         with_estimate=True, paper=target.name.startswith("a100-80"), budget_gib=budget / GIB)
+    print(results["summary_markdown"])
+    print(f"wrote {stem}.json and .png in {results['total_s']} s")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(momjax.PRESETS))
     parser.add_argument("--quick", action="store_true", help="first two lengths per policy only")
+    parser.add_argument("--target", default=None, help="a GPU (a100-80gb, h100, ...): compile for it, in bfloat16")
     parser.add_argument("--out-dir", default=RESULTS)
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.target not in (None, "cpu"):
+        return main_target(args, argv)
 
     t0 = time.perf_counter()
     results = {

@@ -1,6 +1,7 @@
 """Convert a Hugging Face safetensors checkpoint folder into a momjax Orbax folder.
 
-    python convert/hf_to_orbax.py SRC DST [--dtype float32|bfloat16|float16] [--force] [--verify]
+    python convert/hf_to_orbax.py SRC DST [--dtype float32|bfloat16|float16] [--force [--replace-any-folder]]
+                                  [--verify] [--compile-cache DIR] [--quiet]
 
 A thin wrapper over `momjax.convert.main` (also available as `momjax convert`).
 """
@@ -15,4 +16,4 @@ except ImportError:  # run from a source checkout without `pip install -e .`
     import momjax.convert
 
 if __name__ == "__main__":
-    sys.exit(momjax.convert.main())
+    sys.exit(momjax.convert.main(prog="convert/hf_to_orbax.py"))

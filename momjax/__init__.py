@@ -1,16 +1,22 @@
 """momjax: Hugging Face Llama, Qwen2 and Mistral checkpoints as pure JAX functions, with MOM memory policies
 that make very long prompts fit on one accelerator."""
 
+from momjax import no_gpu as _no_gpu
+
+_no_gpu.prepare()  # before jax is first imported: quiet on machines with the CUDA plugin and no GPU
+
 from momjax.api import Generation, InputError, Model, forward, generate, load, prefill
 from momjax.cache import KVCache
 from momjax.config import POLICIES, PRESETS, Config, ConfigError, MemoryPolicy, get_policy, preset
 from momjax.memory import estimate, memory_report, plan
 from momjax.session import Session, SessionError
 from momjax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from momjax.targets import TARGETS, TargetError
 
 __all__ = [
     "POLICIES",
     "PRESETS",
+    "TARGETS",
     "Config",
     "ConfigError",
     "Generation",
@@ -22,6 +28,7 @@ __all__ = [
     "SessionError",
     "Tokenizer",
     "TokenizerError",
+    "TargetError",
     "estimate",
     "forward",
     "generate",

@@ -4,6 +4,7 @@ say what is wrong and what to do, before anything reaches JAX."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -52,13 +53,25 @@ class Model:
 def load(path: str, dtype: str | None = None, memory_kind: str = "device", progress: bool = True) -> Model:
     """Load a HF checkpoint folder (config.json + *.safetensors) or an Orbax folder from convert/hf_to_orbax.py.
 
-    dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's). memory_kind: "device" or
-    "pinned_host" (weights in host memory).
+    dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's). memory_kind: "device" (the only
+    placement the forward programs run from today; "pinned_host" is refused with an explanation).
+    Weights holding NaN or inf (or overflowing float16) are refused with a CheckpointError.
     """
     from momjax import checkpoint
 
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise InputError(f"path must be a checkpoint folder path, got {path!r}")
+    path = os.fspath(path)
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise InputError(f"dtype must be 'float32', 'bfloat16', 'float16' or None, got {dtype!r}")
+    if memory_kind == "pinned_host":
+        raise InputError("memory_kind='pinned_host' (weights in host memory) is not supported: the prefill and decode "
+                         "programs read the weights from the device. Load with memory_kind='device' and keep long "
+                         "prompts' KV cache on the host with policy='mom' or 'mom-stream'")
+    if memory_kind != "device":
+        raise InputError(f"memory_kind must be 'device', got {memory_kind!r}")
+    if not isinstance(progress, bool):
+        raise InputError(f"progress must be True or False, got {progress!r}")
     if not os.path.isdir(path):
         raise checkpoint.CheckpointError(f"{path} is not a folder; pass a Hugging Face checkpoint folder or an "
                                          "Orbax folder written by convert/hf_to_orbax.py")
@@ -74,15 +87,40 @@ def load(path: str, dtype: str | None = None, memory_kind: str = "device", progr
 
 
 def get_policy(policy) -> MemoryPolicy:
+    if not isinstance(policy, (str, MemoryPolicy)):
+        raise InputError(f"policy must be 'baseline', 'mom', 'mom-stream' or a MemoryPolicy, got {policy!r}")
     try:
         return _get_policy(policy)
     except ValueError as e:
         raise InputError(str(e)) from None
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _scalar(x):
+    """A 0-d numpy/JAX array as its Python value (so jnp.float32(0.7) is accepted like 0.7)."""
+    if isinstance(x, (np.ndarray, jax.Array)) and x.ndim == 0:
+        return x.item()
+    return x
+
+
+_ARRAYS = (np.ndarray, jax.Array)
+_NOT_SEQUENCES = (str, bytes, dict, set, frozenset)
+
+
 def check_prompts(model: Model, tokens) -> list[list[int]]:
     """A [B, S] array, a list of token lists (lengths may differ) or one flat list -> list of int lists."""
-    if isinstance(tokens, (jax.Array, np.ndarray)):
+    if tokens is None or isinstance(tokens, _NOT_SEQUENCES) or _is_real(tokens) or isinstance(tokens, bool):
+        hint = " (tokenize the text first)" if isinstance(tokens, (str, bytes)) else ""
+        raise InputError(f"tokens must be a [batch, length] array or a list of token id lists, got "
+                         f"{type(tokens).__name__}{hint}")
+    if isinstance(tokens, _ARRAYS):
         arr = np.asarray(tokens)
         if arr.ndim == 1:
             arr = arr[None]
@@ -92,16 +130,27 @@ def check_prompts(model: Model, tokens) -> list[list[int]]:
             raise InputError(f"tokens must be integers, got dtype {arr.dtype}")
         prompts = [list(map(int, row)) for row in arr]
     else:
-        tokens = list(tokens)
-        if tokens and not any(isinstance(t, (list, tuple, np.ndarray, jax.Array)) for t in tokens):
+        try:
+            tokens = list(tokens)
+        except TypeError:
+            raise InputError(f"tokens must be a list of token ids or a list of such lists, got "
+                             f"{type(tokens).__name__}") from None
+        if tokens and not any(isinstance(t, (list, tuple)) or (isinstance(t, _ARRAYS) and t.ndim) for t in tokens):
             tokens = [tokens]  # one flat prompt
         prompts = []
         for row in tokens:
-            if not isinstance(row, (list, tuple, np.ndarray, jax.Array)):
+            if not isinstance(row, (list, tuple, *_ARRAYS)):
                 raise InputError("tokens must be a list of token ids or a list of such lists")
-            row = np.asarray(row).tolist() if isinstance(row, (np.ndarray, jax.Array)) else list(row)
-            if not all(isinstance(t, (int, np.integer)) for t in row):
-                raise InputError("tokens must be integer token ids (tokenize the text first)")
+            if isinstance(row, _ARRAYS):
+                a = np.asarray(row)
+                if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+                    raise InputError(f"each prompt must be a 1-D array of integer token ids, got shape {a.shape} "
+                                     f"and dtype {a.dtype}")
+                row = a.tolist()
+            row = [_scalar(t) for t in row]  # 0-d numpy/JAX integers count as ids
+            if not all(_is_int(t) for t in row):
+                raise InputError("tokens must be integer token ids (not booleans, floats or text; tokenize the text "
+                                 "first)")
             prompts.append([int(t) for t in row])
     if not prompts:
         raise InputError("no prompts given: pass at least one non-empty list of token ids")
@@ -116,7 +165,61 @@ def check_prompts(model: Model, tokens) -> list[list[int]]:
     return prompts
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, Model):
+        raise InputError(f"model must be a momjax.Model from momjax.load(path), got {type(model).__name__}")
+
+
+def memory_limits() -> tuple[int | None, int | None]:
+    """(device bytes, host bytes) of this machine: the first device's memory limit (None on CPU, where device
+    and host are the same RAM) and the total RAM (None where the OS does not say)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        ram = None
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return None, ram
+    stats = device.memory_stats() or {}
+    return stats.get("bytes_limit"), ram
+
+
+def check_fits(cfg: Config, prompt_len: int, new_tokens: int, policy: MemoryPolicy, dtype, batch: int = 1) -> None:
+    """Refuse, before anything is allocated, a request whose prefill or decode cannot fit in this machine's memory
+    by the closed-form estimate (`momjax.memory.estimate`, instant). Only a sure failure is refused: the
+    estimate is compared with the total memory, not what is free now."""
+    from momjax import memory
+
+    device_limit, ram = memory_limits()
+    phases = [("prefill", prompt_len)] + ([("decode", G.bucket_length(prompt_len, policy))] if new_tokens else [])
+    for phase, n in phases:
+        r = memory.estimate(cfg, n, policy, dtype=str(jnp.dtype(dtype)), phase=phase, batch=batch,
+                            new_tokens=max(new_tokens, 1))
+        if device_limit is None:  # CPU: device and host memory are the same RAM
+            need, limit, where = r["device_bytes"] + r["host_bytes"], ram, "RAM on this machine"
+        elif r["device_bytes"] > device_limit:
+            need, limit, where = r["device_bytes"], device_limit, "device memory"
+        else:
+            need, limit, where = r["host_bytes"], ram, "host RAM"
+        if limit is not None and need > limit:
+            raise InputError(
+                f"this request cannot fit: {phase} of {batch} x {prompt_len} prompt tokens"
+                + (f" + {new_tokens} new tokens" if new_tokens else "")
+                + f" with policy {policy.name!r} in {jnp.dtype(dtype)} needs about {memory.format_bytes(need)} "
+                f"(momjax.memory.estimate), more than the {memory.format_bytes(limit)} of {where}; ask for fewer new "
+                "tokens, a shorter prompt or a smaller batch"
+                + (", or use policy 'mom-stream'" if device_limit is not None and policy.kv_decode == "device"
+                   and phase == "decode" else ""))
+
+
+def _check_callback(on_layer) -> None:
+    if on_layer is not None and not callable(on_layer):
+        raise InputError(f"on_layer must be a function of the layer index or None, got {on_layer!r}")
+
+
 def _check_context(model: Model, prompt_len: int, new_tokens: int = 0):
+    if not _is_int(model.max_context) or model.max_context < 1:
+        raise InputError(f"model.max_context must be a positive integer, got {model.max_context!r}")
     total = prompt_len + new_tokens
     if total > model.max_context:
         raise InputError(
@@ -138,19 +241,32 @@ def sampling_args(model: Model, temperature=0.0, top_k=None, top_p=None, seed=0,
     value compiles once); top_k 0 and top_p 1 mean off; stop_ids has a
     fixed length (-1 padded) so different stop lists share one compiled program; rows that stopped are
     padded with the first stop token (0 when there is none)."""
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise InputError(f"top_k must be a positive integer or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1] or None, got {top_p}")
-    stops = [int(t) for t in (model.config.eos_token_ids if stop_tokens is None else stop_tokens)]
-    bad = [t for t in stops if not 0 <= t < model.config.vocab_size]
-    if bad:
-        raise InputError(f"stop_tokens outside the vocabulary: {bad}")
+    V = model.config.vocab_size
+    temperature, top_k, top_p, seed = map(_scalar, (temperature, top_k, top_p, seed))
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise InputError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):  # NaN fails the comparison too
+        raise InputError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if not _is_int(seed) or not -(2**63) <= seed < 2**63:
+        raise InputError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
+    if stop_tokens is None:
+        stops = list(model.config.eos_token_ids)
+    else:
+        if isinstance(stop_tokens, _ARRAYS):
+            stop_tokens = np.asarray(stop_tokens).tolist() if np.asarray(stop_tokens).ndim == 1 else stop_tokens
+        if not isinstance(stop_tokens, (list, tuple, range)) or not all(_is_int(t) for t in stop_tokens):
+            raise InputError(f"stop_tokens must be a list of integer token ids ([] never stops early) or None (the "
+                             f"checkpoint's EOS ids), got {stop_tokens!r}")
+        stops = [int(t) for t in stop_tokens]
+        bad = [t for t in stops if not 0 <= t < V]
+        if bad:
+            raise InputError(f"stop_tokens outside the vocabulary [0, {V}): {bad[:5]}")
+    top_k = 0 if top_k is None or top_k >= V else int(top_k)  # top_k >= V keeps every token: the same as off
     stop_ids = np.full(max(8, len(stops)), -1, np.int32)
     stop_ids[: len(stops)] = stops
-    return (jax.random.PRNGKey(seed), jnp.float32(temperature), int(top_k or 0),
+    return (jax.random.PRNGKey(int(seed)), jnp.float32(temperature), top_k,
             jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(stop_ids), jnp.int32(stops[0] if stops else 0))
 
 
@@ -159,6 +275,7 @@ def sampling_args(model: Model, temperature=0.0, top_k=None, top_p=None, seed=0,
 
 def forward(model: Model, tokens, policy="baseline") -> jax.Array:
     """float32 logits [B, S, V] at every position of tokens [B, S] (all rows the same length)."""
+    _check_model(model)
     policy = get_policy(policy)
     prompts = check_prompts(model, tokens)
     S = len(prompts[0])
@@ -172,9 +289,12 @@ def forward(model: Model, tokens, policy="baseline") -> jax.Array:
 
 def prefill(model: Model, tokens, policy="mom", on_layer=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, V] at each row's last token, and the prompt's KV cache (placed as the policy says)."""
+    _check_model(model)
     policy = get_policy(policy)
     prompts = check_prompts(model, tokens)
+    _check_callback(on_layer)
     _check_context(model, max(len(p) for p in prompts))
+    check_fits(model.config, max(len(p) for p in prompts), 0, policy, model.dtype, len(prompts))
     padded, start = _padded(model, prompts, policy)
     return G.prefill_fn(model.params, padded, start, model.config, policy, on_layer=on_layer)
 
@@ -217,12 +337,16 @@ def generate(model: Model, tokens, max_new_tokens: int, policy="mom", temperatur
 
     temperature 0 is greedy. stop_tokens: None = the checkpoint's EOS ids; [] = never stop early.
     """
+    _check_model(model)
     policy = get_policy(policy)
     prompts = check_prompts(model, tokens)
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    max_new_tokens = _scalar(max_new_tokens)
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    _check_callback(on_layer)
     _check_context(model, max(len(p) for p in prompts), max_new_tokens)
     sampling = sampling_args(model, temperature, top_k, top_p, seed, stop_tokens)
+    check_fits(model.config, max(len(p) for p in prompts), int(max_new_tokens), policy, model.dtype, len(prompts))
 
     padded, start = _padded(model, prompts, policy)
     t0 = time.perf_counter()

@@ -60,12 +60,22 @@ class KVCache:
 
 
 def sharding(memory_kind: str, device=None) -> jax.sharding.Sharding:
+    """A sharding on one device of this machine (the first by default) in memory_kind, for abstract arguments."""
     return jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind=memory_kind)
 
 
+_SPACES = {"device": jax.memory.Space.Device, "pinned_host": jax.memory.Space.Host}
+
+
 def to_memory_kind(x, memory_kind: str):
-    """Place x in `memory_kind` ("device" or "pinned_host"); inside jit this is where offloading happens."""
-    return jax.device_put(x, sharding(memory_kind))
+    """Place x in `memory_kind` ("device" or "pinned_host"); inside jit this is where offloading happens.
+
+    A memory space, not a sharding: it names no device, so the same program compiles for this machine and,
+    deviceless, for a GPU target (momjax.targets), where a sharding of this machine's device would not fit.
+    """
+    if memory_kind not in _SPACES:
+        raise ValueError(f"memory_kind must be 'device' or 'pinned_host', got {memory_kind!r}")
+    return jax.device_put(x, _SPACES[memory_kind])
 
 
 def place_prompt(cache: KVCache, memory_kind: str) -> KVCache:

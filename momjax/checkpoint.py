@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -74,6 +73,7 @@ IGNORED = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit: a larger "header" is not one, and is not read
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _READ_BYTES = 8 << 20  # bytes per read() call, and per block transposed/cast at a time
 RELEASE_BYTES = 64 << 20  # leaves at least this large are freed eagerly (see _release_memory)
@@ -145,6 +145,9 @@ def read_safetensors_header(path: str) -> dict[str, TensorRef]:
         if len(head) < 8:
             raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file; {redownload}")
         n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: header length {n} exceeds safetensors' limit of {MAX_HEADER_BYTES} bytes; "
+                                  f"{redownload}")
         if 8 + n > size:
             raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes); "
                                   f"{redownload}")
@@ -158,11 +161,14 @@ def read_safetensors_header(path: str) -> dict[str, TensorRef]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for {name!r}; {redownload}") from None
-        if not 0 <= begin <= end or 8 + n + end > size:
+        ok = isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+        ok = ok and all(_is_count(s) for s in info["shape"]) and isinstance(info.get("data_offsets"), list)
+        ok = ok and len(info["data_offsets"]) == 2 and all(_is_count(o) for o in info["data_offsets"])
+        if not ok:  # JSON strings, floats, booleans or negatives where safetensors has non-negative integers
+            raise CheckpointError(f"{path}: malformed header entry for {name!r} (dtype must be a string, shape and "
+                                  f"data_offsets lists of non-negative integers): {str(info)[:200]}; {redownload}")
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if not begin <= end or 8 + n + end > size:
             raise CheckpointError(f"{path}: tensor {name} has data offsets [{begin}, {end}) beyond the end of the "
                                   f"file ({size - 8 - n} data bytes); {redownload}")
         if dtype in SAFETENSORS_DTYPES and end - begin != math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize:
@@ -172,24 +178,50 @@ def read_safetensors_header(path: str) -> dict[str, TensorRef]:
     return refs
 
 
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_index(path: str) -> dict[str, str] | None:
+    """The index's weight_map as tensor name -> shard path, or None when the folder has no index.
+
+    Shard names must be plain relative paths inside the folder: an absolute path or a `..` is refused
+    (a checkpoint must not make momjax read files elsewhere).
+    """
+    index = os.path.join(path, INDEX_FILE)
+    if not os.path.isfile(index):
+        return None
+    bad_index = f"{index} is not a valid safetensors index"
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{bad_index} (no weight_map); download it again") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{bad_index}: weight_map must map tensor names to shard file names; download it again")
+    escaping = sorted({v for v in weight_map.values() if os.path.isabs(v) or ".." in re.split(r"[\\/]", v)})
+    if escaping:
+        raise CheckpointError(f"{index} names shard files outside the checkpoint folder ({', '.join(escaping[:3])}); "
+                              "momjax reads only files inside the folder. Fix or re-download the index")
+    return {name: os.path.join(path, os.path.normpath(shard)) for name, shard in weight_map.items()}
+
+
 def weight_files(path: str) -> list[str]:
     """The safetensors files of a HF checkpoint folder: the index's shards, or model.safetensors."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a folder; pass a Hugging Face checkpoint folder (config.json + "
                               "*.safetensors)")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map); download it again"
-                                  ) from None
-        files = [os.path.join(path, s) for s in shards]
-        absent = [s for s, f in zip(shards, files) if not os.path.isfile(f)]
+    weight_map = read_index(path)
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
+        absent = [os.path.relpath(f, path) for f in files if not os.path.isfile(f)]
         if absent:
-            raise CheckpointError(f"{path}: shards listed in model.safetensors.index.json are missing: "
-                                  f"{', '.join(absent)}; download them")
+            raise CheckpointError(f"{path}: shards listed in {INDEX_FILE} are missing: {', '.join(absent)}; "
+                                  "download them")
         return files
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
@@ -215,8 +247,24 @@ def plan_hf_load(path: str, cfg: Config) -> dict[str, list[tuple[Slot, TensorRef
     Raises one CheckpointError naming every missing, unexpected, misshapen or non-float tensor.
     """
     refs: dict[str, TensorRef] = {}
+    weight_map, misplaced = read_index(path), []
     for file in weight_files(path):
-        refs.update(read_safetensors_header(file))
+        for name, ref in read_safetensors_header(file).items():
+            # The index is the truth: a tensor also found in a shard it is not assigned to is refused, not
+            # taken from whichever file happens to be read last.
+            where = weight_map.get(name) if weight_map is not None else refs[name].file if name in refs else file
+            if where != file and not IGNORED.fullmatch(name):
+                if weight_map is None:
+                    why = f"also in {os.path.basename(where)}"
+                else:
+                    why = f"the index assigns it to {os.path.basename(where)}" if where else "not in the index"
+                misplaced.append(f"{name} in {os.path.basename(file)} ({why})")
+            elif where == file:
+                refs[name] = ref
+    if misplaced:
+        raise CheckpointError(f"{path}: tensors stored where the checkpoint does not say they are: "
+                              f"{', '.join(misplaced[:5])}" + (f" and {len(misplaced) - 5} more" if len(misplaced) > 5
+                                                               else "") + "; re-download the checkpoint")
     slots = expected_tensors(cfg)
     missing = [n for n in slots if n not in refs]
     unexpected = [n for n in refs if n not in slots and not IGNORED.fullmatch(n)
@@ -293,7 +341,47 @@ def stream_hf_leaves(path: str, cfg: Config, dtype=None, progress: bool = True,
     All checks (names, shapes, dtypes, file sizes) run here, before the iterator is returned.
     """
     dtype = _check_dtype(dtype or cfg.dtype)
-    return _assemble_leaves(plan_hf_load(path, cfg), param_shapes(cfg), dtype, progress, desc)
+    plan = plan_hf_load(path, cfg)
+    return _finite_leaves(_assemble_leaves(plan, param_shapes(cfg), dtype, progress, desc), plan, path, dtype)
+
+
+# dtype -> (unsigned view, mask of everything but the sign, the bits of +inf): |x| >= inf means inf or NaN.
+_INF_BITS = {np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000), np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+             np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7FFF, 0x7F80)}
+_FINITE_BLOCK = 1 << 22  # elements checked per step (a few MB of temporaries)
+
+
+def _count_nonfinite(x: np.ndarray) -> int:
+    """NaN and inf values in x, by integer compares on the bits (fast for every float dtype, bfloat16 too)."""
+    utype, mask, inf = _INF_BITS[x.dtype]
+    flat = np.ascontiguousarray(x).reshape(-1).view(utype)
+    return sum(int(np.count_nonzero((flat[i:i + _FINITE_BLOCK] & mask) >= inf))
+               for i in range(0, flat.size, _FINITE_BLOCK))
+
+
+def _finite_leaves(leaves, plan, path: str, dtype: str):
+    """Pass leaves through, refusing one with NaN or inf: generating from such weights gives token 0 forever."""
+    leaves = iter(leaves)
+    while True:
+        with np.errstate(over="ignore"):  # a cast that overflows float16 is reported below, not warned about
+            item = next(leaves, None)
+        if item is None:
+            return
+        leaf, x = item
+        bad = _count_nonfinite(x)
+        if bad:
+            names = [slot.hf_name for slot, _ in plan[leaf]][:3] + (["..."] if len(plan[leaf]) > 3 else [])
+            sources = {ref.dtype for _, ref in plan[leaf]}
+            what = f"{bad} of {x.size} values of {leaf} ({', '.join(names)}) in {path}"
+            if dtype == "float16" and sources != {"F16"} and not any(
+                    _count_nonfinite(np.fromfile(ref.file, SAFETENSORS_DTYPES[ref.dtype], ref.nbytes //
+                                                 np.dtype(SAFETENSORS_DTYPES[ref.dtype]).itemsize, offset=ref.start)
+                                     .astype(np.float32)) for _, ref in plan[leaf]):
+                raise CheckpointError(f"{what} overflow float16 (beyond +-65504); load or convert in bfloat16 or "
+                                      "float32 instead")
+            raise CheckpointError(f"{what} are NaN or inf; the checkpoint is corrupt (or was saved after a "
+                                  "numerical overflow); download it again")
+        yield leaf, x
 
 
 def _assemble_leaves(plan, shapes, dtype, progress, desc):
@@ -438,36 +526,13 @@ def write_orbax(folder: str, cfg: Config, leaves: Iterable[tuple[str, np.ndarray
 def atomic_folder(dst: str, force: bool = False) -> Iterator[str]:
     """Yield a fresh temp folder beside dst; move it to dst when the block succeeds, delete it if not.
 
-    An existing dst is refused unless force, and then replaced only once the new folder is complete.
+    An existing dst is refused unless force, and then replaced (only once the new folder is complete) only
+    when it is a previous momjax output: the converter's rules (momjax.convert.staged_folder).
     """
-    dst = os.path.abspath(dst)
-    if os.path.lexists(dst) and not force:
-        raise CheckpointError(f"{dst} already exists; pass --force (force=True) to replace it, or choose another "
-                              "destination")
-    parent, base = os.path.split(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{base}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp)
-    try:
+    from momjax.convert import staged_folder
+
+    with staged_folder(dst, force) as tmp:
         yield tmp
-        if os.path.lexists(dst):
-            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-            os.rename(dst, old)
-            try:
-                os.rename(tmp, dst)
-            except BaseException:
-                os.rename(old, dst)
-                raise
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old)
-            else:
-                os.remove(old)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_orbax(params: Params, cfg: Config, dst: str, force: bool = False) -> None:
@@ -512,6 +577,10 @@ def load_orbax(path: str, dtype=None, memory_kind: str = "device") -> tuple[Conf
         if restored.shape != shape:
             raise CheckpointError(f"{path}: {name} has shape {list(restored.shape)}, its config needs "
                                   f"{list(shape)}; convert the checkpoint again")
+        if dtype in _INF_BITS and _count_nonfinite(restored):
+            overflow = " (or overflow float16: load it in bfloat16 or float32)" if dtype == np.float16 else ""
+            raise CheckpointError(f"{path}: {_count_nonfinite(restored)} values of {name} are NaN or inf{overflow}; "
+                                  "convert the checkpoint again from a healthy source")
         flat[name] = _place_leaf(name, restored.astype(dtype, copy=False), sharding)
         del restored
         _release_memory(param_nbytes(flat[name]))

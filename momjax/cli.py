@@ -35,8 +35,8 @@ def _error_types() -> tuple[type, ...]:
     from momjax.config import ConfigError
     from momjax.tokenizer import TokenizerError
 
-    types = [UsageError, InputError, ConfigError, TokenizerError, FileNotFoundError, NotADirectoryError,
-             IsADirectoryError, PermissionError, UnicodeDecodeError]
+    # OSError: a full disk, a read-only or vanished folder, a path that is a file: the environment, not a bug.
+    types = [UsageError, InputError, ConfigError, TokenizerError, OSError, UnicodeDecodeError]
     try:
         from momjax.checkpoint import CheckpointError
 
@@ -47,13 +47,34 @@ def _error_types() -> tuple[type, ...]:
 
 
 def enable_compile_cache(path: str) -> None:
-    """Keep compiled programs in `path` across runs (JAX's persistent compilation cache), small ones too."""
+    """Keep compiled programs in `path` across runs (JAX's persistent compilation cache), small ones too.
+
+    The folder must be writable: JAX would otherwise fail (or warn on every compile) only later, mid-run.
+    """
     import jax
 
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the compile cache folder {path} ({e.strerror or e}); pass a writable "
+                         f"folder with --compile-cache or ${COMPILE_CACHE_ENV}") from None
+    if not os.access(path, os.W_OK | os.X_OK) or not _writable(path):
+        raise UsageError(f"the compile cache folder {path} is not writable; pass a writable folder with "
+                         f"--compile-cache or ${COMPILE_CACHE_ENV}")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _writable(folder: str) -> bool:
+    """True when a file can be created in folder (os.access alone says yes on a read-only mount for root)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------- streaming decode
@@ -239,21 +260,45 @@ def _read_prompt(args) -> str:
     return text
 
 
+def _check_sampling_args(args) -> None:
+    """Every numeric argument of generate, checked before anything is loaded."""
+    import math
+
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be a positive integer, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails the comparison too
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not -(2**63) <= args.seed < 2**63:
+        raise UsageError(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
+
+
+def _folder_config(path: str):
+    """The Config of a HF folder (config.json) or an Orbax folder (momjax_config.json), weights unread."""
+    from momjax.checkpoint import CONFIG_FILE, CheckpointError, is_orbax_folder
+    from momjax.config import Config
+
+    if is_orbax_folder(path):
+        try:
+            with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+                return Config.from_json(json.load(f))
+        except (ValueError, TypeError) as e:  # JSONDecodeError and ConfigError are ValueErrors
+            raise CheckpointError(f"{path}/{CONFIG_FILE} is unreadable ({e}); convert the checkpoint again") from None
+    return Config.from_folder(path)
+
+
 def cmd_generate(args) -> int:
     import momjax
-    from momjax.config import Config
+    from momjax.api import check_fits, get_policy
     from momjax.tokenizer import load_tokenizer
 
     if not os.path.isdir(args.model):
         raise UsageError(f"model folder {args.model} does not exist; pass a Hugging Face or Orbax checkpoint folder")
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"--top-k must be a positive integer, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    _check_sampling_args(args)
+    cfg = _folder_config(args.model)  # before the tokenizer and the weights: a bad config fails fast
     text = _read_prompt(args)
     tok = load_tokenizer(args.model)  # before the weights: a folder without a tokenizer fails fast
     ids = tok.encode_chat(text) if args.chat else tok.encode(text)
@@ -269,8 +314,8 @@ def cmd_generate(args) -> int:
                 f"fit the model's context of {context}; shorten it, or pass --allow-long-context to run past the "
                 "trained length (outputs may degrade)")
 
-    if os.path.isfile(os.path.join(args.model, "config.json")):
-        check_context(Config.from_folder(args.model).max_position_embeddings)  # before the weights are read
+    check_context(cfg.max_position_embeddings)  # before the weights are read: refuse what cannot run, fast
+    check_fits(cfg, len(ids), args.max_new_tokens, get_policy(args.policy), args.dtype or cfg.dtype)
     model = momjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
     check_context(model.max_context)
     model.max_context = max(model.max_context, total)
@@ -333,11 +378,13 @@ def cmd_plan(args) -> int:
         cfg = Config.from_folder(args.model)
     else:
         raise UsageError(f"{args.model} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder")
+    if args.hbm is None and args.target in (None, "cpu"):
+        raise UsageError("give --hbm (e.g. --hbm 80GiB) or a GPU --target whose memory size to use")
     try:
-        hbm = memory.parse_bytes(args.hbm)
+        hbm = None if args.hbm is None else memory.parse_bytes(args.hbm)
         host = None if args.host_memory is None else memory.parse_bytes(args.host_memory)
-        result = memory.plan(cfg, hbm, host, dtype=args.dtype)
-    except ValueError as e:  # an unreadable size, or a budget that cannot hold the weights
+        result = memory.plan(cfg, hbm, host, dtype=args.dtype, target=args.target)
+    except ValueError as e:  # an unreadable size, a budget that cannot hold the weights, a missing GPU compiler
         raise UsageError(str(e)) from None
     notes = plan_notes(cfg, result)
     if args.json:
@@ -415,9 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", parents=[common], help="longest context each policy fits in a memory budget")
     p.add_argument("--model", required=True, metavar="PRESET|DIR", help="a preset name or a checkpoint folder")
-    p.add_argument("--hbm", required=True, help="accelerator memory, e.g. 80GiB")
+    p.add_argument("--hbm", default=None, help="accelerator memory, e.g. 80GiB (default: the --target's)")
     p.add_argument("--host-memory", default=None, help="host memory for the offloaded KV cache, e.g. 1TiB")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--target", default=None, metavar="GPU",
+                   help="confirm the plan with XLA's GPU compiler for this GPU, without a GPU: h100, a100-80gb, "
+                        "a100-40gb, l4, rtx4090 or t4 (needs pip install 'momjax[gpu-plan]'); default: the "
+                        "closed-form estimate on a CPU")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint to an Orbax folder (momjax convert -h)",
@@ -451,14 +502,30 @@ def _cmd_chat(args) -> int:
     return cmd_chat(args)
 
 
+def _command_index(argv: list[str]) -> int | None:
+    """Where the command name is in argv, skipping the global `--compile-cache DIR` (or `=DIR`)."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--compile-cache":
+            i += 2
+        elif argv[i].startswith("--compile-cache="):
+            i += 1
+        else:
+            return i
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        if argv and argv[0] == "convert":  # its own parser: `momjax convert SRC DST ...` = convert/hf_to_orbax.py
+        command_at = _command_index(argv)
+        if command_at is not None and argv[command_at] == "convert":
+            # Its own parser (`momjax convert SRC DST ...` = convert/hf_to_orbax.py); a --compile-cache given
+            # before the command name is handed on to it.
             from momjax import convert
 
-            return convert.main(argv[1:])
+            return convert.main(argv[command_at + 1:] + argv[:command_at])
         args = parser.parse_args(argv)
         if args.command == "demo" and args.prompt is None:
             from momjax.demo import DEFAULT_PROMPT
@@ -476,6 +543,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("momjax: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("momjax: error: out of memory; ask for fewer new tokens or a shorter prompt, or use policy mom-stream",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # XLA reports a failed allocation as a runtime error: one line, not a traceback
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"momjax: error: out of memory ({' '.join(str(e).split())[:200]}); ask for fewer new tokens or a "
+              "shorter prompt, or use policy mom-stream", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -58,6 +59,24 @@ class Config:
     dtype: str = "float32"  # the checkpoint's dtype
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "rope_original_max_position", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or not isinstance(self.sliding_window, numbers.Integral)
+                                                or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        for name in ("qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
@@ -93,9 +112,18 @@ class Config:
     # ------------------------------------------------------------------ Hugging Face
     @classmethod
     def from_hf(cls, hf: dict, generation_config: dict | None = None) -> Config:
-        """Read a Hugging Face config.json dict (hub spelling or transformers-5 spelling)."""
+        """Read a Hugging Face config.json dict (hub spelling or transformers-5 spelling).
+
+        Every field read is type- and range-checked (a JSON string "96", a float 96.7, a bool where a number
+        belongs, a null where a value is required are all refused, naming the field, the value and what is
+        allowed). generation_config: generation_config.json's dict; its eos_token_id wins over config.json's.
+        """
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}; re-download it")
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"config.json field architectures={archs!r} is not supported: expected a list of names")
         for arch in archs:
             if arch not in SUPPORTED_ARCHITECTURES:
                 raise ConfigError(
@@ -105,94 +133,107 @@ class Config:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; momjax supports {', '.join(SUPPORTED_ARCHITECTURES.values())}"
             )
+        f = _Fields(hf, "config.json")
 
-        def reject(field, value, why):
-            raise ConfigError(f"config.json field {field}={value!r} is not supported: {why}")
-
-        act = hf.get("hidden_act", "silu")
+        act = f.string("hidden_act", "silu")
         if act != "silu":
-            reject("hidden_act", act, "only 'silu' (SwiGLU) MLPs are supported")
-        if hf.get("mlp_bias", False):
-            reject("mlp_bias", True, "MLP biases are not supported")
-        if hf.get("attention_bias", False) and model_type != "qwen2":
-            reject("attention_bias", True, "attention biases are supported only as Qwen2's q/k/v biases")
-        if hf.get("partial_rotary_factor", 1.0) != 1.0:
-            reject("partial_rotary_factor", hf["partial_rotary_factor"], "only full rotary embeddings are supported")
-        if hf.get("is_encoder_decoder", False):
-            reject("is_encoder_decoder", True, "momjax runs decoder-only models")
+            f.reject("hidden_act", act, "only 'silu' (SwiGLU) MLPs are supported")
+        if f.boolean("mlp_bias", False):
+            f.reject("mlp_bias", True, "MLP biases are not supported")
+        if f.boolean("attention_bias", False) and model_type != "qwen2":
+            f.reject("attention_bias", True, "attention biases are supported only as Qwen2's q/k/v biases")
+        if f.number("partial_rotary_factor", 1.0) != 1.0:
+            f.reject("partial_rotary_factor", hf["partial_rotary_factor"], "only full rotary embeddings are supported")
+        if f.boolean("is_encoder_decoder", False):
+            f.reject("is_encoder_decoder", True, "momjax runs decoder-only models")
 
-        hidden = int(hf["hidden_size"])
-        heads = int(hf["num_attention_heads"])
-        kv_heads = int(hf.get("num_key_value_heads") or heads)
-        head_dim = hf.get("head_dim") or hidden // heads
+        vocab = f.integer("vocab_size")
+        hidden = f.integer("hidden_size")
+        heads = f.integer("num_attention_heads")
+        kv_heads = f.integer("num_key_value_heads", heads)
+        if heads % kv_heads:
+            f.reject("num_key_value_heads", kv_heads, f"it must divide num_attention_heads ({heads})")
+        head_dim = f.integer("head_dim", None)
+        if head_dim is None:
+            if hidden % heads:
+                f.reject("num_attention_heads", heads, f"it must divide hidden_size ({hidden}) when head_dim is absent")
+            head_dim = hidden // heads
 
         # Rope: hub files put rope_theta / rope_scaling at top level; transformers 5 writes rope_parameters.
-        rope = dict(hf.get("rope_parameters") or {})
-        scaling = hf.get("rope_scaling")
-        if scaling:
-            rope.update(scaling)
-        theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope = {}
+        for key in ("rope_parameters", "rope_scaling"):
+            value = hf.get(key)
+            if value is not None and not isinstance(value, dict):
+                f.reject(key, value, "expected a JSON object or null")
+            rope.update(value or {})
+        r = _Fields(rope, "config.json", prefix="rope_scaling.")
+        theta = r.number("rope_theta", f.number("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            reject("rope_scaling.rope_type", rope_type, f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}")
+            f.reject("rope_scaling.rope_type", rope_type, f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}")
         rope_kwargs = {}
         if rope_type in ("linear", "llama3"):
             if "factor" not in rope:
-                reject("rope_scaling", rope, f"rope type {rope_type!r} needs a 'factor'")
-            rope_kwargs["rope_factor"] = float(rope["factor"])
+                f.reject("rope_scaling", rope, f"rope type {rope_type!r} needs a 'factor'")
+            rope_kwargs["rope_factor"] = r.number("factor")
         if rope_type == "llama3":
             for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 if key not in rope:
-                    reject("rope_scaling", rope, f"llama3 rope scaling needs {key!r}")
-            rope_kwargs.update(
-                rope_low_freq_factor=float(rope["low_freq_factor"]),
-                rope_high_freq_factor=float(rope["high_freq_factor"]),
-                rope_original_max_position=int(rope["original_max_position_embeddings"]),
-            )
+                    f.reject("rope_scaling", rope, f"llama3 rope scaling needs {key!r}")
+            low, high = r.number("low_freq_factor"), r.number("high_freq_factor")
+            if high <= low:
+                f.reject("rope_scaling.high_freq_factor", high, f"it must exceed low_freq_factor ({low})")
+            rope_kwargs.update(rope_low_freq_factor=low, rope_high_freq_factor=high,
+                               rope_original_max_position=r.integer("original_max_position_embeddings"))
         extra = set(rope) - {
             "rope_theta", "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
             "original_max_position_embeddings",
         }
         if extra:
-            reject("rope_scaling", rope, f"unhandled rope fields {sorted(extra)}")
+            f.reject("rope_scaling", rope, f"unhandled rope fields {sorted(extra)}")
 
         sliding_window = None
         if model_type == "mistral":
-            sliding_window = hf.get("sliding_window")
+            sliding_window = f.integer("sliding_window", None)
         elif model_type == "qwen2":
             layer_types = hf.get("layer_types") or []
-            if hf.get("use_sliding_window", False) or "sliding_attention" in layer_types:
-                reject("use_sliding_window", True, "Qwen2's per-layer sliding window is not supported")
+            if f.boolean("use_sliding_window", False) or (isinstance(layer_types, list)
+                                                          and "sliding_attention" in layer_types):
+                f.reject("use_sliding_window", True, "Qwen2's per-layer sliding window is not supported")
         elif hf.get("sliding_window") is not None:
-            reject("sliding_window", hf["sliding_window"], "sliding windows are supported for Mistral only")
-        if sliding_window is not None:
-            sliding_window = int(sliding_window)
-            if sliding_window <= 0:
-                reject("sliding_window", sliding_window, "must be a positive number of tokens")
+            f.reject("sliding_window", hf["sliding_window"], "sliding windows are supported for Mistral only")
 
-        eos = (generation_config or {}).get("eos_token_id", hf.get("eos_token_id"))
-        eos = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
-        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        eos = f.token_ids("eos_token_id", vocab)
+        if generation_config is not None:
+            if not isinstance(generation_config, dict):
+                raise ConfigError("generation_config.json must hold a JSON object, got "
+                                  f"{type(generation_config).__name__}; re-download it or delete it")
+            if generation_config.get("eos_token_id") is not None:
+                eos = _Fields(generation_config, "generation_config.json").token_ids("eos_token_id", vocab)
+        bos = f.token_ids("bos_token_id", vocab)
+        if len(bos) > 1:
+            f.reject("bos_token_id", hf["bos_token_id"], "expected one token id")
+        dtype = f.string("dtype", None) or f.string("torch_dtype", "float32")
         if dtype not in SUPPORTED_DTYPES:
-            reject("torch_dtype", dtype, f"supported dtypes: {SUPPORTED_DTYPES}")
+            f.reject("torch_dtype", dtype, f"supported dtypes: {SUPPORTED_DTYPES}")
 
         return cls(
-            vocab_size=int(hf["vocab_size"]),
+            vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
+            intermediate_size=f.integer("intermediate_size"),
+            num_layers=f.integer("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
-            head_dim=int(head_dim),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            head_dim=head_dim,
+            rms_norm_eps=f.number("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_type=rope_type,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            max_position_embeddings=f.integer("max_position_embeddings", 4096),
             qkv_bias=model_type == "qwen2",
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_embeddings=f.boolean("tie_word_embeddings", False),
             sliding_window=sliding_window,
             eos_token_ids=eos,
-            bos_token_id=hf.get("bos_token_id"),
+            bos_token_id=bos[0] if bos else None,
             model_type=model_type,
             dtype=dtype,
             **rope_kwargs,
@@ -201,20 +242,101 @@ class Config:
     @classmethod
     def from_folder(cls, path: str) -> Config:
         """Read config.json (and generation_config.json for the EOS ids) from a checkpoint folder."""
+        if not os.path.isdir(path):
+            raise ConfigError(f"{path} is not a folder; pass a Hugging Face checkpoint folder")
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise ConfigError(f"{path} has no config.json; pass a Hugging Face checkpoint folder")
-        try:
-            with open(cfg_path) as f:
-                hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_path} is not valid JSON ({e}); re-download the checkpoint") from None
+        hf = _read_json(cfg_path, "re-download the checkpoint")
         gen = None
         gen_path = os.path.join(path, "generation_config.json")
         if os.path.isfile(gen_path):
-            with open(gen_path) as f:
-                gen = json.load(f)
+            gen = _read_json(gen_path, "re-download it, or delete it to use config.json's eos_token_id")
         return cls.from_hf(hf, gen)
+
+
+def _read_json(path: str, fix: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({' '.join(str(e).split())[:200]}); {fix}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
+
+
+def _no_constant(name: str):
+    """NaN and Infinity are not JSON; Python's reader accepts them unless told not to."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_MISSING = object()
+
+
+class _Fields:
+    """Typed, range-checked reads of one JSON object's fields; errors name the file, the field and the value."""
+
+    def __init__(self, d: dict, file: str, prefix: str = ""):
+        self.d, self.file, self.prefix = d, file, prefix
+
+    def reject(self, field, value, why):
+        raise ConfigError(f"{self.file} field {field}={value!r} is not supported: {why}")
+
+    def _get(self, key, default):
+        value = self.d.get(key, _MISSING)
+        if value is _MISSING or (value is None and default is not _MISSING):
+            if default is _MISSING:
+                raise ConfigError(f"{self.file} has no {self.prefix}{key} (or it is null); the checkpoint's config "
+                                  "is incomplete, re-download it")
+            return _MISSING
+        if value is None:
+            self.reject(self.prefix + key, value, "a value is required")
+        return value
+
+    def integer(self, key, default=_MISSING, minimum: int = 1):
+        value = self._get(key, default)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.reject(self.prefix + key, value, f"expected an integer >= {minimum}")
+        if value < minimum:
+            self.reject(self.prefix + key, value, f"expected an integer >= {minimum}")
+        return value
+
+    def number(self, key, default=_MISSING):
+        """A finite number > 0 (an int is fine)."""
+        value = self._get(key, default)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            self.reject(self.prefix + key, value, "expected a finite number > 0")
+        return float(value)
+
+    def boolean(self, key, default=_MISSING):
+        value = self._get(key, default)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.reject(self.prefix + key, value, "expected true or false (a JSON boolean, not a string or number)")
+        return value
+
+    def string(self, key, default=_MISSING):
+        value = self._get(key, default)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str):
+            self.reject(self.prefix + key, value, "expected a string")
+        return value
+
+    def token_ids(self, key, vocab: int) -> tuple[int, ...]:
+        """An id or a list of ids, each an integer in [0, vocab); absent or null gives ()."""
+        value = self.d.get(key)
+        if value is None:
+            return ()
+        ids = value if isinstance(value, list) else [value]
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            self.reject(self.prefix + key, value, f"expected token ids: integers in [0, {vocab}) (the vocabulary)")
+        return tuple(ids)
 
 
 # ---------------------------------------------------------------------- presets (shapes only, no weights)

@@ -4,6 +4,8 @@
 (`jax.ShapeDtypeStruct`) and reads `compiled.memory_analysis()`, so an 8B model at 128k tokens is
 measured on a laptop CPU without allocating anything. The CPU backend does not split host from device
 bytes, so host-placed arguments and outputs are counted from their shardings and taken out.
+With `target="h100"` (or another of momjax.targets.TARGETS) the same programs are compiled by XLA's GPU
+compiler for that GPU, without a GPU (momjax.targets explains what those figures are).
 
 `estimate` is a closed-form model of the same programs (formulas in its docstring), checked against the
 XLA figure in tests/test_memory.py. `plan` bisects over the context length for the largest prompt each
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from momjax import generation as G
+from momjax import targets as T
 from momjax.cache import KVCache, sharding
 from momjax.config import Config, MemoryPolicy, get_policy, preset
 from momjax.params import abstract_params, param_bytes
@@ -55,11 +58,12 @@ def _abstract_cache(cfg: Config, seq_len: int, new_tokens: int, dtype, prompt_ki
 
 
 def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="float32", phase="prefill", batch=1,
-                    new_tokens=DEFAULT_NEW_TOKENS):
-    """The compiled programs of a prefill or a decode step, for abstract inputs: [(stage, compiled, args)].
+                    new_tokens=DEFAULT_NEW_TOKENS, target=None):
+    """The compiled programs of a prefill or a decode step, for abstract inputs: [(stage, compiled, args, bytes)].
 
     Prefill is several programs (generation.prefill_stages: embed, one per-layer program run for every layer,
-    the last layer, logits); a decode step is one.
+    the last layer, logits); a decode step is one. bytes: each program's memory analysis split into device
+    and host bytes (momjax.targets.analyse). target: None = this machine's compiler, or a GPU (momjax.targets).
     """
     dtype = jnp.dtype(dtype)
     dev = sharding("device")
@@ -68,18 +72,58 @@ def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="floa
         padded = G.bucket_length(seq_len, policy)
         tokens = jax.ShapeDtypeStruct((batch, padded), jnp.int32, sharding=dev)
         start = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
-        return [(s, s.lower().compile(), s.args) for s in G.prefill_stages(params, tokens, start, cfg, policy)]
-    if phase == "decode":
+        stages = G.prefill_stages(params, tokens, start, cfg, policy)
+    elif phase == "decode":
         cache = _abstract_cache(cfg, seq_len, new_tokens, dtype, policy.kv_decode, batch)
         token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
-        args = (params, token, cache)
-        stage = G.Stage("decode", G.decode_step_fn, args, dict(cfg=cfg, policy=policy))
-        return [(stage, stage.lower().compile(), args)]
-    raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+        stages = [G.Stage("decode", G.decode_step_fn, (params, token, cache), dict(cfg=cfg, policy=policy))]
+    else:
+        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    out = []
+    for s in stages:
+        compiled, analysis = T.compile(s.fn, *s.args, target=target, **s.static)
+        out.append((s, compiled, s.args, analysis))
+    return out
+
+
+def _check_request(**args) -> None:
+    """InputError (a ValueError) for an argument of memory_report or plan that has no meaning: a length,
+    batch or budget that is not a positive number, a dtype momjax does not run in, an unknown phase."""
+    import math
+
+    from momjax.api import InputError
+    from momjax.config import SUPPORTED_DTYPES
+
+    def count(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and x >= 1
+
+    for name in ("seq_len", "batch", "new_tokens"):
+        if name in args and not count(args[name]):
+            raise InputError(f"{name} must be a positive integer, got {args[name]!r}")
+    if "dtype" in args:
+        try:
+            dtype = jnp.dtype(args["dtype"]).name
+        except TypeError:
+            dtype = None
+        if dtype not in SUPPORTED_DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {args['dtype']!r}")
+    if "phase" in args and args["phase"] not in ("prefill", "decode"):
+        raise InputError(f"phase must be 'prefill' or 'decode', got {args['phase']!r}")
+    if "source" in args and args["source"] not in ("auto", "xla", "estimate"):
+        raise InputError(f"source must be 'auto', 'xla' or 'estimate', got {args['source']!r}")
+    for name, minimum in (("hbm_bytes", 1), ("host_bytes", 0)):
+        value = args.get(name)
+        if name not in args or (value is None and name == "host_bytes"):
+            continue
+        if isinstance(value, bool) or (isinstance(value, (int, float, np.number))
+                                       and (not math.isfinite(value) or value < minimum)):
+            raise InputError(f"{name} must be a size of at least {minimum} bytes, got {value!r}")
+        if parse_bytes(value) < minimum:
+            raise InputError(f"{name} must be a size of at least {minimum} bytes, got {value!r}")
 
 
 def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
-                  new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
+                  new_tokens: int = DEFAULT_NEW_TOKENS, target=None) -> dict:
     """Bytes the compiled programs need, from XLA's memory analysis (no memory is allocated).
 
     model_or_config: a Model, a Config or a preset name. phase: "prefill" (the prompt of seq_len tokens)
@@ -88,68 +132,76 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", 
     temporaries, aliasing counted once, plus what stays resident between programs: the weights, and in
     prefill the K/V of the layers already done when the policy keeps them on the device), host_bytes (pinned
     host arguments and outputs), weight_bytes, kv_bytes (the KV cache of the phase, wherever it lives),
-    temp_bytes (XLA temporaries of the program at the peak) and source="xla".
-    On CPU measure in float32: the CPU compiler upcasts bfloat16 matmuls and inflates bf16 figures.
+    temp_bytes (XLA temporaries of the program at the peak) and source ("xla", or "xla-gpu:<target>").
+    target: None or "cpu" = this machine's compiler (on CPU measure in float32: the CPU compiler upcasts
+    bfloat16 matmuls and inflates bf16 figures); a GPU name ("h100", "a100-80gb", see momjax.targets) = XLA's
+    GPU compiler for that GPU, deviceless, in any dtype (needs `pip install 'momjax[gpu-plan]'`). There the
+    host-resident arguments (the prompt KV of a mom-stream decode step), which the deviceless compiler cannot
+    be told about, are compiled as device arrays and moved by momjax from device_bytes to host_bytes (their
+    bytes are in host_argument_counted_bytes), and the device copies the step makes of them (two layers'
+    prompt K/V in flight), which that compile cannot show, are added to device_bytes. The figures are the compiled programs' buffer assignments, not
+    a live allocator peak: no autotuning runs, and cuDNN workspaces count as 0.
     """
+    _check_request(seq_len=seq_len, dtype=dtype, phase=phase, batch=batch, new_tokens=new_tokens)
     cfg = _resolve(model_or_config)
     policy = get_policy(policy)
+    t = T.get(target)
+    if t is not None:
+        T.check_compiler()
     padded = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
-    report = dict(_memory_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens))
+    report = dict(_memory_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens,
+                                 None if t is None else t.name))
     report["seq_len"] = int(seq_len)
     return report
 
 
-def _program_bytes(compiled, args) -> dict:
-    """One compiled program's bytes: device arguments and outputs (host-placed ones counted apart), temporaries
-    and aliasing, from XLA's memory analysis."""
-    ma = compiled.memory_analysis()
-    outputs = jax.tree.map(lambda shape, s: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s),
-                           compiled.out_info, compiled.output_shardings)
-    host_args, host_outs = _nbytes(args, "pinned_host"), _nbytes(outputs, "pinned_host")
-    host = host_args + host_outs + ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes
-    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-    # The CPU backend reports host-placed buffers inside argument/output sizes; take them out.
-    device = total - (host_args + host_outs if ma.host_argument_size_in_bytes == 0 else 0)
-    return dict(device=int(device), host=int(host), temp=int(ma.temp_size_in_bytes), outputs=outputs)
-
-
 @functools.lru_cache(maxsize=256)
 def _memory_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, phase: str, batch: int,
-                   new_tokens: int) -> dict:
-    programs = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens)
+                   new_tokens: int, target: str | None = None) -> dict:
+    programs = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens, target)
     weights = param_bytes(cfg, dtype)
     L = cfg.num_layers
+    counted = 0  # host-resident argument bytes the GPU compiler was not told about (see memory_report)
     if phase == "decode":
-        (_, compiled, args), = programs
-        b = _program_bytes(compiled, args)
+        (_, compiled, args, b), = programs
         cache = args[2]
-        device, host, temp = b["device"], b["host"], b["temp"]
+        device, host, temp, counted = b["device_bytes"], b["host_bytes"], b["temp_bytes"], b[
+            "host_argument_counted_bytes"]
         kv_bytes = _nbytes((cache.k, cache.v, cache.tail_k, cache.tail_v))
+        if counted:
+            # A GPU target compiled the host-resident prompt K/V as device arrays, so the copies that bring
+            # them to the device are missing from its figure: add the two the step holds (this layer's and the
+            # prefetched next layer's, model.decode_step).
+            device += min(L, 2) * _nbytes((cache.k[0], cache.v[0]))
     else:
         # Programs run one after another; between them the weights stay on the device, and so do the K/V of
         # finished layers when the policy keeps them there. The peak is the largest of: what a program holds
         # besides the weights it reads, plus the weights, plus the K/V still resident from earlier layers.
         layer_kv_device = 0
         device = host = temp = kv_bytes = 0
-        for stage, compiled, args in programs:
-            b = _program_bytes(compiled, args)
-            own = b["device"] - _nbytes(args[0], "device")  # args[0]: the weights this program reads
+        for stage, compiled, args, b in programs:
+            own = b["device_bytes"] - _nbytes(args[0], "device")  # args[0]: the weights this program reads
             if stage.name in ("layer", "last"):
-                x, k, v = b["outputs"]
-                layer_kv_device = _nbytes((k, v), "device")
+                _, k, v = T.output_avals(compiled)
+                # Which outputs went to the host: from their shardings on this machine, from the compiler's
+                # own count on a GPU target (deviceless shardings carry no memory kind).
+                layer_kv_device = _nbytes((k, v)) - b["host_output_bytes"]
                 kv_bytes = L * _nbytes((k, v))
-                host = L * _nbytes((k, v), "pinned_host")
+                host = L * b["host_output_bytes"]
+                counted += b["host_argument_counted_bytes"]
             layers_before = {"embed": 0, "layer": stage.runs - 1, "last": L - 1, "logits": L}[stage.name]
             peak = weights + own + layers_before * layer_kv_device
             if peak > device:
-                device, temp = peak, b["temp"]
+                device, temp = peak, b["temp_bytes"]
     return dict(
         device_bytes=int(device),
         host_bytes=int(host),
         weight_bytes=int(weights),
         kv_bytes=int(kv_bytes),
         temp_bytes=int(temp),
-        source="xla",
+        host_argument_counted_bytes=int(counted),
+        source=T.source_name(target),
+        target=target or "cpu",
         seq_len=int(seq_len),
         phase=phase,
         policy=policy.name,
@@ -253,14 +305,20 @@ def _fits(cfg, seq_len, policy, dtype, hbm, host, new_tokens, measure) -> bool:
     return True
 
 
+def _measure(source: str, target=None):
+    return estimate if source == "estimate" else functools.partial(memory_report, target=target)
+
+
 def max_context(cfg: Config, policy, hbm_bytes: int, host_bytes: int | None = None, dtype="bfloat16",
-                new_tokens: int = DEFAULT_NEW_TOKENS, source: str = "estimate", resolution: int = 1024) -> int:
+                new_tokens: int = DEFAULT_NEW_TOKENS, source: str = "estimate", resolution: int = 1024,
+                target=None) -> int:
     """The longest prompt (to `resolution` tokens) whose prefill and decode both fit; 0 if none does.
 
-    source="estimate" uses `estimate` (instant); source="xla" compiles the programs at each step.
+    source="estimate" uses `estimate` (instant); source="xla" compiles the programs at each step (for
+    `target`, see memory_report).
     """
     policy = get_policy(policy)
-    measure = estimate if source == "estimate" else memory_report
+    measure = _measure(source, target)
     fits = lambda n: _fits(cfg, n, policy, dtype, hbm_bytes, host_bytes, new_tokens, measure)
     if not fits(resolution):
         return 0
@@ -279,17 +337,28 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def plan(model_or_config, hbm_bytes, host_bytes=None, dtype="bfloat16", new_tokens: int = DEFAULT_NEW_TOKENS,
-         source: str = "auto") -> dict:
+def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new_tokens: int = DEFAULT_NEW_TOKENS,
+         source: str = "auto", target=None) -> dict:
     """Maximum context per policy for a device budget (and optional host budget).
 
-    source: "xla" compiles the real programs at every bisection step (float32 on CPU, or any dtype on
-    GPU); "estimate" uses the closed-form `estimate`, validated against XLA in float32 (tests/test_memory.py);
-    "auto" picks XLA on a GPU backend and the estimate elsewhere: the CPU compiler inflates bfloat16
-    figures, and a search of compiles at millions of tokens takes minutes on a CPU.
-    Raises ValueError when the budget cannot hold even the weights.
+    hbm_bytes: the device budget; None = the target's memory size (momjax.targets.TARGETS).
+    target: None / "cpu" = this machine; a GPU name ("h100", "a100-80gb", ...) = the answer is confirmed by
+    XLA's GPU compiler for that GPU, deviceless (needs `pip install 'momjax[gpu-plan]'`, see memory_report).
+    source: "xla" compiles the real programs, bisecting around the estimate (float32 on a CPU, any dtype on
+    a GPU or for a GPU target); "estimate" uses the closed-form `estimate`, validated against XLA in float32
+    (tests/test_memory.py); "auto" compiles on a GPU backend or for a GPU target, and uses the estimate on a
+    CPU: the CPU compiler inflates bfloat16 figures, and compiles at millions of tokens take minutes there.
+    Raises ValueError when the budget cannot hold even the weights (TargetError for an unknown target).
     """
+    _check_request(dtype=dtype, new_tokens=new_tokens, hbm_bytes=hbm_bytes, host_bytes=host_bytes, source=source)
     cfg = _resolve(model_or_config)
+    t = T.get(target)
+    if hbm_bytes is None:
+        if t is None:
+            raise ValueError("give the device budget (hbm_bytes, e.g. '80GiB') or a GPU target such as 'h100'")
+        hbm_bytes = t.memory_bytes
+    if t is not None and source != "estimate":
+        T.check_compiler()
     hbm, host = parse_bytes(hbm_bytes), (None if host_bytes is None else parse_bytes(host_bytes))
     weights = param_bytes(cfg, dtype)
     if weights >= hbm:
@@ -298,27 +367,32 @@ def plan(model_or_config, hbm_bytes, host_bytes=None, dtype="bfloat16", new_toke
             f"{format_bytes(hbm)} device budget; use a smaller dtype or a larger device"
         )
     if source == "auto":
-        source = "xla" if _on_gpu() else "estimate"
+        source = "xla" if _on_gpu() or t is not None else "estimate"
     result = {"max_context": {}, "source": {}, "weight_bytes": weights, "hbm_bytes": hbm, "host_bytes": host,
-              "dtype": str(jnp.dtype(dtype)), "new_tokens": new_tokens, "limits": {}}
+              "dtype": str(jnp.dtype(dtype)), "new_tokens": new_tokens, "limits": {},
+              "target": None if t is None else dict(
+                  name=t.name, description=t.description, memory_bytes=t.memory_bytes,
+                  memory_bandwidth=t.memory_bandwidth, host_link=t.host_link,
+                  host_link_bandwidth=t.host_link_bandwidth)}
     for name in ("baseline", "mom", "mom-stream"):
         n = max_context(cfg, name, hbm, host, dtype, new_tokens, source="estimate")
         if source == "xla" and n:
             # Refine around the estimate with the compiled programs (a few compiles, not a full search).
-            n = _refine_with_xla(cfg, name, n, hbm, host, dtype, new_tokens)
+            n = _refine_with_xla(cfg, name, n, hbm, host, dtype, new_tokens, target=t)
         result["max_context"][name] = n
-        result["source"][name] = source
-        result["limits"][name] = _limiting_phase(cfg, name, n, hbm, host, dtype, new_tokens, source)
+        result["source"][name] = T.source_name(t) if source == "xla" else source
+        result["limits"][name] = _limiting_phase(cfg, name, n, hbm, host, dtype, new_tokens, source, target=t)
     return result
 
 
-def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens) -> int:
+def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, target=None) -> int:
     """Bisect with the compiled programs within +-30% of the estimate (about ten compiles per policy)."""
-    fits = lambda n: _fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens, memory_report)
-    resolution = max(1024, guess // 50 // 1024 * 1024)
+    fits = lambda n: _fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens, _measure("xla", target))
+    resolution = max(1024, guess // 200 // 1024 * 1024)
     lo, hi = max(int(guess * 0.7) // 1024 * 1024, 1024), int(guess * 1.3) // 1024 * 1024 + 1024
     if not fits(lo):
-        return max_context(cfg, policy, hbm, host, dtype, new_tokens, source="xla", resolution=resolution)
+        return max_context(cfg, policy, hbm, host, dtype, new_tokens, source="xla", resolution=resolution,
+                           target=target)
     if fits(hi):
         return hi
     while hi - lo > resolution:
@@ -327,9 +401,9 @@ def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens) -> int:
     return lo
 
 
-def _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source) -> str:
+def _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source, target=None) -> str:
     """Which budget stops a longer context: 'prefill', 'decode' or 'host'."""
-    measure = estimate if source == "estimate" else memory_report
+    measure = _measure(source, target)
     step = max(n // 50, 1024)
     for phase in ("prefill", "decode"):
         r = measure(cfg, n + step, policy, dtype=dtype, phase=phase, new_tokens=new_tokens)
@@ -349,8 +423,16 @@ def plan_table(result: dict) -> str:
         f"room for {result['new_tokens']} new tokens",
         f"{'policy':<12}{'max context':>14}  {'limited by':<11}source",
     ]
+    if result.get("target"):
+        lines.insert(0, f"target {result['target']['description']}: compiled programs' buffer assignments from XLA's "
+                        "GPU compiler (no GPU used, no autotuning), not allocator peaks on a live GPU")
     for name, n in result["max_context"].items():
         src = result["source"][name]
-        src = "xla (compiled program)" if src == "xla" else "estimate (validated against XLA within 15%)"
+        if src == "xla":
+            src = "xla (compiled program)"
+        elif src.startswith("xla-gpu:"):
+            src = f"{src} (compiled for the GPU, deviceless)"
+        else:
+            src = "estimate (validated against XLA within 15%)"
         lines.append(f"{name:<12}{n:>14,}  {result['limits'][name]:<11}{src}")
     return "\n".join(lines)

@@ -466,12 +466,15 @@ def _read_header(path: str) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------- memory
 
 
-def feed_memory_report(model_or_config, length: int, new_tokens: int, policy="mom", dtype="float32") -> dict:
+def feed_memory_report(model_or_config, length: int, new_tokens: int, policy="mom", dtype="float32",
+                       target=None) -> dict:
     """Device bytes of a session feed of new_tokens tokens into a session holding `length`, from XLA's memory
     analysis of the feed's compiled programs with abstract inputs, composed as `memory_report` composes a
     prefill's: between programs the weights stay on the device, and so does the whole cache when the policy
-    keeps it there. Returns device_bytes, host_bytes, weight_bytes, kv_bytes (the buffers) and capacity."""
+    keeps it there. target: as in `memory_report` (None = this machine's compiler, or a GPU name).
+    Returns device_bytes, host_bytes, weight_bytes, kv_bytes (the buffers) and capacity."""
     from momjax import memory
+    from momjax import targets as T
     from momjax.params import abstract_params, param_bytes
 
     cfg = memory._resolve(model_or_config)
@@ -489,10 +492,14 @@ def feed_memory_report(model_or_config, length: int, new_tokens: int, policy="mo
     weights = param_bytes(cfg, dtype)
     L, device = cfg.num_layers, 0
     for stage in G.feed_stages(params, tokens, buf, buf, cfg, policy):
-        b = memory._program_bytes(stage.lower().compile(), stage.args)
-        own = b["device"] - memory._nbytes(stage.args[0], "device")  # args[0]: the weights it reads
+        _, b = T.compile(stage.fn, *stage.args, target=target, **stage.static)
+        own = b["device_bytes"] - memory._nbytes(stage.args[0], "device")  # args[0]: the weights it reads
+        if b["host_argument_counted_bytes"]:
+            # A GPU target compiled the host-resident buffers as device arrays, so the program's copy of this
+            # layer's K/V on the device is missing from its figure: add it.
+            own += layer_kv
         others = (L - 1 if stage.name in ("layer", "last") else L) * layer_kv * on_device  # this layer's is an arg
         device = max(device, weights + own + others)
     return dict(device_bytes=int(device), host_bytes=0 if on_device else L * layer_kv, weight_bytes=int(weights),
                 kv_bytes=L * layer_kv, capacity=capacity, length=int(length), new_tokens=int(new_tokens),
-                policy=policy.name, dtype=str(dtype), source="xla")
+                policy=policy.name, dtype=str(dtype), source="xla" if target is None else f"xla-gpu:{target}")

@@ -230,7 +230,7 @@ def test_cli_bad_input(zoo, tmp_path, capsys, case):
     dst = str(tmp_path / "out")
     assert main([src, dst, "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert err.count("\n") == 1 and err.startswith("momjax: error: ") and expected in err, err
     assert "Traceback" not in err
     assert not os.path.exists(dst) and leftovers(tmp_path) == []
 

@@ -125,7 +125,7 @@ def test_context_limit_and_raising_it(model, greedy):
     ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
     ({"max_new_tokens": -3}, "max_new_tokens must be a positive integer"),
     ({"max_new_tokens": 2.5}, "max_new_tokens must be a positive integer"),
-    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ({"top_p": -0.1}, r"top_p must be in \(0, 1\]"),

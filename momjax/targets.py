@@ -1,0 +1,245 @@
+"""GPU targets: compile momjax's programs for a GPU that is not attached (deviceless ahead-of-time compilation).
+
+XLA's GPU compiler runs without a GPU when it is given a description of the device (a
+GpuTargetConfigProto in text form: SM count, shared memory, compute capability, memory size...). The
+descriptions ship in momjax/gpu_specs/ (see the README there for where each fact comes from). With
+them, `memory_report(..., target="h100")` and `plan(..., target="a100-80gb")` read the buffer
+assignment of the very program XLA would run on that GPU, in any dtype, on a laptop.
+
+What such a figure is, and is not: the compiled program's buffer assignment (arguments, outputs,
+temporaries), not an allocator peak measured on a live GPU. No autotuning runs, so GEMM algorithm
+choices and their workspaces may differ on the real device, and cuDNN workspaces show as 0.
+Arguments that live in pinned host memory cannot be declared to the deviceless compiler (the memory
+kind of an abstract argument is dropped), so `compile` hands it those arguments as device arrays and
+moves their bytes from the device figure to the host figure itself: see `analyse`.
+
+Needs the CUDA plugin and ptxas: `pip install 'momjax[gpu-plan]'` (about 1.2 GB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import importlib.util
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from momjax import no_gpu
+
+INSTALL_HINT = "pip install 'momjax[gpu-plan]'"
+# What the GPU compiler logs when a program needs more than the target's memory: expected while `plan`
+# bisects past the limit, and already visible in the report's device_bytes.
+_OVER_MEMORY_LOG = re.compile(r"(hlo_rematerialization\.cc.*Can't reduce memory use below)|"
+                              r"(gpu_hlo_schedule\.cc.*exceeds the base limit)")
+GIB = 2**30
+
+
+class TargetError(ValueError):
+    """An unknown target name, or a GPU target without the compiler it needs installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A GPU momjax can compile for without having it.
+
+    memory_bytes: nominal device memory (the CUDA context and the allocator keep some of it, and JAX
+    preallocates 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise; pass `hbm` to plan for less).
+    memory_bandwidth, host_link_bandwidth: bytes/s, device memory and host <-> device per direction
+    (what a decode step that reads the weights, or streams KV from the host, is bound by).
+    """
+
+    name: str
+    description: str
+    spec_file: str
+    memory_bytes: int
+    memory_bandwidth: float
+    host_link: str
+    host_link_bandwidth: float
+    source: str
+
+    @property
+    def spec_text(self) -> str:
+        return importlib.resources.files("momjax").joinpath("gpu_specs", self.spec_file).read_text()
+
+
+PCIE4_X16 = 16e9 * 16 * 128 / 130 / 8  # 31.5 GB/s per direction: 16 GT/s per lane, 128b/130b encoding
+PCIE5_X16 = 2 * PCIE4_X16
+PCIE3_X16 = 8e9 * 16 * 128 / 130 / 8
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("a100-80gb", "NVIDIA A100 80GB (sm_80)", "a100_80gb.txtpb", 80 * GIB, 2039e9, "PCIe 4.0 x16",
+           PCIE4_X16, "openxla/xla GPU target specs (A100 80GB); NVIDIA A100 datasheet (80 GB HBM2e, 2,039 GB/s)"),
+    Target("a100-40gb", "NVIDIA A100 40GB (sm_80)", "a100_40gb.txtpb", 40 * GIB, 1555e9, "PCIe 4.0 x16",
+           PCIE4_X16, "the A100 80GB description with NVIDIA A100 datasheet memory (40 GB HBM2, 1,555 GB/s)"),
+    Target("h100", "NVIDIA H100 SXM 80GB HBM3 (sm_90a)", "h100_sxm.txtpb", 80 * GIB, 3.35e12, "PCIe 5.0 x16",
+           PCIE5_X16, "openxla/xla GPU target specs (H100 SXM); NVIDIA H100 datasheet (80 GB HBM3, 3.35 TB/s)"),
+    Target("l4", "NVIDIA L4 24GB (sm_89)", "l4.txtpb", 24 * GIB, 300e9, "PCIe 4.0 x16", PCIE4_X16,
+           "NVIDIA L4 datasheet (24 GB GDDR6, 300 GB/s, 58 SMs); CUDA C++ Programming Guide (sm_89 limits)"),
+    Target("rtx4090", "NVIDIA GeForce RTX 4090 24GB (sm_89)", "rtx4090.txtpb", 24 * GIB, 1008e9, "PCIe 4.0 x16",
+           PCIE4_X16, "NVIDIA RTX 4090 specifications (24 GB GDDR6X, 1,008 GB/s, 128 SMs); CUDA C++ Programming Guide"),
+    Target("t4", "NVIDIA T4 16GB (sm_75)", "t4.txtpb", 16 * GIB, 320e9, "PCIe 3.0 x16", PCIE3_X16,
+           "NVIDIA T4 datasheet (16 GB GDDR6, 320 GB/s, 40 SMs); CUDA C++ Programming Guide (sm_75 limits)"),
+)}
+
+
+def names() -> list[str]:
+    return list(TARGETS)
+
+
+def get(target) -> Target | None:
+    """A Target from its name (or the Target itself); None for None or "cpu" (this machine's compiler)."""
+    if target is None or isinstance(target, Target):
+        return target
+    if not isinstance(target, str):
+        raise TargetError(f"target must be a name such as 'h100', got {type(target).__name__}")
+    key = target.strip().lower()
+    if key == "cpu":
+        return None
+    if key not in TARGETS:
+        raise TargetError(f"unknown target {target!r}; choose one of: cpu, {', '.join(TARGETS)}")
+    return TARGETS[key]
+
+
+def source_name(target) -> str:
+    """The `source` label of figures compiled for target: "xla" (this machine) or "xla-gpu:<name>"."""
+    t = get(target)
+    return "xla" if t is None else f"xla-gpu:{t.name}"
+
+
+def check_compiler() -> None:
+    """Raise TargetError naming the extra to install when the GPU compiler or ptxas is missing."""
+    if not no_gpu.cuda_plugin_installed():
+        raise TargetError(f"compiling for a GPU target needs JAX's CUDA plugin, which is not installed; run "
+                          f"`{INSTALL_HINT}` (or leave the target out to use this machine's compiler)")
+    if importlib.util.find_spec("nvidia.cuda_nvcc") is None:
+        raise TargetError(f"compiling for a GPU target needs ptxas (the nvidia-cuda-nvcc-cu12 package), which is "
+                          f"not installed; run `{INSTALL_HINT}`")
+    plugin, jaxlib = _version("jax-cuda12-plugin"), _version("jaxlib")
+    if plugin and jaxlib and plugin != jaxlib:
+        raise TargetError(f"jax-cuda12-plugin {plugin} does not match jaxlib {jaxlib}; run `{INSTALL_HINT}` "
+                          "to install the matching version")
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def topology(target):
+    """The deviceless topology of one GPU of this target (cached: one per target per process)."""
+    t = get(target)
+    check_compiler()
+    from jax.experimental import topologies
+
+    try:
+        with no_gpu.filtered_stderr():
+            return topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=t.spec_text)
+    except NotImplementedError as e:  # the plugin did not register (JAX_PLATFORMS excludes it, or it failed)
+        raise TargetError(f"the CUDA plugin is installed but did not register with jax ({e}); check that "
+                          f"JAX_PLATFORMS does not exclude it, or reinstall with `{INSTALL_HINT}`") from None
+
+
+def abstract_sharding(target, memory_kind: str = "device") -> jax.sharding.Sharding:
+    """The sharding of an abstract argument placed in memory_kind for target.
+
+    For a GPU target the memory kind cannot be expressed (the deviceless device has no memory spaces):
+    the sharding is the device's, and a host-resident argument must be declared to `compile` by giving it
+    a sharding of this machine with memory_kind="pinned_host" instead (compile moves it and counts it).
+    """
+    t = get(target)
+    if t is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=memory_kind)
+    return jax.sharding.SingleDeviceSharding(topology(t).devices[0])
+
+
+def _nbytes(leaf) -> int:
+    return int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+
+
+def _kind(leaf) -> str | None:
+    sharding = getattr(leaf, "sharding", None)
+    return None if sharding is None else sharding.memory_kind
+
+
+def retarget(args, target):
+    """args with every abstract leaf moved to target's device, and the bytes of those that were pinned host."""
+    t = get(target)
+    if t is None:
+        host = sum(_nbytes(x) for x in jax.tree.leaves(args) if _kind(x) == "pinned_host")
+        return args, host
+    device = abstract_sharding(t)
+    host = 0
+
+    def move(x):
+        nonlocal host
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        if _kind(x) == "pinned_host":
+            host += _nbytes(x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+
+    return jax.tree.map(move, args), host
+
+
+def compile(fn, *args, target=None, **static):
+    """Compile a jitted function for abstract args on target (None = this machine): (compiled, analysis).
+
+    args: pytrees of jax.ShapeDtypeStruct; leaves with memory_kind="pinned_host" are host-resident
+    (on a GPU target they are given to the compiler as device arrays and counted by `analyse`).
+    static: the function's static keyword arguments. analysis: see `analyse`.
+    """
+    t = get(target)
+    moved, host_args = retarget(args, t)
+    if t is None:
+        compiled = fn.trace(*moved, **static).lower().compile()
+    else:
+        with no_gpu.filtered_stderr(also=_OVER_MEMORY_LOG):
+            compiled = fn.trace(*moved, **static).lower().compile()
+    return compiled, analyse(compiled, host_args, t)
+
+
+def output_avals(compiled):
+    """The compiled program's outputs as ShapeDtypeStructs with their shardings (memory kinds included)."""
+    return jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s),
+                        compiled.out_info, compiled.output_shardings)
+
+
+def analyse(compiled, host_argument_bytes: int, target=None) -> dict:
+    """XLA's memory analysis of compiled, split into device and host bytes the same way for every backend.
+
+    device_bytes = arguments + outputs + temporaries - aliased bytes (donated inputs reused as outputs),
+    without what lives in host memory. host_bytes = host-resident arguments and outputs; host_output_bytes =
+    the outputs alone.
+    On this machine's CPU compiler host-placed arguments and outputs sit inside the argument and output
+    sizes and are taken out using their shardings. On a GPU target the compiler reports the outputs it
+    moves to the host itself (host_output_size_in_bytes), while host-resident arguments, which it cannot
+    be told about, are the `host_argument_bytes` momjax counted (host_argument_counted_bytes).
+    """
+    t = get(target)
+    ma = compiled.memory_analysis()
+    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    compiler_host = ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes
+    if t is None:
+        host_outs = sum(_nbytes(x) for x in jax.tree.leaves(output_avals(compiled)) if _kind(x) == "pinned_host")
+        host = host_argument_bytes + host_outs + compiler_host
+        # The CPU backend reports host-placed buffers inside argument/output sizes; take them out.
+        device = total - (host_argument_bytes + host_outs if ma.host_argument_size_in_bytes == 0 else 0)
+        host_outs += ma.host_output_size_in_bytes
+    else:
+        host = host_argument_bytes + compiler_host
+        device = total - host_argument_bytes
+        host_outs = ma.host_output_size_in_bytes
+    return dict(device_bytes=int(device), host_bytes=int(host), temp_bytes=int(ma.temp_size_in_bytes),
+                argument_bytes=int(ma.argument_size_in_bytes), output_bytes=int(ma.output_size_in_bytes),
+                alias_bytes=int(ma.alias_size_in_bytes), host_output_bytes=int(host_outs),
+                host_argument_counted_bytes=int(host_argument_bytes if t is not None else 0),
+                source=source_name(t))
