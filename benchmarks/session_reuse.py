@@ -82,6 +82,40 @@ def run_policy(model, doc, questions, policy: str, log) -> dict:
     return result
 
 
+def gpu_prediction(preset="llama-3.1-8b", contexts=(131072, 524288), targets=("h100", "a100-80gb")) -> dict:
+    """A bandwidth-bound prediction of a question's time to first token with a session, on the GPU targets of
+    momjax.targets (bfloat16; no GPU run): what the feed has to move dominates, the 20 new tokens' compute
+    does not (about 2 x 8e9 x 20 = 3.2e11 FLOPs).
+
+    baseline: the cache stays on the device; the feed reads the weights and the cached K/V once from device
+      memory: (weights + KV) / memory bandwidth. Only where a baseline prefill of the context fits the device.
+    mom, mom-stream: each layer's cached K/V crosses the host link to the device and back (XLA cannot update
+      a host buffer in place): from KV / link (the two directions overlapped) to 2 KV / link (not overlapped).
+    """
+    from momjax import memory
+    from momjax import targets as T
+    from momjax.params import param_bytes
+
+    cfg = momjax.preset(preset)
+    weights = param_bytes(cfg, "bfloat16")
+    per_token = cfg.kv_bytes_per_token * 2  # bfloat16
+    out = {}
+    for name in targets:
+        t = T.get(name)
+        for n in contexts:
+            kv = n * per_token
+            # baseline holds the cache on the device: only where its one-shot prefill fits in the first place
+            fits = memory.estimate(cfg, n, "baseline", dtype="bfloat16")["device_bytes"] <= t.memory_bytes
+            out[f"{name}/{n}"] = dict(
+                kv_bytes=kv, weight_bytes=weights,
+                baseline_s=(weights + kv) / t.memory_bandwidth if fits else None,
+                mom_s=[kv / t.host_link_bandwidth, 2 * kv / t.host_link_bandwidth],
+                memory_bandwidth=t.memory_bandwidth, host_link=t.host_link, host_link_bandwidth=t.host_link_bandwidth)
+    method = ("bandwidth-bound: baseline (weights + KV) / memory bandwidth; mom and mom-stream KV / host link "
+              "(directions overlapped) to 2 KV / host link (not overlapped)")
+    return dict(preset=preset, dtype="bfloat16", method=method, cases=out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policies", default="mom,baseline,mom-stream")
@@ -103,6 +137,7 @@ def main(argv=None) -> int:
         machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
                      backend=jax.default_backend(), jax=jax.__version__),
         results=results,
+        gpu_prediction=gpu_prediction(),
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
