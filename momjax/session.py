@@ -35,7 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from momjax import generation as G
-from momjax.api import Generation, InputError, Model, check_prompts, get_policy, sampling_args
+from momjax.api import (
+    Generation,
+    InputError,
+    Model,
+    _check_callback,
+    _check_model,
+    check_fits,
+    check_prompts,
+    get_policy,
+    sampling_args,
+)
 from momjax.cache import KVCache, place_prompt, sharding, to_memory_kind
 from momjax.config import MemoryPolicy
 
@@ -126,6 +136,7 @@ class Session:
         """capacity: room to allocate now, in tokens (rounded up to a length bucket); the buffers grow anyway
         when a feed needs more, but each new capacity compiles the feed and decode programs again, so pass
         the expected total (e.g. the document's length plus some questions) to compile them once."""
+        _check_model(model)
         self.model = model
         self.policy: MemoryPolicy = get_policy(policy)
         self._tokens: list[int] = []
@@ -193,11 +204,15 @@ class Session:
                 f"the session ({self.length} tokens) + {len(ids)} new tokens{what} = {total} exceeds the model's "
                 f"context of {self.model.max_context} tokens; rewind the session, or set model.max_context = "
                 f"{total} to allow it (beyond the trained length outputs may degrade)")
+        # A feed never needs more memory than a one-shot prefill of all the tokens (tests/test_session.py):
+        # refuse what that prefill could not do.
+        check_fits(self.model.config, self.length + len(ids), new_tokens, self.policy, self.model.dtype)
         return ids
 
     def feed(self, tokens, on_layer=None) -> jax.Array:
         """Extend the cache with tokens (a list of ids or a [n] / [1, n] array); returns the float32 logits [V]
         that follow the last of them. on_layer(i) is called after layer i (0-based) has finished."""
+        _check_callback(on_layer)
         ids = self._check_tokens(tokens)
         return self._feed(ids, on_layer)[0]
 
@@ -250,6 +265,7 @@ class Session:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or \
                 max_new_tokens < 1:
             raise SessionError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        _check_callback(on_layer)
         ids = self._check_tokens(tokens, int(max_new_tokens))
         sampling = sampling_args(self.model, temperature, top_k, top_p, seed, stop_tokens)
         t0 = time.perf_counter()

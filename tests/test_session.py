@@ -200,6 +200,8 @@ def test_bad_calls_raise_and_leave_the_session_unchanged(zoo):
         (lambda: s.rewind(DOC + 1), "cannot rewind"),
         (lambda: s.rewind(-1), "cannot rewind"),
         (lambda: s.rewind(1.5), "number of tokens"),
+        (lambda: s.feed([5], on_layer=3), "on_layer"),
+        (lambda: momjax.Session("not a model"), "momjax.Model"),
     ]
     for call, message in cases:
         with pytest.raises(momjax.InputError, match=message):
