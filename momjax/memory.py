@@ -113,7 +113,7 @@ def _check_request(**args) -> None:
         raise InputError(f"source must be 'auto', 'xla' or 'estimate', got {args['source']!r}")
     for name, minimum in (("hbm_bytes", 1), ("host_bytes", 0)):
         value = args.get(name)
-        if name not in args or (value is None and name == "host_bytes"):
+        if name not in args or value is None:  # None: no host limit, or (hbm) the target's memory
             continue
         if isinstance(value, bool) or (isinstance(value, (int, float, np.number))
                                        and (not math.isfinite(value) or value < minimum)):
