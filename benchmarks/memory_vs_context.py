@@ -211,8 +211,8 @@ def summary_table(results: dict) -> str:
 
 def target_summary_table(results: dict, key: str) -> str:
     """Markdown: per preset and policy, the limit on the GPU, what limits it, and GiB at the limit and at 128k."""
-    rows = ["| preset | policy | max context (compiled) | limited by | device GiB at the limit | "
-            "device GiB at 128k: compiled / estimate | host GiB at 128k |", "|---|---|---:|---|---:|---:|---:|"]
+    rows = [("| preset | policy | max context (compiled) | limited by | device GiB at the limit | "
+            "device GiB at 128k: compiled / estimate | host GiB at 128k |"), "|---|---|---:|---|---:|---:|---:|"]
     for name, data in results[key].items():
         for policy, points in data["points"].items():
             limit = data["max_context_estimate"][policy]

@@ -10,8 +10,8 @@ from momjax.cache import KVCache
 from momjax.config import POLICIES, PRESETS, Config, ConfigError, MemoryPolicy, get_policy, preset
 from momjax.memory import estimate, memory_report, plan
 from momjax.session import Session, SessionError
-from momjax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from momjax.targets import TARGETS, TargetError
+from momjax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 __all__ = [
     "POLICIES",
@@ -26,9 +26,9 @@ __all__ = [
     "Model",
     "Session",
     "SessionError",
+    "TargetError",
     "Tokenizer",
     "TokenizerError",
-    "TargetError",
     "estimate",
     "forward",
     "generate",

@@ -15,8 +15,8 @@ padded (on the left) to a small set of buckets so that many prompt lengths share
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

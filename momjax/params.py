@@ -19,9 +19,8 @@ Einsum-friendly layouts; letters D model, H heads, K kv heads, E head dim, F ffn
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
