@@ -243,13 +243,15 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
     W = all weights. Prefill runs one program per layer; its peak is the last run of that program:
 
     KV (prompt)         = 2 L B K S E b                     (device or pinned host, as the policy says)
-    prefill temporaries = B b [ S D + C (3F + D) ]            (whole-layer mini-sequences)
+    prefill temporaries = B b C (3F + D)                      (whole-layer mini-sequences)
                           B b [ S (2D + HE + 2KE) + C 3F ]    (MLP-only mini-sequences)
                           B b S (3F + D)                      (baseline: one chunk of S)
-      3F + D: the MLP's gate, up and product and the layer's output for one mini-sequence; S D: the
-      residual stream carried across the mini-sequences.
-    prefill device      = W + B b S D (the residual stream in, donated to the output) + temporaries
-                          + the prompt KV when the policy keeps it on the device (all L layers' by then)
+      3F + D: the MLP's gate, up and product and the layer's output for one mini-sequence (the residual
+      stream and the layer's K/V are updated in place, chunk by chunk).
+    prefill device      = W + B b S D (the residual stream, donated to the output) + temporaries
+                          + the prompt KV when the policy keeps it on the device (all L layers' by then),
+                          or else one layer's K/V on its way to the host (2 B K S E b; the CPU compiler
+                          writes it to host memory directly, so CPU figures come out that much lower)
     decode temporaries  = 8 B H (S + N) (one layer's float32 scores and probabilities), plus, when
                           streaming from the host, 2 layers' prompt K/V (this layer's and the prefetched next)
     decode device       = W + temporaries + prompt KV on device + tail KV (2 L B K N E b) + logits (4 B V)
@@ -273,10 +275,10 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
         elif policy.minisequence_scope == "mlp":
             temp = B * b * (S * (2 * D + H * E + 2 * K * E) + C * 3 * F)
         else:
-            temp = B * b * (S * D + C * (3 * F + D))
+            temp = B * b * C * (3 * F + D)
         on_device = policy.kv_prefill == "device"
         kv_bytes = kv_prompt
-        device = W + B * b * S * D + temp + (kv_prompt if on_device else 0)
+        device = W + B * b * S * D + temp + (kv_prompt if on_device else 2 * B * K * S * E * b)
         host = 0 if on_device else kv_prompt
     elif phase == "decode":
         N = max(new_tokens - 1, 1)

@@ -106,16 +106,24 @@ def lm_head(params: Params, x):
 
 
 def _kv_pass(lp, x, pos, cfg, inv_freq):
-    """K and V of every position of a layer, one mini-sequence at a time. Returns [B, K, S, E] each."""
+    """K and V of every position of a layer, one mini-sequence at a time. Returns [B, K, S, E] each.
 
-    def one(args):
-        x_c, pos_c = args  # [B, C, D], [B, C]
-        return project_kv(lp, rms_norm(x_c, lp.attn_norm, cfg.rms_norm_eps), pos_c, inv_freq)
+    Each chunk's K/V is written into its place in the cache-layout buffers (in place, in a fori_loop), so the
+    layer's K/V exists once: not also chunk-major and then transposed."""
+    N, B, C, _ = x.shape
+    kv_of = lambda c: project_kv(lp, rms_norm(x[c], lp.attn_norm, cfg.rms_norm_eps), pos[c], inv_freq)
+    if N == 1:
+        k, v = kv_of(0)  # [B, C, K, E]
+        return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
-    k, v = chunk_map(one, (x, pos))  # [N, B, C, K, E]
-    N, B, C, K, E = k.shape
-    to_cache = lambda t: jnp.transpose(t, (1, 3, 0, 2, 4)).reshape(B, K, N * C, E)
-    return to_cache(k), to_cache(v)
+    def write(c, kv):
+        k_c, v_c = kv_of(c)  # [B, C, K, E]
+        put = lambda buf, t: jax.lax.dynamic_update_slice_in_dim(buf, jnp.swapaxes(t, 1, 2), c * C, axis=2)
+        return put(kv[0], k_c), put(kv[1], v_c)
+
+    K, E = lp.wk.shape[1], lp.wk.shape[2]
+    empty = jnp.zeros((B, K, N * C, E), x.dtype)
+    return jax.lax.fori_loop(0, N, write, (empty, empty))
 
 
 def _attend_and_mlp(lp, x_c, pos_c, q_offset, k, v, start, cfg, policy, inv_freq, with_mlp=True):
@@ -143,11 +151,15 @@ def _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq, offset=0
         x = jnp.moveaxis(xs.reshape(B, N, C, D), 1, 0)
         return chunk_map(lambda x_c: x_c + mlp(lp, rms_norm(x_c, lp.mlp_norm, cfg.rms_norm_eps)), x)
 
-    def one(args):
-        x_c, pos_c, c = args
-        return _attend_and_mlp(lp, x_c, pos_c, offset + c * C, k, v, start, cfg, policy, inv_freq)
+    if N == 1:
+        return _attend_and_mlp(lp, x[0], pos[0], offset, k, v, start, cfg, policy, inv_freq)[None]
 
-    return chunk_map(one, (x, pos, jnp.arange(N)))
+    def update(c, x):  # chunk c reads only its own rows of x before they are overwritten: in place
+        x_c = _attend_and_mlp(lp, x[c], pos[c], offset + c * C, k, v, start, cfg, policy, inv_freq)
+        return jax.lax.dynamic_update_index_in_dim(x, x_c, c, axis=0)
+
+    # The residual stream is updated in place, one chunk at a time: a map would hold a second [N, B, C, D].
+    return jax.lax.fori_loop(0, N, update, x)
 
 
 def _rest_last_position(lp, x, pos, k, v, start, cfg, policy, inv_freq):
@@ -230,7 +242,12 @@ def embed_chunks(params: Params, tokens, start, chunk: int):
     pos = jnp.arange(S)[None, :] - start[:, None]  # [B, S]; padding gets negative positions, never seen
     to_chunks = lambda t: jnp.moveaxis(t.reshape(B, N, chunk), 1, 0)
     tok, pos = to_chunks(tokens), to_chunks(pos)
-    return params.embed[tok], pos
+    if N == 1:
+        return params.embed[tok], pos
+    # Gathered one chunk at a time into the output: a single gather would also build it in a temporary.
+    fill = lambda c, x: jax.lax.dynamic_update_index_in_dim(x, params.embed[tok[c]], c, axis=0)
+    x = jnp.zeros((N, B, chunk, params.embed.shape[1]), params.embed.dtype)
+    return jax.lax.fori_loop(0, N, fill, x), pos
 
 
 def last_logits(params: Params, x, cfg: Config):

@@ -26,6 +26,24 @@ torch.set_num_threads(1)
 
 FAMILY_NAMES = list(tiny.FAMILIES)
 
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_compile_cache_leaks():
+    """A test that runs the CLI in this process may switch on JAX's persistent compilation cache (--compile-cache,
+    $MOMJAX_COMPILATION_CACHE) in a temporary folder; switch it off again so later tests compile as usual."""
+    import jax
+    from jax._src import compilation_cache
+
+    saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+    yield
+    if any(getattr(jax.config, name) != value for name, value in saved.items()):
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
 # Families whose float32 checkpoint is written in several safetensors shards (with an index file).
 SHARDED = {"llama-gqa": "40KB", "qwen2": "60KB", "mistral-window": "30KB"}
 
