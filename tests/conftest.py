@@ -30,6 +30,21 @@ _CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile
                   "jax_persistent_cache_min_entry_size_bytes")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compiled_programs():
+    """Drop every compiled program after each test module. One process compiling the whole suite's programs
+    (thousands of executables, all kept alive by jit caches) crashed inside XLA's CPU compiler late in the run,
+    at different tests each time, while every module passes on its own; releasing them per module keeps the
+    process's state to what one module builds."""
+    yield
+    import jax
+
+    from momjax import cli
+
+    cli._COMPILED.clear()
+    jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def _no_persistent_compile_cache_leaks():
     """A test that runs the CLI in this process may switch on JAX's persistent compilation cache (--compile-cache,
