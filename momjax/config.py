@@ -386,6 +386,11 @@ class MemoryPolicy:
         position only in prefill.
     kv_prefill / kv_decode: memory kind of the prompt's KV cache after prefill and while decoding
         ("device" or "pinned_host"). kv_decode="pinned_host" streams one layer at a time to the device.
+    kv_dtype: None keeps K/V in the model's dtype (exact); "int8" stores them as int8 with one float32 scale
+        per token per KV head (approximate: logits change slightly; every policy gives the same tokens).
+    kv_device_layers: with kv_decode="pinned_host" only: the first N layers' prompt K/V are brought to the
+        device once after prefill and stay there; the others stream every step. None or 0 streams them all;
+        N = the model's layer count behaves like `mom`. Exact.
     """
 
     name: str = "custom"
@@ -396,6 +401,8 @@ class MemoryPolicy:
     kv_block: int = 512
     kv_prefill: str = "device"
     kv_decode: str = "device"
+    kv_dtype: str | None = None
+    kv_device_layers: int | None = None
 
     def __post_init__(self):
         if self.minisequence is not None and self.minisequence <= 0:
@@ -409,10 +416,37 @@ class MemoryPolicy:
             raise ValueError("kv_decode='pinned_host' needs kv_prefill='pinned_host'")
         if self.q_block <= 0 or self.kv_block <= 0:
             raise ValueError("attention blocks must be positive")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be None (the model's dtype) or 'int8', got {self.kv_dtype!r}")
+        n = self.kv_device_layers
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"kv_device_layers must be a whole number of layers >= 0, got {n!r}")
+            if self.kv_decode != "pinned_host":
+                raise ValueError(f"kv_device_layers={n} needs a policy that streams the KV cache from the host "
+                                 "while decoding (kv_decode='pinned_host', e.g. 'mom-stream')")
+
+    def check_layers(self, num_layers: int) -> None:
+        """ValueError when kv_device_layers is more than the model's num_layers."""
+        if self.kv_device_layers is not None and self.kv_device_layers > num_layers:
+            raise ValueError(f"kv_device_layers must be between 0 and the model's {num_layers} layers, "
+                             f"got {self.kv_device_layers}")
+
+    @property
+    def quantized_kv(self) -> bool:
+        return self.kv_dtype == "int8"
+
+    def device_layers(self, num_layers: int) -> int:
+        """How many layers' prompt K/V are on the device while decoding."""
+        if self.kv_decode == "device":
+            return num_layers
+        return min(self.kv_device_layers or 0, num_layers)
 
     def replace(self, **changes) -> MemoryPolicy:
         return dataclasses.replace(self, **changes)
 
+
+KV_DTYPES = (None, "int8")
 
 # Default mini-sequence length, from the rule and measurement in benchmarks/minisequence_size.py: CPU prefill time
 # is flat from 512 to 8192 tokens, and 2048 is the largest chunk within 5% of the least memory at 128k tokens.
