@@ -96,7 +96,9 @@ def measure_preset(name: str, dtype: str = "float32", quick: bool = False, log=p
     if target is not None:
         out["max_context_source"] = plan["source"]
     for policy in POLICIES:
-        lengths = lengths_up_to(plan["max_context"][policy])
+        # On a GPU target every curve runs to its limit (mom-stream's passes the CPU run's 4M cap).
+        limit = plan["max_context"][policy]
+        lengths = lengths_up_to(limit, cap=max(CAP, limit) if target is not None else CAP)
         if quick:
             lengths = lengths[:2]
         points = []
@@ -162,7 +164,7 @@ def plot(results: dict, key: str, path: str, title: str, with_estimate: bool, pa
             if with_estimate:
                 ye = [p["estimate_device_bytes"] / GIB for p in points]
                 ax.plot(x, ye, ":", color=COLORS[policy], lw=1.2)
-            if limit > CAP:
+            if limit > x[-1]:  # the curve stops at the cap, short of the limit
                 ax.annotate(f"cut at {_k(CAP)}\n(limit {_k(limit)})", (x[-1], y[-1]), textcoords="offset points",
                             xytext=(-8, -10), ha="right", va="top", color=COLORS[policy], fontsize=8)
         ax.axhline(budget_gib, color="black", ls="--", lw=1)
@@ -178,7 +180,8 @@ def plot(results: dict, key: str, path: str, title: str, with_estimate: bool, pa
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticklabels([_k(t) for t in ticks], fontsize=8)
-        ax.set_xlim(6000, 5.5 * 2**20)
+        right = max((p["seq_len"] for pts in data["points"].values() for p in pts), default=0)
+        ax.set_xlim(6000, max(5.5 * 2**20, 1.15 * right))
         ax.set_ylim(0, max(100, budget_gib * 1.25))
         weights = data["weight_bytes"] / GIB
         ax.set_title(f"{name} (weights {weights:.1f} GiB)")

@@ -104,6 +104,34 @@ def get(target) -> Target | None:
     return TARGETS[key]
 
 
+# jax.devices()[0].device_kind of each GPU a target describes, as CUDA names them (the driver's product name).
+# A kind matches when it contains every word of a row, case-insensitively; the first matching row wins, so
+# narrower rows come first. A100 PCIe cards map to the A100 of their memory size (the same sm_80 chip and memory,
+# bandwidth ~5% lower); H100 PCIe and NVL (fewer SMs, other memory) are not the SXM part h100 describes: None.
+_DEVICE_KINDS = (
+    (("a100", "80gb"), "a100-80gb"),
+    (("a100", "40gb"), "a100-40gb"),
+    (("h100", "80gb", "hbm3"), "h100"),
+    (("rtx", "4090"), "rtx4090"),
+    (("l4",), "l4"),
+    (("t4",), "t4"),
+)
+
+
+def from_device_kind(kind: str) -> str | None:
+    """The target name of a GPU from its `jax.devices()[0].device_kind` ("NVIDIA L4" -> "l4"), or None.
+
+    None when no target describes that GPU (compile for the attached device with target=None instead).
+    """
+    if not isinstance(kind, str):
+        return None
+    words = set(re.split(r"[^a-z0-9]+", kind.lower()))
+    for needed, name in _DEVICE_KINDS:
+        if all(w in words for w in needed):
+            return name
+    return None
+
+
 def source_name(target) -> str:
     """The `source` label of figures compiled for target: "xla" (this machine) or "xla-gpu:<name>"."""
     t = get(target)

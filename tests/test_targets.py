@@ -26,6 +26,18 @@ def test_target_names_and_cpu():
     assert targets.source_name(None) == "xla" and targets.source_name("a100-80gb") == "xla-gpu:a100-80gb"
 
 
+@pytest.mark.parametrize("kind, name", [
+    ("Tesla T4", "t4"), ("NVIDIA L4", "l4"), ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+    ("NVIDIA A100 80GB PCIe", "a100-80gb"), ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
+    ("NVIDIA A100-PCIE-40GB", "a100-40gb"), ("NVIDIA H100 80GB HBM3", "h100"),
+    ("NVIDIA GeForce RTX 4090", "rtx4090"),
+    ("NVIDIA H100 PCIe", None), ("NVIDIA L40S", None), ("NVIDIA GeForce RTX 3090", None), ("cpu", None), ("", None),
+])
+def test_target_from_device_kind(kind, name):
+    assert targets.from_device_kind(kind) == name
+    assert name is None or targets.get(name).name == name  # every answer is a real target
+
+
 @pytest.mark.parametrize("name", list(targets.TARGETS))
 def test_target_descriptions_ship_and_agree_with_the_table(name):
     t = targets.TARGETS[name]
