@@ -69,3 +69,11 @@ def test_notebook_runs_on_cpu_offline(name, tmp_path, monkeypatch):
         assert "No GPU here" in text
         assert text.count("max context") == 3
         assert "XLA" in text and "estimate" in text
+        # No GPU attached: the target defaults to an A100 80GB, compiled for when the gpu-plan extra is installed.
+        assert "planning for NVIDIA A100 80GB" in text
+        from momjax import no_gpu
+
+        if no_gpu.cuda_plugin_installed():
+            assert "XLA's GPU compiler for NVIDIA A100 80GB" in text
+        else:
+            assert "XLA's GPU compiler is not installed here" in text
