@@ -21,6 +21,7 @@ compiled programs' buffer assignments, not allocator peaks on a live GPU, and no
 Writes memory_vs_context_<target>.json and .png.
 
     python benchmarks/memory_vs_context.py --target a100-80gb
+    python benchmarks/memory_vs_context.py --target h100 --factor 4   # lengths x4 apart: half the compiles
 """
 
 from __future__ import annotations
@@ -63,13 +64,13 @@ PAPER = {
 
 
 
-def lengths_up_to(limit: int, start: int = START, cap: int = CAP) -> list[int]:
-    """start, 2 start, 4 start, ... below min(limit, cap), then the limit itself (when it is under the cap)."""
+def lengths_up_to(limit: int, start: int = START, cap: int = CAP, factor: int = 2) -> list[int]:
+    """start, factor start, factor^2 start, ... below min(limit, cap), then the limit itself (under the cap)."""
     top = min(limit, cap)
     out, n = [], start
     while n <= top:
         out.append(n)
-        n *= 2
+        n *= factor
     if limit <= cap and (not out or out[-1] != limit) and limit >= start:
         out.append(limit)
     return out
@@ -82,7 +83,7 @@ def _phases(report_fn, name, n, policy, dtype) -> dict:
 
 
 def measure_preset(name: str, dtype: str = "float32", quick: bool = False, log=print, target=None,
-                   hbm=HBM) -> dict:
+                   hbm=HBM, factor: int = 2) -> dict:
     """XLA and estimate figures for one preset, every policy, prefill and decode, from 8k to the limit.
 
     target: None = this machine's compiler, limits from the estimate; a GPU name = its compiler, limits
@@ -98,7 +99,7 @@ def measure_preset(name: str, dtype: str = "float32", quick: bool = False, log=p
     for policy in POLICIES:
         # On a GPU target every curve runs to its limit (mom-stream's passes the CPU run's 4M cap).
         limit = plan["max_context"][policy]
-        lengths = lengths_up_to(limit, cap=max(CAP, limit) if target is not None else CAP)
+        lengths = lengths_up_to(limit, cap=max(CAP, limit) if target is not None else CAP, factor=factor)
         if quick:
             lengths = lengths[:2]
         points = []
@@ -251,6 +252,7 @@ def main_target(args, argv) -> int:
                         "on a live GPU; no autotuning ran (GEMM workspaces may differ, cuDNN workspaces count 0)"),
         "device_budget": budget, "host_budget": HOST, "new_tokens": memory.DEFAULT_NEW_TOKENS,
         "device_bytes_is": "max over prefill and decode of memory_report(target=...)['device_bytes']",
+        "lengths_are": f"{START} tokens times {args.factor} until the limit, then the limit",
         "max_context_is": ("momjax.plan(target=...): the estimate's answer refined by bisection with compiled "
                            "programs" if not args.quick else "momjax.estimate (--quick)"),
         "paper": PAPER,
@@ -258,7 +260,8 @@ def main_target(args, argv) -> int:
     }
     for name in args.presets:
         print(f"{name}: bfloat16, compiled for {target.name}")
-        results[key][name] = measure_preset(name, "bfloat16", args.quick, target=target.name, hbm=budget)
+        results[key][name] = measure_preset(name, "bfloat16", args.quick, target=target.name, hbm=budget,
+                                            factor=args.factor)
     results["total_s"] = round(time.perf_counter() - t0, 1)
     results["summary_markdown"] = target_summary_table(results, key)
     stem = os.path.join(args.out_dir, f"memory_vs_context_{target.name}")
@@ -278,6 +281,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(momjax.PRESETS))
     parser.add_argument("--quick", action="store_true", help="first two lengths per policy only")
+    parser.add_argument("--factor", type=int, default=2, choices=(2, 4),
+                        help="ratio between successive lengths (4: half the compiles, for a busy machine)")
     parser.add_argument("--target", default=None, help="a GPU (a100-80gb, h100, ...): compile for it, in bfloat16")
     parser.add_argument("--out-dir", default=RESULTS)
     args = parser.parse_args(argv)
@@ -294,6 +299,7 @@ def main(argv=None) -> int:
         "git": git_state(),
         "device_budget": HBM, "host_budget": HOST, "new_tokens": memory.DEFAULT_NEW_TOKENS,
         "device_bytes_is": "max over prefill and decode of memory_report()['device_bytes']",
+        "lengths_are": f"{START} tokens times {args.factor} until the limit (capped at {CAP}), then the limit",
         "float32_xla_is": "memory_report (source xla, float32, compiled on CPU), with estimate() beside it",
         "bfloat16_estimate_is": "estimate() only (closed form), bfloat16",
         "paper": PAPER,
@@ -302,7 +308,7 @@ def main(argv=None) -> int:
     }
     for name in args.presets:
         print(f"{name}: float32, compiled programs")
-        results["float32_xla"][name] = measure_preset(name, "float32", args.quick)
+        results["float32_xla"][name] = measure_preset(name, "float32", args.quick, factor=args.factor)
         results["bfloat16_estimate"][name] = estimate_preset(name, "bfloat16")
     results["total_s"] = round(time.perf_counter() - t0, 1)
     results["summary_markdown"] = summary_table(results)

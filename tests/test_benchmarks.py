@@ -55,6 +55,8 @@ def test_memory_vs_context_lengths_are_log_spaced_up_to_the_limit():
     assert memory_vs_context.lengths_up_to(65536) == [8192, 16384, 32768, 65536]
     capped = memory_vs_context.lengths_up_to(10 * 2**20)
     assert capped[-1] == memory_vs_context.CAP and len(capped) == 10
+    assert memory_vs_context.lengths_up_to(5_666_816, cap=5_666_816, factor=4) == [
+        8192, 32768, 131072, 524288, 2097152, 5_666_816]
 
 
 def test_gpu_long_context_tiny_mode_writes_results(tmp_path):
