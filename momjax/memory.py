@@ -472,7 +472,6 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
     from momjax.api import InputError
 
     measure = _measure(source, t)
-    L = cfg.num_layers
     candidates = {}
     for kv in (None,) if kv_dtype is None else (None, "int8"):
         for name in ("baseline", "mom", "mom-stream"):
@@ -580,14 +579,14 @@ def plan_table(result: dict) -> str:
 
 def _decode_table(result: dict) -> str:
     """The decode part of plan_table: per policy at result["context"], and the recommendation."""
-    L_note = result["target"]
+    tgt = result["target"]
     lines = [f"decoding after a {result['context']:,}-token prompt"
-             + (f" on {L_note['name']}: predicted tokens/s, a roofline of the step's bytes at "
-                f"{L_note['memory_bandwidth'] / 1e9:,.0f} GB/s memory and {L_note['host_link_bandwidth'] / 1e9:.1f} "
-                f"GB/s {L_note['host_link']} (copies overlapped with compute as the step issues them; not measured "
-                "on a GPU)" if L_note else " (give --target for predicted speed)"),
+             + (f" on {tgt['name']}: predicted tokens/s, a roofline of the step's bytes at "
+                f"{tgt['memory_bandwidth'] / 1e9:,.0f} GB/s memory and {tgt['host_link_bandwidth'] / 1e9:.1f} "
+                f"GB/s {tgt['host_link']} (copies overlapped with compute as the step issues them; not measured "
+                "on a GPU)" if tgt else " (give --target for predicted speed)"),
              f"{'policy':<18}{'K/V':<6}{'layers on device':>17}{'host->device/token':>20}{'tokens/s':>10}"]
-    for name, c in result["decode"].items():
+    for c in result["decode"].values():
         kv = c["kv_dtype"] or result["dtype"].replace("bfloat16", "bf16").replace("float", "f")
         if not c["fits"]:
             lines.append(f"{c['policy']:<18}{kv:<6}{'does not fit':>17}")
