@@ -136,6 +136,7 @@ class Conversation:
 def cmd_chat(args) -> int:
     import momjax
     from momjax.cli import UsageError, resolve_policy
+    from momjax.params import param_bytes
     from momjax.tokenizer import load_tokenizer
 
     if not os.path.isdir(args.model):
@@ -160,7 +161,8 @@ def cmd_chat(args) -> int:
     convo = Conversation(tok, document)
     doc_ids = convo.document_tokens()
     capacity = len(doc_ids) + 8 * args.max_new_tokens
-    policy = resolve_policy(args, model.config, capacity, model.dtype, None if args.quiet else log)
+    policy = resolve_policy(args, model.config, capacity, model.dtype, None if args.quiet else log,
+                            loaded_weight_bytes=param_bytes(model.config, model.dtype))
     session, loaded = _load_or_new_session(model, args.session, policy, capacity, log)
     if loaded:
         saved = session.info.get("chat", {})

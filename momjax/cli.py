@@ -500,9 +500,10 @@ def _add_policy_args(p) -> None:
                                                "device's memory; this machine's RAM on a CPU)")
 
 
-def resolve_policy(args, cfg, context: int, dtype, log=None):
+def resolve_policy(args, cfg, context: int, dtype, log=None, loaded_weight_bytes: int = 0):
     """The MemoryPolicy the command line asks for. --policy auto asks momjax.plan for the fastest policy that
-    fits `context` tokens in --hbm (or the device's memory; the RAM on a CPU), with int8 K/V allowed when
+    fits `context` tokens in --hbm (or the device's free memory, counting the model's weights as free when
+    they are already loaded there, loaded_weight_bytes; the RAM on a CPU), with int8 K/V allowed when
     --kv-dtype int8 is given, and says which it chose on stderr."""
     from momjax import memory
     from momjax import targets as T
@@ -518,13 +519,18 @@ def resolve_policy(args, cfg, context: int, dtype, log=None):
         return policy
     if args.kv_device_layers is not None:
         raise UsageError("--kv-device-layers is chosen by --policy auto; give one or the other")
-    device_limit, ram = memory_limits()
     import jax
 
-    kind = jax.devices()[0].device_kind if device_limit is not None else None
+    device_limit, ram = memory_limits()
+    device = jax.devices()[0]
+    free = None
+    if device_limit is not None:  # a GPU: what is free now, plus the weights if they are already loaded there
+        stats = device.memory_stats() or {}
+        free = device_limit - stats.get("bytes_in_use", 0) + loaded_weight_bytes
+    kind = device.device_kind if device_limit is not None else None
     target = getattr(T, "from_device_kind", lambda kind: None)(kind) if kind else None
     try:
-        hbm = memory.parse_bytes(args.hbm) if args.hbm is not None else (device_limit or ram)
+        hbm = memory.parse_bytes(args.hbm) if args.hbm is not None else (free or ram)
         if hbm is None:
             raise UsageError("--policy auto needs --hbm here (this machine does not say how much memory it has)")
         result = memory.plan(cfg, hbm, ram, dtype=str(dtype), source="estimate", target=target,
