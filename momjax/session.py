@@ -46,7 +46,7 @@ from momjax.api import (
     get_policy,
     sampling_args,
 )
-from momjax.cache import KVCache, place_prompt, sharding, to_memory_kind
+from momjax.cache import KVCache, place_for_decode, sharding, to_memory_kind
 from momjax.config import MemoryPolicy
 
 FORMAT = "momjax-session"
@@ -252,7 +252,7 @@ class Session:
         says for decoding (mom: a device copy; the session's own buffers stay where they are)."""
         cache = KVCache(k=self._k, v=self._v, start=jnp.zeros((1,), jnp.int32), tail_k=(), tail_v=(),
                         length=jnp.zeros((), jnp.int32), end=jnp.int32(self.length))
-        return place_prompt(cache, self.policy.kv_decode)
+        return place_for_decode(cache, self.policy)
 
     # ------------------------------------------------------------------ generating
 
