@@ -54,7 +54,7 @@ def test_tiny_generate_programs_compile_for_the_gpu(gpu, policy):
         _, analysis = targets.compile(stage.fn, *stage.args, target=gpu, **stage.static)
         assert analysis["source"] == f"xla-gpu:{gpu}" and analysis["device_bytes"] > 0, stage.name
 
-    cache = memory._abstract_cache(TINY, TINY_LEN, 16, jnp.bfloat16, policy.kv_decode, 2)
+    cache = memory._abstract_cache(TINY, TINY_LEN, 16, jnp.bfloat16, policy, 2)
     scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=dev)
     key = jax.random.PRNGKey(0)
     logits = scalar(jnp.float32, (2, TINY.vocab_size))
