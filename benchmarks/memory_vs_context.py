@@ -117,6 +117,9 @@ def measure_preset(name: str, dtype: str = "float32", quick: bool = False, log=p
             log(f"  {name:<17}{policy:<11}{n:>10,} tokens  device {device / GIB:7.2f} GiB (estimate "
                 f"{est_device / GIB:7.2f})  host {points[-1]['host_bytes'] / GIB:7.2f} GiB  [{seconds:.1f} s]")
         out["points"][policy] = points
+        # Drop the compiled programs: one process keeping a whole run's CPU executables alive ran out of mapped
+        # memory inside XLA's CPU compiler (LLVM "Unable to allocate section memory") in the third preset.
+        jax.clear_caches()
     return out
 
 
