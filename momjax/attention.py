@@ -187,6 +187,10 @@ def _int8_decode(q32, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start, 
     [B, K, T, E] cache to a float copy first (on CPU the dot needs materialised operands), while a reduction
     fuses the conversion into its loop (tests/test_int8_kv.py reads the compiled program for such a copy)."""
     k_scale, v_scale, tail_k_scale, tail_v_scale, new_k_scale, new_v_scale = scales
+    # Inside a decode loop the prompt K/V do not change, so XLA would hoist their int8 -> float conversion out
+    # of the loop: a float copy of the whole cache, kept for the loop's life. Tying them to this step's query
+    # makes the conversion part of each step, fused into the reductions that read it.
+    k, v, q32 = jax.lax.optimization_barrier((k, v, q32))
     E = q32.shape[-1]
     scale = 1.0 / math.sqrt(E)
     f32 = lambda a: a.astype(jnp.float32)
