@@ -326,7 +326,7 @@ def feed_logits_fn(head: M.Params, x, count, cfg: Config):
 def feed_stages(params, tokens, k_cache, v_cache, cfg: Config, policy: MemoryPolicy):
     """The programs a session feed runs, in order, with abstract arguments (as `prefill_stages`): "embed",
     "layer" (runs times), "last" (when the policy computes only the last position) and "logits".
-    tokens: [B, W] (W a bucket length); k_cache, v_cache: one layer's buffer [B, K, cap, E]."""
+    tokens: [B, W] (W a bucket length); k_cache, v_cache: one layer's buffer [B, K, cap, E] (int8: with its scales)."""
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
     chunk = M.chunk_length(tokens.shape[1], policy)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=getattr(tokens, "sharding", None))
@@ -334,7 +334,7 @@ def feed_stages(params, tokens, k_cache, v_cache, cfg: Config, policy: MemoryPol
     x, pos = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(tokens, "sharding", None)) for a in (x, pos))
     L, last = cfg.num_layers, policy.last_position_only
     lp = jax.tree.map(abstract, params.layers[0])
-    kc, vc = abstract(k_cache), abstract(v_cache)
+    kc, vc = jax.tree.map(abstract, k_cache), jax.tree.map(abstract, v_cache)
     stages = [Stage("embed", feed_embed_fn, (params.embed, tokens, scalar), dict(chunk=chunk))]
     static = dict(cfg=cfg, policy=policy)
     if L - last:

@@ -46,15 +46,25 @@ def _nbytes(tree, memory_kind=None) -> int:
     return total
 
 
-def _abstract_cache(cfg: Config, seq_len: int, new_tokens: int, dtype, prompt_kind: str, batch: int) -> KVCache:
+def _abstract_cache(cfg: Config, seq_len: int, new_tokens: int, dtype, prompt_kind: str, batch: int,
+                    quantized: bool = False) -> KVCache:
+    """An abstract decode cache; quantized: int8 K/V with their float32 scales (MemoryPolicy(kv_dtype="int8"))."""
     L, K, E = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    N = max(new_tokens - 1, 1)
     dev = sharding("device")
-    prompt = jax.ShapeDtypeStruct((batch, K, seq_len, E), dtype, sharding=sharding(prompt_kind))
-    tail = jax.ShapeDtypeStruct((batch, K, max(new_tokens - 1, 1), E), dtype, sharding=dev)
-    return KVCache(
+    kv_dtype = jnp.int8 if quantized else dtype
+    prompt = jax.ShapeDtypeStruct((batch, K, seq_len, E), kv_dtype, sharding=sharding(prompt_kind))
+    tail = jax.ShapeDtypeStruct((batch, K, N, E), kv_dtype, sharding=dev)
+    cache = KVCache(
         k=(prompt,) * L, v=(prompt,) * L, start=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev),
         tail_k=(tail,) * L, tail_v=(tail,) * L, length=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev),
     )
+    if quantized:
+        scale = jax.ShapeDtypeStruct((batch, K, seq_len), jnp.float32, sharding=sharding(prompt_kind))
+        tail_scale = jax.ShapeDtypeStruct((batch, K, N), jnp.float32, sharding=dev)
+        cache = cache.replace(k_scale=(scale,) * L, v_scale=(scale,) * L, tail_k_scale=(tail_scale,) * L,
+                              tail_v_scale=(tail_scale,) * L)
+    return cache
 
 
 def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="float32", phase="prefill", batch=1,
@@ -74,7 +84,7 @@ def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="floa
         start = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
         stages = G.prefill_stages(params, tokens, start, cfg, policy)
     elif phase == "decode":
-        cache = _abstract_cache(cfg, seq_len, new_tokens, dtype, policy.kv_decode, batch)
+        cache = _abstract_cache(cfg, seq_len, new_tokens, dtype, policy.kv_decode, batch, policy.quantized_kv)
         token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
         stages = [G.Stage("decode", G.decode_step_fn, (params, token, cache), dict(cfg=cfg, policy=policy))]
     else:
