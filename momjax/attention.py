@@ -134,7 +134,7 @@ def decode_attention(q, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start
     [B, K, T], tail_k_scale, tail_v_scale [B, K, N], new_k_scale, new_v_scale [B, 1, K]); see `_int8_decode`.
     """
     B, _, H, E = q.shape
-    K, T, N = k.shape[1], k.shape[2], tail_k.shape[2]
+    K = k.shape[1]
     G = H // K
     scale = 1.0 / math.sqrt(E)
     qg = q[:, 0].reshape(B, K, G, E)
