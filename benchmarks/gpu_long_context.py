@@ -143,7 +143,7 @@ def worker_momjax(spec: dict) -> dict:
 
     import momjax
     from momjax import generation as G
-    from momjax.cache import place_prompt, sharding
+    from momjax.cache import place_for_decode, sharding
     from momjax.params import abstract_params
 
     tiny, S, N = spec["tiny"], spec["seq_len"], spec["new_tokens"]
@@ -194,7 +194,7 @@ def worker_momjax(spec: dict) -> dict:
     peak_prefill = stats["peak_bytes_in_use"] if stats else None
 
     t0 = time.perf_counter()
-    cache = jax.block_until_ready(place_prompt(cache, policy.kv_decode))  # mom: the one copy back to the device
+    cache = jax.block_until_ready(place_for_decode(cache, policy))  # mom: the one copy back to the device
     copy_back_s = time.perf_counter() - t0
     stop_ids = jnp.full((8,), -1, jnp.int32)  # never stop early: every run decodes N tokens
     t0 = time.perf_counter()

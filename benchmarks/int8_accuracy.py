@@ -33,7 +33,7 @@ import numpy as np
 
 import momjax
 from momjax import generation as G
-from momjax.cache import place_prompt
+from momjax.cache import place_for_decode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -70,7 +70,7 @@ def teacher_forced_logits(model, prompt: np.ndarray, steps: int, policy, forced=
     cfg = model.config
     tokens, start = G.left_pad([prompt.tolist()], G.bucket_length(len(prompt), policy))
     logits, cache = G.prefill_fn(model.params, jnp.asarray(tokens), jnp.asarray(start), cfg, policy)
-    cache = place_prompt(cache, policy.kv_decode).with_tail(steps)
+    cache = place_for_decode(cache, policy).with_tail(steps)
     out, fed = [np.asarray(logits[0])], []
     for i in range(steps):
         token = int(np.argmax(out[-1])) if forced is None else int(forced[i])

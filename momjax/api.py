@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from momjax import generation as G
-from momjax.cache import KVCache, place_prompt
+from momjax.cache import KVCache, place_for_decode
 from momjax.config import Config, MemoryPolicy
 from momjax.config import get_policy as _get_policy
 from momjax.params import Params
@@ -190,6 +190,10 @@ def check_fits(cfg: Config, prompt_len: int, new_tokens: int, policy: MemoryPoli
     estimate is compared with the total memory, not what is free now."""
     from momjax import memory
 
+    try:
+        policy.check_layers(cfg.num_layers)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     device_limit, ram = memory_limits()
     phases = [("prefill", prompt_len)] + ([("decode", G.bucket_length(prompt_len, policy))] if new_tokens else [])
     for phase, n in phases:
@@ -353,7 +357,7 @@ def generate(model: Model, tokens, max_new_tokens: int, policy="mom", temperatur
     logits, cache = G.prefill_fn(model.params, padded, start, model.config, policy, on_layer=on_layer)
     logits.block_until_ready()
     ttft = time.perf_counter() - t0
-    cache = place_prompt(cache, policy.kv_decode)  # mom: the paper's one copy back to the device
+    cache = place_for_decode(cache, policy)  # mom: the paper's one copy back to the device
     t1 = time.perf_counter()
     out, lengths = G.decode_fn(model.params, cache, logits, *sampling, cfg=model.config, policy=policy,
                                max_new_tokens=int(max_new_tokens))

@@ -122,12 +122,30 @@ def to_memory_kind(x, memory_kind: str):
     return jax.device_put(x, _SPACES[memory_kind])
 
 
+# The per-layer prompt arrays that move between host and device together (the int8 scales when present).
+_PROMPT_FIELDS = ("k", "v", "k_scale", "v_scale")
+
+
+def _place_layers(cache: KVCache, kind_of_layer) -> KVCache:
+    """The cache with layer l's prompt arrays in memory kind kind_of_layer(l); arrays already there stay."""
+    def move(xs):
+        return tuple(x if x.sharding.memory_kind == kind_of_layer(l) else to_memory_kind(x, kind_of_layer(l))
+                     for l, x in enumerate(xs))
+
+    return cache.replace(**{f: move(getattr(cache, f)) for f in _PROMPT_FIELDS if getattr(cache, f, ())})
+
+
 def place_prompt(cache: KVCache, memory_kind: str) -> KVCache:
     """Move the prompt K/V (not the tail) to memory_kind, e.g. back to the device before decoding."""
-    if cache.memory_kind == memory_kind:
-        return cache
-    move = lambda xs: tuple(to_memory_kind(x, memory_kind) for x in xs)
-    return cache.replace(k=move(cache.k), v=move(cache.v), k_scale=move(cache.k_scale), v_scale=move(cache.v_scale))
+    return _place_layers(cache, lambda l: memory_kind)
+
+
+def place_for_decode(cache: KVCache, policy) -> KVCache:
+    """Where the policy decodes from: `mom` brings the whole prompt K/V back to the device (the one copy),
+    `mom-stream` leaves it in pinned host memory except its first `kv_device_layers` layers, which come to
+    the device once here and stay. The host copies of those layers are dropped with the old cache."""
+    resident = policy.device_layers(cache.num_layers)
+    return _place_layers(cache, lambda l: "device" if l < resident else policy.kv_decode)
 
 
 # ---------------------------------------------------------------------- int8 K/V

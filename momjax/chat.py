@@ -30,7 +30,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _load_or_new_session(model, path: str | None, policy: str, capacity: int, log):
+def _load_or_new_session(model, path: str | None, policy, capacity: int, log):
     """The session saved at path (if it exists and fits this model), else a new one."""
     import momjax
 
@@ -68,15 +68,15 @@ def _stream_answer(session, tok, ids: list[int], args, out) -> tuple[list[int], 
     return answer, stats
 
 
-def generate_with_prompt_cache(args, model, tok, ids: list[int]) -> int:
+def generate_with_prompt_cache(args, model, tok, ids: list[int], policy) -> int:
     """`momjax generate --prompt-cache FILE`: reuse FILE's longest matching prefix, then save the cache there."""
-    from momjax.cli import UsageError
+    from momjax.cli import UsageError, describe_policy
 
     folder = os.path.dirname(os.path.abspath(args.prompt_cache))
     if not os.path.isdir(folder):
         raise UsageError(f"--prompt-cache {args.prompt_cache}: folder {folder} does not exist")
     log = lambda message: print(message, file=sys.stderr, flush=True)
-    session, _ = _load_or_new_session(model, args.prompt_cache, args.policy, len(ids) + args.max_new_tokens, log)
+    session, _ = _load_or_new_session(model, args.prompt_cache, policy, len(ids) + args.max_new_tokens, log)
     reused = min(_common_prefix(session.tokens, ids), len(ids) - 1)
     answer, stats = _stream_answer(session, tok, ids, args, sys.stdout)
     session.save(args.prompt_cache)
@@ -84,7 +84,7 @@ def generate_with_prompt_cache(args, model, tok, ids: list[int]) -> int:
           f"new tokens:           {len(answer)}\n"
           f"time to first token:  {stats['time_to_first_token_s']:.3f} s\n"
           f"decode:               {_summary(stats, stats['fed'], session)}\n"
-          f"policy:               {args.policy}", file=sys.stderr)
+          f"policy:               {describe_policy(session.policy, model.config.num_layers)}", file=sys.stderr)
     return 0
 
 
@@ -135,7 +135,8 @@ class Conversation:
 
 def cmd_chat(args) -> int:
     import momjax
-    from momjax.cli import UsageError
+    from momjax.cli import UsageError, resolve_policy
+    from momjax.params import param_bytes
     from momjax.tokenizer import load_tokenizer
 
     if not os.path.isdir(args.model):
@@ -159,8 +160,10 @@ def cmd_chat(args) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)
     convo = Conversation(tok, document)
     doc_ids = convo.document_tokens()
-    session, loaded = _load_or_new_session(model, args.session, args.policy, len(doc_ids) + 8 * args.max_new_tokens,
-                                           log)
+    capacity = len(doc_ids) + 8 * args.max_new_tokens
+    policy = resolve_policy(args, model.config, capacity, model.dtype, None if args.quiet else log,
+                            loaded_weight_bytes=param_bytes(model.config, model.dtype))
+    session, loaded = _load_or_new_session(model, args.session, policy, capacity, log)
     if loaded:
         saved = session.info.get("chat", {})
         if document is not None and saved.get("document") not in (None, document):

@@ -162,7 +162,7 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
 
     from momjax import generation as G
     from momjax.api import check_prompts, get_policy, sampling_args
-    from momjax.cache import place_prompt
+    from momjax.cache import place_for_decode
 
     policy = get_policy(policy)
     cfg = model.config
@@ -202,7 +202,7 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
     if stats.stopped_at is not None or max_new_tokens == 1:
         return
 
-    cache = place_prompt(cache, policy.kv_decode)  # mom: the one copy back to the device, as generate does
+    cache = place_for_decode(cache, policy)  # mom: the one copy back to the device, as generate does
     cache = cache.with_tail(max(max_new_tokens - 1, 1))  # the tail generate uses: same shapes, same numbers
     tail_k, tail_v = cache.tail_k, cache.tail_v
     t = jnp.int32(1)
@@ -292,7 +292,7 @@ def _folder_config(path: str):
 
 def cmd_generate(args) -> int:
     import momjax
-    from momjax.api import check_fits, get_policy
+    from momjax.api import check_fits
     from momjax.tokenizer import load_tokenizer
 
     if not os.path.isdir(args.model):
@@ -315,7 +315,9 @@ def cmd_generate(args) -> int:
                 "trained length (outputs may degrade)")
 
     check_context(cfg.max_position_embeddings)  # before the weights are read: refuse what cannot run, fast
-    check_fits(cfg, len(ids), args.max_new_tokens, get_policy(args.policy), args.dtype or cfg.dtype)
+    log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    policy = resolve_policy(args, cfg, total, args.dtype or cfg.dtype, log)
+    check_fits(cfg, len(ids), args.max_new_tokens, policy, args.dtype or cfg.dtype)
     model = momjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
     check_context(model.max_context)
     model.max_context = max(model.max_context, total)
@@ -323,10 +325,10 @@ def cmd_generate(args) -> int:
     if args.prompt_cache:
         from momjax.chat import generate_with_prompt_cache
 
-        return generate_with_prompt_cache(args, model, tok, ids)
-    stats = StreamStats(len(ids), args.policy)
+        return generate_with_prompt_cache(args, model, tok, ids, policy)
+    stats = StreamStats(len(ids), describe_policy(policy, cfg.num_layers))
     stream = tok.stream()
-    for new in stream_tokens(model, ids, args.max_new_tokens, policy=args.policy, temperature=args.temperature,
+    for new in stream_tokens(model, ids, args.max_new_tokens, policy=policy, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stats=stats,
                              progress=None if not args.quiet else False):
         piece = stream.push(new)
@@ -344,7 +346,7 @@ def cmd_generate(args) -> int:
           f"new tokens:           {stats.new_tokens} ({ended})\n"
           f"time to first token:  {ttft:.3f} s ({stats.prefill_compile_s:.3f} s of it compiling)\n"
           f"decode:               {decode:.1f} tokens/s (compiled in {stats.decode_compile_s:.3f} s)\n"
-          f"policy:               {args.policy}\n"
+          f"policy:               {stats.policy}\n"
           f"peak device memory:   {_peak_device_memory()}", file=sys.stderr)
     return 0
 
@@ -383,7 +385,8 @@ def cmd_plan(args) -> int:
     try:
         hbm = None if args.hbm is None else memory.parse_bytes(args.hbm)
         host = None if args.host_memory is None else memory.parse_bytes(args.host_memory)
-        result = memory.plan(cfg, hbm, host, dtype=args.dtype, target=args.target)
+        result = memory.plan(cfg, hbm, host, dtype=args.dtype, target=args.target, kv_dtype=args.kv_dtype,
+                             context=args.context)
     except ValueError as e:  # an unreadable size, a budget that cannot hold the weights, a missing GPU compiler
         raise UsageError(str(e)) from None
     notes = plan_notes(cfg, result)
@@ -447,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", metavar="FILE", help="file with the prompt text ('-' for stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--policy", choices=POLICY_NAMES, default="mom", help="memory policy (default: mom)")
+    _add_policy_args(p)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -469,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="confirm the plan with XLA's GPU compiler for this GPU, without a GPU: h100, a100-80gb, "
                         "a100-40gb, l4, rtx4090 or t4 (needs pip install 'momjax[gpu-plan]'); default: the "
                         "closed-form estimate on a CPU")
+    p.add_argument("--kv-dtype", choices=("int8",), default=None,
+                   help="also plan int8 K/V (approximate: logits change slightly; about half the bytes)")
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="predict decode speed per policy at this many tokens and recommend one (speed needs a "
+                        "--target: its memory and host link bandwidths)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint to an Orbax folder (momjax convert -h)",
@@ -480,13 +488,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_policy_args(p) -> None:
+    p.add_argument("--policy", choices=POLICY_NAMES + ("auto",), default="mom",
+                   help="memory policy (default: mom); auto: the fastest that fits this prompt (momjax plan), in "
+                        "--hbm or the device's memory")
+    p.add_argument("--kv-dtype", choices=("int8",), default=None,
+                   help="int8 K/V cache: about half the memory, approximate (logits change slightly)")
+    p.add_argument("--kv-device-layers", type=int, default=None, metavar="N",
+                   help="with mom-stream: keep the first N layers' prompt K/V on the device, stream the rest")
+    p.add_argument("--hbm", default=None, help="device memory --policy auto may use, e.g. 20GiB (default: the "
+                                               "device's memory; this machine's RAM on a CPU)")
+
+
+def resolve_policy(args, cfg, context: int, dtype, log=None, loaded_weight_bytes: int = 0):
+    """The MemoryPolicy the command line asks for. --policy auto asks momjax.plan for the fastest policy that
+    fits `context` tokens in --hbm (or the device's free memory, counting the model's weights as free when
+    they are already loaded there, loaded_weight_bytes; the RAM on a CPU), with int8 K/V allowed when
+    --kv-dtype int8 is given, and says which it chose on stderr."""
+    from momjax import memory
+    from momjax import targets as T
+    from momjax.api import memory_limits
+    from momjax.config import get_policy
+
+    if args.policy != "auto":
+        try:
+            policy = get_policy(args.policy).replace(kv_dtype=args.kv_dtype, kv_device_layers=args.kv_device_layers)
+            policy.check_layers(cfg.num_layers)
+        except ValueError as e:
+            raise UsageError(f"--kv-device-layers: {e}") from None
+        return policy
+    if args.kv_device_layers is not None:
+        raise UsageError("--kv-device-layers is chosen by --policy auto; give one or the other")
+    import jax
+
+    device_limit, ram = memory_limits()
+    device = jax.devices()[0]
+    free = None
+    if device_limit is not None:  # a GPU: what is free now, plus the weights if they are already loaded there
+        stats = device.memory_stats() or {}
+        free = device_limit - stats.get("bytes_in_use", 0) + loaded_weight_bytes
+    kind = device.device_kind if device_limit is not None else None
+    target = getattr(T, "from_device_kind", lambda kind: None)(kind) if kind else None
+    try:
+        hbm = memory.parse_bytes(args.hbm) if args.hbm is not None else (free or ram)
+        if hbm is None:
+            raise UsageError("--policy auto needs --hbm here (this machine does not say how much memory it has)")
+        result = memory.plan(cfg, hbm, ram, dtype=str(dtype), source="estimate", target=target,
+                             kv_dtype=args.kv_dtype, context=context, new_tokens=max(args.max_new_tokens, 1))
+    except ValueError as e:  # no policy fits, an unreadable --hbm, weights larger than the budget
+        raise UsageError(f"--policy auto: {e}") from None
+    rec = result["recommended"]
+    policy = get_policy(rec["policy"]).replace(kv_dtype=rec["kv_dtype"], kv_device_layers=rec["kv_device_layers"])
+    if log is not None:
+        log(f"momjax: --policy auto chose {describe_policy(policy, cfg.num_layers)} for {context:,} tokens in "
+            f"{memory.format_bytes(hbm)}" + (f" (predicted {rec['decode_tokens_per_s']:.1f} tokens/s on "
+                                             f"{result['target']['name']})" if target else ""))
+    return policy
+
+
+def describe_policy(policy, num_layers: int) -> str:
+    """e.g. "mom-stream (30 of 32 layers' K/V on the device), int8 K/V"."""
+    text = policy.name
+    if policy.kv_decode == "pinned_host" and policy.kv_device_layers:
+        text += f" ({policy.device_layers(num_layers)} of {num_layers} layers' K/V on the device)"
+    if policy.kv_dtype:
+        text += f", {policy.kv_dtype} K/V"
+    return text
+
+
 def _add_chat_parser(sub, common) -> None:
     p = sub.add_parser("chat", parents=[common], help="chat over stdin/stdout, keeping the KV cache between turns")
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face or Orbax checkpoint folder")
     p.add_argument("--document", metavar="FILE", default=None, help="a text file to prefill once and chat about")
     p.add_argument("--session", metavar="FILE", default=None,
                    help="load the session from FILE if it exists, and save it there on exit")
-    p.add_argument("--policy", choices=POLICY_NAMES, default="mom", help="memory policy (default: mom)")
+    _add_policy_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer per turn")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=None)

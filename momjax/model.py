@@ -300,9 +300,10 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
     """One new token per row: logits [B, V] and the cache with the token's K/V in the tail.
 
     The layers are walked by a Python loop, so every weight and every cached K/V array is read in place.
-    With the prompt cache in pinned host memory (mom-stream) layer l's K/V is brought to the device as
-    layer l runs, and layer l+1's copy is issued before layer l's math (it does not depend on it, so the
-    copy overlaps the compute): the device holds two layers' prompt K/V, never all of them.
+    With the prompt cache in pinned host memory (mom-stream) each layer's K/V is brought to the device
+    while the layer before it finishes (its o-projection and MLP), so the device holds one layer's prompt
+    K/V at a time, never all of them. With policy.kv_device_layers = R the first R layers' K/V are already
+    on the device (cache.place_for_decode) and only layers R.. stream.
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     step = cache.length
@@ -310,16 +311,23 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
     q_index = cache.prompt_end + step
     positions = (q_index - cache.start)[:, None]  # [B, 1]
     x = params.embed[token][:, None, :]  # [B, 1, D]
-    streamed = policy.kv_decode == "pinned_host"
-    fetch = lambda l: jax.tree.map(lambda a: to_memory_kind(a, "device"), cache.layer(l))
-    kv = fetch(0) if streamed else None
+    # Layers below `resident` have their prompt K/V on the device (all of them unless the policy streams);
+    # the others are fetched from the host one at a time: the first streamed layer's copy is issued before
+    # any math, so it overlaps the resident layers' compute, and layer l+1's copy once layer l's attention
+    # has read its K/V (an optimization barrier makes the copy wait for that attention output). So the
+    # device holds one streamed layer's K/V at a time, and each copy overlaps the rest of the layer before.
+    resident = policy.device_layers(L)
+
+    def fetch(l, after=None):  # (k, v, k_scale, v_scale) of layer l on the device; the scales None unless int8
+        kv = cache.layer(l)
+        if after is not None:
+            _, kv = jax.lax.optimization_barrier((after, kv))
+        return jax.tree.map(lambda a: to_memory_kind(a, "device"), kv)
+
+    kv = fetch(resident) if resident < L else None
     tails_k, tails_v, tail_scales_k, tail_scales_v = [], [], [], []
     for l, lp in enumerate(params.layers):
-        if streamed:
-            k, v, k_scale, v_scale = kv
-            kv = fetch(l + 1) if l + 1 < L else None  # prefetch layer l+1 while layer l computes
-        else:
-            k, v, k_scale, v_scale = cache.layer(l)
+        k, v, k_scale, v_scale = kv if l >= resident else cache.layer(l)
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         q = project_q(lp, h, positions, inv_freq)  # [B, 1, H, E]
         k_new, v_new = project_kv(lp, h, positions, inv_freq)  # [B, 1, K, E]
@@ -329,6 +337,8 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
             scales = (k_scale, v_scale, cache.tail_k_scale[l], cache.tail_v_scale[l], k_new_scale, v_new_scale)
         o = decode_attention(q, k, v, cache.tail_k[l], cache.tail_v[l], k_new, v_new, q_index, step, cache.start,
                              window=cfg.sliding_window, prompt_end=cache.end, scales=scales)
+        if l >= resident and l + 1 < L:
+            kv = fetch(l + 1, after=o)  # layer l's K/V are dead now: bring layer l+1's over its o-proj and MLP
         # Written after the attention has read the tail, so the tail is updated in place.
         put = lambda tail, new: jax.lax.dynamic_update_slice_in_dim(tail, jnp.swapaxes(new, 1, 2), step, axis=2)
         tails_k.append(put(cache.tail_k[l], k_new))

@@ -50,7 +50,7 @@ from momjax.api import (
     get_policy,
     sampling_args,
 )
-from momjax.cache import KVCache, place_prompt, sharding, to_memory_kind
+from momjax.cache import KVCache, place_for_decode, sharding, to_memory_kind
 from momjax.config import MemoryPolicy
 
 FORMAT = "momjax-session"
@@ -270,7 +270,7 @@ class Session:
             k, v = self._k, self._v
         cache = KVCache(k=tuple(k), v=tuple(v), start=jnp.zeros((1,), jnp.int32), tail_k=(), tail_v=(),
                         length=jnp.zeros((), jnp.int32), end=jnp.int32(self.length), **scales)
-        return place_prompt(cache, self.policy.kv_decode)
+        return place_for_decode(cache, self.policy)
 
     # ------------------------------------------------------------------ generating
 

@@ -207,6 +207,32 @@ def compile(fn, *args, target=None, **static):
     return compiled, analyse(compiled, host_args, t)
 
 
+_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]\{([^}]*)\}")
+
+
+def host_parameter_bytes(compiled) -> int:
+    """Bytes of the compiled program's parameters that XLA placed in host memory (memory space S(5) in its
+    entry computation layout). A decode step reads each of its arguments once, so this is what it brings
+    across the host link per step. Read from this machine's compiled program: a deviceless GPU compile
+    cannot be given host-resident arguments (see `analyse`)."""
+    head = compiled.as_text().split("\n", 1)[0]
+    m = re.search(r"entry_computation_layout=\{\((.*)\)->", head)
+    if m is None:
+        raise RuntimeError("cannot find the entry computation layout in the compiled program's text")
+    total = 0
+    for dtype, dims, layout in _SHAPE.findall(m.group(1)):
+        if "S(5)" in layout:
+            size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+            total += size * _hlo_itemsize(dtype)
+    return total
+
+
+def _hlo_itemsize(name: str) -> int:
+    """Bytes per element of an HLO element type: f32 -> 4, bf16 -> 2, s8 -> 1, f8e4m3fn -> 1, pred -> 1."""
+    bits = re.match(r"[a-z]+?(\d+)", name)
+    return 1 if bits is None else max(int(bits.group(1)) // 8, 1)
+
+
 def output_avals(compiled):
     """The compiled program's outputs as ShapeDtypeStructs with their shardings (memory kinds included)."""
     return jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s),

@@ -46,11 +46,13 @@ def forbidden_shapes(cfg, policy) -> set[tuple[int, ...]]:
     return out
 
 
-@pytest.mark.parametrize("policy", ["baseline", "mom", "mom-stream"])
+@pytest.mark.parametrize("policy", ["baseline", "mom", "mom-stream", "mom-stream-1"])
 def test_decode_loop_copies_no_weight_and_no_prompt_kv(policy):
-    policy = momjax.get_policy(policy)
+    # mom-stream-1: one layer's K/V resident on the device, the others streamed
+    policy = momjax.get_policy("mom-stream").replace(kv_device_layers=1) if policy == "mom-stream-1" else \
+        momjax.get_policy(policy)
     sds = jax.ShapeDtypeStruct
-    cache = _abstract_cache(CFG, PROMPT, NEW, jnp.float32, policy.kv_decode, 1)
+    cache = _abstract_cache(CFG, PROMPT, NEW, jnp.float32, policy, 1)
     settings = (sds((1, CFG.vocab_size), jnp.float32), sds((2,), jnp.uint32), sds((), jnp.float32), 0,
                 sds((), jnp.float32), sds((8,), jnp.int32), sds((), jnp.int32))
     hlo = G.decode_fn.lower(abstract_params(CFG, "float32"), cache, *settings, cfg=CFG, policy=policy,
@@ -117,7 +119,7 @@ def test_int8_decode_loop_builds_no_float_copy_of_the_prompt_kv(policy):
     dequantised copy, e.g. a conversion hoisted out of the loop), and still no weight or K/V copies."""
     policy = momjax.get_policy(policy).replace(kv_dtype="int8")
     sds = jax.ShapeDtypeStruct
-    cache = _abstract_cache(CFG, PROMPT, NEW, jnp.float32, policy.kv_decode, 1, quantized=True)
+    cache = _abstract_cache(CFG, PROMPT, NEW, jnp.float32, policy, 1)
     assert cache.quantized and cache.k[0].dtype == jnp.int8
     settings = (sds((1, CFG.vocab_size), jnp.float32), sds((2,), jnp.uint32), sds((), jnp.float32), 0,
                 sds((), jnp.float32), sds((8,), jnp.int32), sds((), jnp.int32))

@@ -27,7 +27,7 @@ from conftest import hf_greedy as hf_greedy_uncached
 
 import momjax
 from momjax import generation as G
-from momjax.cache import place_prompt
+from momjax.cache import place_for_decode
 
 RTOL = 1e-5
 
@@ -86,7 +86,7 @@ def test_prefill_then_decode_steps_equal_one_forward(model):
     policy = momjax.POLICIES["mom"]
     prompt = prompt_tokens(model, seed=2)  # [2, 75]
     logits, cache = momjax.prefill(model, prompt, policy)
-    cache = place_prompt(cache, policy.kv_decode).with_tail(NEW)
+    cache = place_for_decode(cache, policy).with_tail(NEW)
     # Commit every leaf to the device, as the step's outputs are, so that step 2 reuses step 1's compilation.
     cache = jax.device_put(cache, jax.devices()[0])
     steps = [np.asarray(logits)]

@@ -28,6 +28,8 @@ INT8 = {
     "mom-stream": P["mom-stream"].replace(kv_dtype="int8"),
     # Chunked prefill and blockwise attention over several int8 key blocks, on tiny prompts.
     "mom-small": P["mom"].replace(name="mom-small", kv_dtype="int8", **SMALL),
+    # One layer's K/V resident on the device, the other streamed.
+    "mom-stream-resident": P["mom-stream"].replace(name="mom-stream-resident", kv_dtype="int8", kv_device_layers=1),
 }
 FAMILIES = ["llama-gqa", "qwen2", "mistral-window"]
 
@@ -75,9 +77,9 @@ def test_mom_equals_baseline_with_int8(zoo, family):
     assert greedy(model, INT8["mom"]).tolist() == greedy(model, INT8["baseline"]).tolist()
 
 
-@pytest.mark.parametrize("policy", ["mom-stream", "mom-small"])
+@pytest.mark.parametrize("policy", ["mom-stream", "mom-small", "mom-stream-resident"])
 def test_other_policies_equal_baseline_with_int8(zoo, policy):
-    """Streaming decode; chunked prefill with small attention blocks (mom-stream's prefill is mom's, and decode
+    """Streaming decode (all layers, or all but the first); chunked prefill with small attention blocks (mom-stream's prefill is mom's, and decode
     reads no chunk sizes: test_policies.py checks both): mistral-window (sliding window, GQA)."""
     model = zoo.model("mistral-window")
     assert greedy(model, INT8[policy]).tolist() == greedy(model, INT8["baseline"]).tolist()
@@ -160,7 +162,7 @@ def test_int8_cache_bytes_are_at_most_052_of_bf16():
     exact, int8 = layer_kv_bytes(P["mom"]), layer_kv_bytes(INT8["mom"])
     assert exact == 2 * 4096 * cfg.num_kv_heads * cfg.head_dim * 2
     assert int8 <= 0.52 * exact, int8 / exact
-    caches = [_abstract_cache(cfg, 4096, 64, jnp.bfloat16, "device", 1, quantized) for quantized in (False, True)]
+    caches = [_abstract_cache(cfg, 4096, 64, jnp.bfloat16, policy, 1) for policy in (P["mom"], INT8["mom"])]
     full = [_nbytes((c.k, c.v, c.tail_k, c.tail_v, c.k_scale, c.v_scale, c.tail_k_scale, c.tail_v_scale))
             for c in caches]
     assert full[1] <= 0.52 * full[0], full[1] / full[0]
