@@ -36,11 +36,15 @@ def _visible(q_idx, k_idx, start, window):
     return ok
 
 
-def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, kv_block=512):
+def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, kv_block=512, k_scale=None,
+                        v_scale=None):
     """Causal attention of queries q at sequence indices q_offset + [0, S) over keys k, v at [0, T).
 
     q: [B, S, H, E]; k, v: [B, K, T, E]; start: [B] int32 (left padding); q_offset: int (may be traced).
     Returns [B, S, H, E] in q's dtype. Softmax statistics are float32.
+    k_scale, v_scale: [B, K, T] float32 when k and v are int8 (cache.quantize_kv). A key block is converted to
+    q's dtype (exact: |int8| <= 127) and its scale multiplies the scores; the value scale multiplies the
+    probabilities. Only one block is converted at a time, never the layer's K/V.
 
     Each query block walks the key blocks it can see in order, in three runs: blocks that hold some
     padding or cross the window edge, blocks every query of the block sees whole, and blocks crossing
@@ -55,6 +59,8 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
     qb = _divisor_block(S, q_block)
     kb = _divisor_block(T, kv_block)
     scale = 1.0 / math.sqrt(E)
+    dtype = q.dtype
+    quantized = k_scale is not None
     q = q.reshape(B, S // qb, qb, K, G, E)  # [B, Nq, qb, K, G, E]
     q = jnp.moveaxis(q, 1, 0)  # [Nq, B, qb, K, G, E]
     padded_to = jnp.max(start)  # keys below this index are padding for some row
@@ -78,17 +84,21 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
         def step(masked):
             def body(j, carry):
                 m, l, acc = carry  # [B, K, G, qb], [B, K, G, qb], [B, K, G, qb, E]
-                kj = jax.lax.dynamic_slice_in_dim(k, j * kb, kb, axis=2)  # [B, K, kb, E]
-                vj = jax.lax.dynamic_slice_in_dim(v, j * kb, kb, axis=2)
+                kj = jax.lax.dynamic_slice_in_dim(k, j * kb, kb, axis=2).astype(dtype)  # [B, K, kb, E]
+                vj = jax.lax.dynamic_slice_in_dim(v, j * kb, kb, axis=2).astype(dtype)
                 s = jnp.einsum("bqkge,bkte->bkgqt", qblk, kj, preferred_element_type=jnp.float32) * scale
+                if quantized:
+                    s = s * jax.lax.dynamic_slice_in_dim(k_scale, j * kb, kb, axis=2)[:, :, None, None, :]
                 if masked:
                     s = jnp.where(_visible(q_idx, j * kb + jnp.arange(kb), start, window), s, MASKED)
                 m_new = jnp.maximum(m, s.max(-1))
                 p = jnp.exp(s - m_new[..., None])  # f32 probabilities
                 alpha = jnp.exp(m - m_new)
                 l = alpha * l + p.sum(-1)
+                pv = p if not quantized else p * jax.lax.dynamic_slice_in_dim(v_scale, j * kb, kb, axis=2)[
+                    :, :, None, None, :]
                 acc = alpha[..., None] * acc + jnp.einsum(
-                    "bkgqt,bkte->bkgqe", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
+                    "bkgqt,bkte->bkgqe", pv.astype(dtype), vj, preferred_element_type=jnp.float32
                 )
                 return m_new, l, acc
 
@@ -103,13 +113,14 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
         carry = jax.lax.fori_loop(full_lo, full_hi, step(False), carry)
         _, l, acc = jax.lax.fori_loop(full_hi, hi, step(True), carry)
         out = acc / l[..., None]  # [B, K, G, qb, E]; l >= 1: the row's largest term is exp(0)
-        return jnp.einsum("bkgqe->bqkge", out).reshape(B, qb, H, E).astype(v.dtype)
+        return jnp.einsum("bkgqe->bqkge", out).reshape(B, qb, H, E).astype(dtype)
 
     out = jax.lax.map(one_query_block, (q, jnp.arange(S // qb)))  # [Nq, B, qb, H, E]
     return jnp.moveaxis(out, 0, 1).reshape(B, S, H, E)
 
 
-def decode_attention(q, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start, *, window=None, prompt_end=None):
+def decode_attention(q, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start, *, window=None, prompt_end=None,
+                     scales=None):
     """One new query per row over the prompt cache, the generated-token tail and the new token itself.
 
     q: [B, 1, H, E] at sequence index q_index (= prompt length + step); k, v: [B, K, T, E] prompt keys at
@@ -119,18 +130,36 @@ def decode_attention(q, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start
     prompt_end (may be traced): only the prompt keys below it are valid (a session's buffer has spare room
     after them) and the tail sits at prompt_end + [0, N); None means T. The softmax runs over the three parts
     without concatenating them.
+    scales: for int8 K/V (k, v, tail_k, tail_v, k_new, v_new all int8), their float32 scales (k_scale, v_scale
+    [B, K, T], tail_k_scale, tail_v_scale [B, K, N], new_k_scale, new_v_scale [B, 1, K]); see `_int8_decode`.
     """
     B, _, H, E = q.shape
-    K, T, N = k.shape[1], k.shape[2], tail_k.shape[2]
+    K = k.shape[1]
     G = H // K
     scale = 1.0 / math.sqrt(E)
     qg = q[:, 0].reshape(B, K, G, E)
+    q32 = qg.astype(jnp.float32)
+    if scales is not None:
+        return _int8_decode(q32, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start, window, prompt_end,
+                            scales).reshape(B, 1, H, E).astype(q.dtype)
     s_prompt = jnp.einsum("bkge,bkte->bkgt", qg, k, preferred_element_type=jnp.float32) * scale  # [B, K, G, T]
     # The tail's and the new token's scores as multiply-and-sum, not dots: XLA's GPU compiler merges dots that
     # share an operand (q) by concatenating their other operands, which would copy the prompt's K every step.
-    q32 = qg.astype(jnp.float32)
     s_tail = jnp.sum(q32[:, :, :, None, :] * tail_k[:, :, None].astype(jnp.float32), -1) * scale  # [B, K, G, N]
     s_self = jnp.sum(q32 * k_new[:, 0, :, None, :].astype(jnp.float32), -1) * scale  # [B, K, G]
+    p_prompt, p_tail, p_self, denom = _decode_softmax(s_prompt, s_tail, s_self, q_index, step, start, window,
+                                                      prompt_end)
+    out = jnp.einsum("bkgt,bkte->bkge", p_prompt.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out += jnp.einsum("bkgn,bkne->bkge", p_tail.astype(v.dtype), tail_v, preferred_element_type=jnp.float32)
+    out += p_self[..., None] * v_new[:, 0, :, None, :].astype(jnp.float32)
+    out = out / denom[..., None]
+    return out.reshape(B, 1, H, E).astype(v.dtype)
+
+
+def _decode_softmax(s_prompt, s_tail, s_self, q_index, step, start, window, prompt_end):
+    """Masks and the unnormalised softmax over the three parts of a decode step's scores: (p_prompt [B, K, G, T],
+    p_tail [B, K, G, N], p_self [B, K, G], denom [B, K, G]), float32."""
+    B, T, N = s_prompt.shape[0], s_prompt.shape[-1], s_tail.shape[-1]
     j = jnp.arange(T)
     ok_prompt = j[None, :] >= start[:, None]  # [B, T]
     if prompt_end is not None:
@@ -147,8 +176,33 @@ def decode_attention(q, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start
     p_prompt, p_tail = jnp.exp(s_prompt - m[..., None]), jnp.exp(s_tail - m[..., None])
     p_self = jnp.exp(s_self - m)
     denom = p_prompt.sum(-1) + p_tail.sum(-1) + p_self  # [B, K, G]
-    out = jnp.einsum("bkgt,bkte->bkge", p_prompt.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out += jnp.einsum("bkgn,bkne->bkge", p_tail.astype(v.dtype), tail_v, preferred_element_type=jnp.float32)
-    out += p_self[..., None] * v_new[:, 0, :, None, :].astype(jnp.float32)
-    out = out / denom[..., None]
-    return out.reshape(B, 1, H, E).astype(v.dtype)
+    return p_prompt, p_tail, p_self, denom
+
+
+def _int8_decode(q32, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start, window, prompt_end, scales):
+    """decode_attention over int8 K/V: [B, K, G, E] float32. q32: [B, K, G, E].
+
+    The K scale multiplies the scores, the V scale the probabilities, so no dequantised copy of the cache is
+    built. Every part is a multiply-and-sum, not a dot: a dot over int8 would have XLA convert the whole
+    [B, K, T, E] cache to a float copy first (on CPU the dot needs materialised operands), while a reduction
+    fuses the conversion into its loop (tests/test_int8_kv.py reads the compiled program for such a copy)."""
+    k_scale, v_scale, tail_k_scale, tail_v_scale, new_k_scale, new_v_scale = scales
+    # Inside a decode loop the prompt K/V do not change, so XLA would hoist their int8 -> float conversion out
+    # of the loop: a float copy of the whole cache, kept for the loop's life. Tying them to this step's query
+    # makes the conversion part of each step, fused into the reductions that read it.
+    k, v, q32 = jax.lax.optimization_barrier((k, v, q32))
+    E = q32.shape[-1]
+    scale = 1.0 / math.sqrt(E)
+    f32 = lambda a: a.astype(jnp.float32)
+    s_prompt = jnp.sum(q32[:, :, :, None, :] * f32(k[:, :, None]), -1) * (k_scale[:, :, None, :] * scale)
+    s_tail = jnp.sum(q32[:, :, :, None, :] * f32(tail_k[:, :, None]), -1) * (tail_k_scale[:, :, None, :] * scale)
+    s_self = jnp.sum(q32 * f32(k_new[:, 0, :, None, :]), -1) * (new_k_scale[:, 0, :, None] * scale)  # [B, K, G]
+    p_prompt, p_tail, p_self, denom = _decode_softmax(s_prompt, s_tail, s_self, q_index, step, start, window,
+                                                      prompt_end)
+    p_prompt = p_prompt * v_scale[:, :, None, :]  # [B, K, G, T]
+    p_tail = p_tail * tail_v_scale[:, :, None, :]
+    p_self = p_self * new_v_scale[:, 0, :, None]
+    out = jnp.sum(p_prompt[..., None] * f32(v[:, :, None]), axis=3)  # [B, K, G, E]
+    out += jnp.sum(p_tail[..., None] * f32(tail_v[:, :, None]), axis=3)
+    out += p_self[..., None] * f32(v_new[:, 0, :, None, :])
+    return out / denom[..., None]

@@ -204,10 +204,10 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
 
     cache = place_for_decode(cache, policy)  # mom: the one copy back to the device, as generate does
     cache = cache.with_tail(max(max_new_tokens - 1, 1))  # the tail generate uses: same shapes, same numbers
-    tail_k, tail_v = cache.tail_k, cache.tail_v
+    tail_k, tail_v = cache.tails  # with int8 K/V: (values, scales) pairs
     t = jnp.int32(1)
     step, stats.decode_compile_s = _compiled(
-        ("decode", cfg, policy, cache.k[0].shape, tail_k[0].shape, cache.memory_kind, where, top_k),
+        ("decode", cfg, policy, cache.k[0].shape, cache.tail_k[0].shape, cache.memory_kind, where, top_k),
         lambda: decode_chunk.lower(model.params, cache, tail_k, tail_v, token, t, done, t, key, temperature, top_k,
                                    top_p, stop_ids, pad_id, cfg=cfg, policy=policy, steps=CHUNK_MAX).compile())
     chunk = 1

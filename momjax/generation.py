@@ -143,6 +143,8 @@ def prefill_stages(params, tokens, start, cfg: Config, policy: MemoryPolicy, eve
     """The programs a prefill (or, with every_position, a forward pass) runs, in order, each listed once with
     its arguments' abstract shapes: "embed", "layer" (runs times), "last" (the final layer at its last
     position, when the policy says so) and "logits". Arguments keep their shardings (memory kinds)."""
+    if every_position:
+        policy = exact(policy)
     chunk = M.chunk_length(tokens.shape[1], policy)
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
     x, pos = jax.eval_shape(functools.partial(embed_fn, chunk=chunk), params.embed, tokens, start)
@@ -164,6 +166,12 @@ def prefill_stages(params, tokens, start, cfg: Config, policy: MemoryPolicy, eve
 def compile_prefill(params, tokens, start, cfg: Config, policy: MemoryPolicy, every_position: bool = False):
     """Compile the prefill's programs ahead of time: {stage name: compiled program}, for `prefill_fn`."""
     return {s.name: s.lower().compile() for s in prefill_stages(params, tokens, start, cfg, policy, every_position)}
+
+
+def exact(policy: MemoryPolicy) -> MemoryPolicy:
+    """The policy with K/V kept in the model's dtype: a forward pass keeps no cache, so it has nothing to
+    quantise and stays exact."""
+    return policy.replace(kv_dtype=None) if policy.quantized_kv else policy
 
 
 def _run_layers(params, tokens, start, cfg, policy, *, every_position, on_layer, compiled):
@@ -198,12 +206,17 @@ def prefill_fn(params, tokens, start, cfg: Config, policy: MemoryPolicy, on_laye
     """
     logits, ks, vs = _run_layers(params, tokens, start, cfg, policy, every_position=False, on_layer=on_layer,
                                  compiled=compiled)
+    if policy.quantized_kv:  # per-layer (int8, scale) pairs
+        (ks, k_scale), (vs, v_scale) = zip(*ks), zip(*vs)
+        return logits, KVCache.from_prompt(ks, vs, start, k_scale=k_scale, v_scale=v_scale)
     return logits, KVCache.from_prompt(ks, vs, start)
 
 
 def forward_fn(params, tokens, start, cfg: Config, policy: MemoryPolicy):
-    """Logits at every position [B, S, V]; the LM head runs over the policy's mini-sequences."""
-    return _run_layers(params, tokens, start, cfg, policy, every_position=True, on_layer=None, compiled=None)[0]
+    """Logits at every position [B, S, V]; the LM head runs over the policy's mini-sequences. Exact whatever
+    the policy's kv_dtype (see `exact`)."""
+    return _run_layers(params, tokens, start, cfg, exact(policy), every_position=True, on_layer=None,
+                       compiled=None)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("cache",))
@@ -229,6 +242,7 @@ def decode_loop(params, cache: KVCache, tail_k, tail_v, token, t, done, limit, k
     `steps` tokens, or every row stopped. Rows that stopped get pad_id.
 
     The prompt K/V are closed over, not carried: only the generated-token tail changes while decoding.
+    tail_k, tail_v: the tail as `cache.tails` gives it (for an int8 cache, (values, scales) pairs).
     top_k is static (a Python int, 0 = off): lax.top_k needs it at compile time.
     Returns (tokens [B, steps], count, t, done, tail_k, tail_v, token) to resume from.
     """
@@ -240,12 +254,12 @@ def decode_loop(params, cache: KVCache, tail_k, tail_v, token, t, done, limit, k
 
     def body(state):
         i, t, done, tail_k, tail_v, token, out = state
-        step_cache = cache.replace(tail_k=tail_k, tail_v=tail_v, length=t - 1)
+        step_cache = cache.with_tails(tail_k, tail_v).replace(length=t - 1)
         logits, step_cache = M.decode_step(params, token, step_cache, cfg, policy)
         nxt = jnp.where(done, pad_id, sample(logits, jax.random.fold_in(key, t), temperature, top_k, top_p))
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
         done = done | is_stop(nxt, stop_ids)
-        return i + 1, t + 1, done, step_cache.tail_k, step_cache.tail_v, nxt, out
+        return i + 1, t + 1, done, *step_cache.tails, nxt, out
 
     out = jnp.full((B, steps), pad_id, jnp.int32)
     state = (jnp.int32(0), t, done, tail_k, tail_v, token, out)
@@ -267,7 +281,7 @@ def decode_fn(params, cache: KVCache, first_logits, key, temperature, top_k, top
     """
     cache = cache.with_tail(max(max_new_tokens - 1, 1))
     first, done = first_token_fn(first_logits, key, temperature, top_k, top_p, stop_ids)
-    rest, *_ = decode_loop(params, cache, cache.tail_k, cache.tail_v, first, jnp.int32(1), done,
+    rest, *_ = decode_loop(params, cache, *cache.tails, first, jnp.int32(1), done,
                            jnp.int32(max_new_tokens), key, temperature, top_k, top_p, stop_ids, pad_id, cfg, policy,
                            max(max_new_tokens - 1, 1))
     out = jnp.concatenate([first[:, None], rest], axis=1)[:, :max_new_tokens]  # [B, max_new_tokens]
@@ -312,7 +326,7 @@ def feed_logits_fn(head: M.Params, x, count, cfg: Config):
 def feed_stages(params, tokens, k_cache, v_cache, cfg: Config, policy: MemoryPolicy):
     """The programs a session feed runs, in order, with abstract arguments (as `prefill_stages`): "embed",
     "layer" (runs times), "last" (when the policy computes only the last position) and "logits".
-    tokens: [B, W] (W a bucket length); k_cache, v_cache: one layer's buffer [B, K, cap, E]."""
+    tokens: [B, W] (W a bucket length); k_cache, v_cache: one layer's buffer [B, K, cap, E] (int8: with its scales)."""
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
     chunk = M.chunk_length(tokens.shape[1], policy)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=getattr(tokens, "sharding", None))
@@ -320,7 +334,7 @@ def feed_stages(params, tokens, k_cache, v_cache, cfg: Config, policy: MemoryPol
     x, pos = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(tokens, "sharding", None)) for a in (x, pos))
     L, last = cfg.num_layers, policy.last_position_only
     lp = jax.tree.map(abstract, params.layers[0])
-    kc, vc = abstract(k_cache), abstract(v_cache)
+    kc, vc = jax.tree.map(abstract, k_cache), jax.tree.map(abstract, v_cache)
     stages = [Stage("embed", feed_embed_fn, (params.embed, tokens, scalar), dict(chunk=chunk))]
     static = dict(cfg=cfg, policy=policy)
     if L - last:

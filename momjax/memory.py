@@ -47,18 +47,27 @@ def _nbytes(tree, memory_kind=None) -> int:
 
 
 def _abstract_cache(cfg: Config, seq_len: int, new_tokens: int, dtype, policy: MemoryPolicy, batch: int) -> KVCache:
-    """The decode step's cache as abstract arrays, each layer's prompt K/V where the policy decodes from it."""
+    """The decode step's cache as abstract arrays, each layer's prompt K/V where the policy decodes from it;
+    int8 K/V with their float32 scales when policy.quantized_kv."""
     L, K, E = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    N = max(new_tokens - 1, 1)
     dev = sharding("device")
     resident = policy.device_layers(L)
-    prompt = lambda l: jax.ShapeDtypeStruct((batch, K, seq_len, E), dtype,
-                                            sharding=sharding("device" if l < resident else policy.kv_decode))
-    tail = jax.ShapeDtypeStruct((batch, K, max(new_tokens - 1, 1), E), dtype, sharding=dev)
-    return KVCache(
+    kind = lambda l: sharding("device" if l < resident else policy.kv_decode)
+    kv_dtype = jnp.int8 if policy.quantized_kv else dtype
+    prompt = lambda l: jax.ShapeDtypeStruct((batch, K, seq_len, E), kv_dtype, sharding=kind(l))
+    tail = jax.ShapeDtypeStruct((batch, K, N, E), kv_dtype, sharding=dev)
+    cache = KVCache(
         k=tuple(map(prompt, range(L))), v=tuple(map(prompt, range(L))),
         start=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev),
         tail_k=(tail,) * L, tail_v=(tail,) * L, length=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev),
     )
+    if policy.quantized_kv:
+        scale = lambda l: jax.ShapeDtypeStruct((batch, K, seq_len), jnp.float32, sharding=kind(l))
+        tail_scale = jax.ShapeDtypeStruct((batch, K, N), jnp.float32, sharding=dev)
+        cache = cache.replace(k_scale=tuple(map(scale, range(L))), v_scale=tuple(map(scale, range(L))),
+                              tail_k_scale=(tail_scale,) * L, tail_v_scale=(tail_scale,) * L)
+    return cache
 
 
 def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="float32", phase="prefill", batch=1,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from momjax.attention import blockwise_attention, decode_attention
-from momjax.cache import KVCache, to_memory_kind
+from momjax.cache import KVCache, quantize_kv, to_memory_kind
 from momjax.config import Config, MemoryPolicy
 from momjax.minisequence import chunk_map, last_position
 from momjax.params import LayerParams, Params
@@ -105,33 +105,48 @@ def lm_head(params: Params, x):
 # ---------------------------------------------------------------------- prefill (chunk-major)
 
 
-def _kv_pass(lp, x, pos, cfg, inv_freq):
-    """K and V of every position of a layer, one mini-sequence at a time. Returns [B, K, S, E] each.
+def _kv_pass(lp, x, pos, cfg, inv_freq, quantized=False):
+    """K and V of every position of a layer, one mini-sequence at a time. Returns [B, K, S, E] each, or with
+    `quantized` the pairs (int8 [B, K, S, E], float32 scale [B, K, S]) (cache.quantize_kv).
 
     Each chunk's K/V is written into its place in the cache-layout buffers (in place, in a fori_loop), so the
-    layer's K/V exists once: not also chunk-major and then transposed."""
+    layer's K/V exists once: not also chunk-major and then transposed. Quantised chunk by chunk, so the
+    layer's K/V exist on the device as int8 and scales only."""
     N, B, C, _ = x.shape
-    kv_of = lambda c: project_kv(lp, rms_norm(x[c], lp.attn_norm, cfg.rms_norm_eps), pos[c], inv_freq)
+
+    def kv_of(c):  # [B, K, C, E] each, or (int8, scale) pairs
+        k, v = project_kv(lp, rms_norm(x[c], lp.attn_norm, cfg.rms_norm_eps), pos[c], inv_freq)  # [B, C, K, E]
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        return (quantize_kv(k), quantize_kv(v)) if quantized else (k, v)
+
     if N == 1:
-        k, v = kv_of(0)  # [B, C, K, E]
-        return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        return kv_of(0)
 
     def write(c, kv):
-        k_c, v_c = kv_of(c)  # [B, C, K, E]
-        put = lambda buf, t: jax.lax.dynamic_update_slice_in_dim(buf, jnp.swapaxes(t, 1, 2), c * C, axis=2)
-        return put(kv[0], k_c), put(kv[1], v_c)
+        put = lambda buf, t: jax.lax.dynamic_update_slice_in_dim(buf, t, c * C, axis=2)
+        return jax.tree.map(put, kv, kv_of(c))
 
     K, E = lp.wk.shape[1], lp.wk.shape[2]
-    empty = jnp.zeros((B, K, N * C, E), x.dtype)
+    if quantized:
+        empty = (jnp.zeros((B, K, N * C, E), jnp.int8), jnp.zeros((B, K, N * C), jnp.float32))
+    else:
+        empty = jnp.zeros((B, K, N * C, E), x.dtype)
     return jax.lax.fori_loop(0, N, write, (empty, empty))
+
+
+def _unpair(kv):
+    """A layer's K or V as the prefill code carries it -> (values, scale or None)."""
+    return kv if isinstance(kv, tuple) else (kv, None)
 
 
 def _attend_and_mlp(lp, x_c, pos_c, q_offset, k, v, start, cfg, policy, inv_freq, with_mlp=True):
     """The rest of a layer for one mini-sequence x_c [B, C, D] whose first token sits at q_offset."""
     h = rms_norm(x_c, lp.attn_norm, cfg.rms_norm_eps)
     q = project_q(lp, h, pos_c, inv_freq)
+    (k, k_scale), (v, v_scale) = _unpair(k), _unpair(v)  # int8 K/V carry their scales
     o = blockwise_attention(
-        q, k, v, q_offset, start, window=cfg.sliding_window, q_block=policy.q_block, kv_block=policy.kv_block
+        q, k, v, q_offset, start, window=cfg.sliding_window, q_block=policy.q_block, kv_block=policy.kv_block,
+        k_scale=k_scale, v_scale=v_scale,
     )  # [B, C, H, E]
     x_c = x_c + project_o(lp, o)
     if with_mlp:
@@ -171,18 +186,20 @@ def _rest_last_position(lp, x, pos, k, v, start, cfg, policy, inv_freq):
 
 def prefill_layer(lp: LayerParams, x, pos, start, cfg: Config, policy: MemoryPolicy, *, last: bool = False):
     """One layer over the chunk-major residual stream x [N, B, C, D]: (x out, k, v), k and v [B, K, S, E]
-    placed at policy.kv_prefill (so with pinned_host the device holds one layer's K/V at a time).
+    placed at policy.kv_prefill (so with pinned_host the device holds one layer's K/V at a time). With
+    policy.quantized_kv, k and v are (int8 [B, K, S, E], float32 scale [B, K, S]) pairs, placed together.
 
     last: this is the final layer and only its last position is read: compute that position only and
     return it as x [1, B, 1, D].
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    k, v = _kv_pass(lp, x, pos, cfg, inv_freq)
+    k, v = _kv_pass(lp, x, pos, cfg, inv_freq, policy.quantized_kv)
     if last:
         x = _rest_last_position(lp, x, pos, k, v, start, cfg, policy, inv_freq)[None]
     else:
         x = _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq)
-    return x, to_memory_kind(k, policy.kv_prefill), to_memory_kind(v, policy.kv_prefill)
+    place = lambda t: jax.tree.map(lambda a: to_memory_kind(a, policy.kv_prefill), t)
+    return x, place(k), place(v)
 
 
 def feed_layer(lp: LayerParams, x, pos, k_cache, v_cache, offset, count, cfg: Config, policy: MemoryPolicy, *,
@@ -196,23 +213,26 @@ def feed_layer(lp: LayerParams, x, pos, k_cache, v_cache, offset, count, cfg: Co
     (at key indices offset + [0, W)) attend causally over the buffer: keys past a query are invisible to it,
     so the padding tokens' keys (written after the real ones) are seen by padding queries only, and the next
     feed overwrites them (padding past the buffer's end is dropped, see write_kv). last: only the last real
-    token's output is read; compute it alone ([1, B, 1, D]).
+    token's output is read; compute it alone ([1, B, 1, D]). With policy.quantized_kv the buffers are
+    (int8 [B, K, cap, E], float32 scale [B, K, cap]) pairs, and the new K/V are quantised as prefill does.
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    k_new, v_new = _kv_pass(lp, x, pos, cfg, inv_freq)  # [B, K, W, E]
-    k = write_kv(to_memory_kind(k_cache, "device"), k_new.astype(k_cache.dtype), offset)
-    v = write_kv(to_memory_kind(v_cache, "device"), v_new.astype(v_cache.dtype), offset)
+    k_new, v_new = _kv_pass(lp, x, pos, cfg, inv_freq, policy.quantized_kv)  # [B, K, W, E] (or pairs)
+    write = lambda buf, new: write_kv(to_memory_kind(buf, "device"), new.astype(buf.dtype), offset)
+    k, v = jax.tree.map(write, k_cache, k_new), jax.tree.map(write, v_cache, v_new)
     start = jnp.zeros((x.shape[1],), jnp.int32)  # a session's rows have no left padding
     if last:
         x_last, pos_last = nth_position(x, count - 1), nth_position(pos, count - 1)  # [B, 1, D], [B, 1]
         x = _attend_and_mlp(lp, x_last, pos_last, offset + count - 1, k, v, start, cfg, policy, inv_freq)[None]
     else:
         x = _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq, offset=offset)
-    return x, to_memory_kind(k, policy.kv_prefill), to_memory_kind(v, policy.kv_prefill)
+    place = lambda t: jax.tree.map(lambda a: to_memory_kind(a, policy.kv_prefill), t)
+    return x, place(k), place(v)
 
 
 def write_kv(buf, new, offset):
-    """buf [B, K, T, E] with new [B, K, W, E] written at [offset, offset + W), W <= T, in place when buf is donated.
+    """buf [B, K, T, E] with new [B, K, W, E] written at [offset, offset + W), W <= T, in place when buf is donated
+    (or an int8 cache's scales: buf [B, K, T], new [B, K, W]).
 
     What would run past T is dropped: it is right padding (a session's buffer has room for the real tokens,
     not always for their padding). dynamic_update_slice would instead move the write back to fit, over valid
@@ -224,7 +244,7 @@ def write_kv(buf, new, offset):
     shift = offset - at  # 0 unless the padding would run past the end
     kept = jax.lax.dynamic_slice_in_dim(buf, at, W, axis=2)
     moved = jnp.roll(new, shift, axis=2)  # what rolls around to the front is padding, and is not kept
-    keep = (jnp.arange(W) < shift)[None, None, :, None]
+    keep = (jnp.arange(W) < shift).reshape((1, 1, W) + (1,) * (new.ndim - 3))
     return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(keep, kept, moved), at, axis=2)
 
 
@@ -298,29 +318,38 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
     # device holds one streamed layer's K/V at a time, and each copy overlaps the rest of the layer before.
     resident = policy.device_layers(L)
 
-    def fetch(l, after=None):
-        k, v = cache.k[l], cache.v[l]
+    def fetch(l, after=None):  # (k, v, k_scale, v_scale) of layer l on the device; the scales None unless int8
+        kv = cache.layer(l)
         if after is not None:
-            _, k, v = jax.lax.optimization_barrier((after, k, v))
-        return to_memory_kind(k, "device"), to_memory_kind(v, "device")
+            _, kv = jax.lax.optimization_barrier((after, kv))
+        return jax.tree.map(lambda a: to_memory_kind(a, "device"), kv)
 
     kv = fetch(resident) if resident < L else None
-    tails_k, tails_v = [], []
+    tails_k, tails_v, tail_scales_k, tail_scales_v = [], [], [], []
     for l, lp in enumerate(params.layers):
-        k, v = kv if l >= resident else (cache.k[l], cache.v[l])
+        k, v, k_scale, v_scale = kv if l >= resident else cache.layer(l)
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         q = project_q(lp, h, positions, inv_freq)  # [B, 1, H, E]
         k_new, v_new = project_kv(lp, h, positions, inv_freq)  # [B, 1, K, E]
+        scales = None
+        if cache.quantized:  # the new token's K/V as a prefill would store them, before anything reads them
+            (k_new, k_new_scale), (v_new, v_new_scale) = quantize_kv(k_new), quantize_kv(v_new)  # scales [B, 1, K]
+            scales = (k_scale, v_scale, cache.tail_k_scale[l], cache.tail_v_scale[l], k_new_scale, v_new_scale)
         o = decode_attention(q, k, v, cache.tail_k[l], cache.tail_v[l], k_new, v_new, q_index, step, cache.start,
-                             window=cfg.sliding_window, prompt_end=cache.end)
+                             window=cfg.sliding_window, prompt_end=cache.end, scales=scales)
         if l >= resident and l + 1 < L:
             kv = fetch(l + 1, after=o)  # layer l's K/V are dead now: bring layer l+1's over its o-proj and MLP
         # Written after the attention has read the tail, so the tail is updated in place.
-        tail_k = jax.lax.dynamic_update_slice_in_dim(cache.tail_k[l], jnp.swapaxes(k_new, 1, 2), step, axis=2)
-        tail_v = jax.lax.dynamic_update_slice_in_dim(cache.tail_v[l], jnp.swapaxes(v_new, 1, 2), step, axis=2)
+        put = lambda tail, new: jax.lax.dynamic_update_slice_in_dim(tail, jnp.swapaxes(new, 1, 2), step, axis=2)
+        tails_k.append(put(cache.tail_k[l], k_new))
+        tails_v.append(put(cache.tail_v[l], v_new))
+        if cache.quantized:
+            tail_scales_k.append(put(cache.tail_k_scale[l], k_new_scale))
+            tail_scales_v.append(put(cache.tail_v_scale[l], v_new_scale))
         x = x + project_o(lp, o)
         x = x + mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
-        tails_k.append(tail_k)
-        tails_v.append(tail_v)
     logits = lm_head(params, rms_norm(x, params.final_norm, cfg.rms_norm_eps))[:, 0]  # [B, V]
-    return logits, cache.replace(tail_k=tuple(tails_k), tail_v=tuple(tails_v), length=step + 1)
+    cache = cache.replace(tail_k=tuple(tails_k), tail_v=tuple(tails_v), length=step + 1)
+    if cache.quantized:
+        cache = cache.replace(tail_k_scale=tuple(tail_scales_k), tail_v_scale=tuple(tail_scales_v))
+    return logits, cache

@@ -19,6 +19,10 @@ greedy tokens are the same.
 Session files are safetensors (never pickle): the valid K/V per layer, the token ids, and metadata naming
 the format version, the policy, the model's config and dtype, a hash of its weights and a checksum of the
 tensors, so a file is never loaded into another model and a damaged one is refused. Writes are atomic.
+
+With an int8 policy (MemoryPolicy(kv_dtype="int8")) each layer's K and V buffer is a pair (int8 [1, K, capacity,
+E], float32 scales [1, K, capacity]), fed, grown, placed, decoded and saved together; such a session loads
+only with an int8 policy.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ FORMAT = "momjax-session"
 FORMAT_VERSION = 1
 # safetensors dtype names of the tensors a session file holds
 _DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(jnp.bfloat16),
-           "I32": np.dtype(np.int32)}
+           "I32": np.dtype(np.int32), "I8": np.dtype(np.int8)}
 
 
 class SessionError(InputError):
@@ -95,9 +99,9 @@ def _describe_difference(saved: dict, current: dict) -> str:
 
 
 def _grow_impl(buf, capacity: int, memory_kind: str):
-    """A copy of one layer's buffer [B, K, cap, E] with room for `capacity` positions, placed in memory_kind."""
-    B, K, _, E = buf.shape
-    out = jnp.zeros((B, K, capacity, E), buf.dtype)
+    """A copy of one layer's buffer [B, K, cap, E] (or an int8 buffer's scales [B, K, cap]) with room for
+    `capacity` positions, placed in memory_kind."""
+    out = jnp.zeros((*buf.shape[:2], capacity, *buf.shape[3:]), buf.dtype)
     out = jax.lax.dynamic_update_slice_in_dim(out, to_memory_kind(buf, "device"), 0, axis=2)
     return to_memory_kind(out, memory_kind)
 
@@ -108,9 +112,10 @@ _grow = jax.jit(_grow_impl, static_argnames=("capacity", "memory_kind"))
 
 
 def _placed_buffer(values: np.ndarray, capacity: int, memory_kind: str):
-    """A buffer [B, K, capacity, E] holding values [B, K, n, E] in its first n positions, placed in memory_kind."""
-    B, K, n, E = values.shape
-    buf = np.zeros((B, K, capacity, E), values.dtype)
+    """A buffer [B, K, capacity, ...] holding values [B, K, n, ...] in its first n positions, placed in
+    memory_kind."""
+    n = values.shape[2]
+    buf = np.zeros((*values.shape[:2], capacity, *values.shape[3:]), values.dtype)
     buf[:, :, :n] = values
     return jax.device_put(buf, sharding(memory_kind))
 
@@ -140,7 +145,9 @@ class Session:
         self.model = model
         self.policy: MemoryPolicy = get_policy(policy)
         self._tokens: list[int] = []
-        self._k: tuple = ()  # per-layer buffers [1, K, capacity, E]; allocated by the first feed
+        # Per-layer buffers [1, K, capacity, E] (int8 policy: (int8 buffer, scales [1, K, capacity]) pairs);
+        # allocated by the first feed.
+        self._k: tuple = ()
         self._v: tuple = ()
         self.info: dict = {}  # the caller's notes (JSON-serializable), saved with the session (e.g. chat messages)
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 0:
@@ -163,7 +170,7 @@ class Session:
     @property
     def capacity(self) -> int:
         """Positions the buffers have room for (grows as needed)."""
-        return self._k[0].shape[2] if self._k else 0
+        return jax.tree.leaves(self._k[0])[0].shape[2] if self._k else 0
 
     @property
     def memory_kind(self) -> str:
@@ -237,21 +244,32 @@ class Session:
         capacity = G.bucket_length(needed, self.policy)
         if not self._k:
             shape = (1, cfg.num_kv_heads, capacity, cfg.head_dim)
-            zeros = lambda: jax.device_put(jnp.zeros(shape, self.model.dtype), sharding(kind))
-            self._k = tuple(zeros() for _ in range(cfg.num_layers))
-            self._v = tuple(zeros() for _ in range(cfg.num_layers))
+            zeros = lambda shape, dtype: jax.device_put(jnp.zeros(shape, dtype), sharding(kind))
+            if self.policy.quantized_kv:
+                buffer = lambda: (zeros(shape, jnp.int8), zeros(shape[:3], jnp.float32))
+            else:
+                buffer = lambda: zeros(shape, self.model.dtype)
+            self._k = tuple(buffer() for _ in range(cfg.num_layers))
+            self._v = tuple(buffer() for _ in range(cfg.num_layers))
             return
         ks, vs = list(self._k), list(self._v)
+        grow = lambda buf: jax.tree.map(lambda b: _grow(b, capacity=capacity, memory_kind=kind), buf)
         for i in range(cfg.num_layers):  # one layer at a time: never two copies of the whole cache
-            ks[i] = _grow(ks[i], capacity=capacity, memory_kind=kind)
-            vs[i] = _grow(vs[i], capacity=capacity, memory_kind=kind)
+            ks[i] = grow(ks[i])
+            vs[i] = grow(vs[i])
         self._k, self._v = tuple(ks), tuple(vs)
 
     def decode_cache(self) -> KVCache:
         """The cache as decoding reads it: the buffers, with the keys past `length` masked, placed as the policy
         says for decoding (mom: a device copy; the session's own buffers stay where they are)."""
-        cache = KVCache(k=self._k, v=self._v, start=jnp.zeros((1,), jnp.int32), tail_k=(), tail_v=(),
-                        length=jnp.zeros((), jnp.int32), end=jnp.int32(self.length))
+        scales = {}
+        if self.policy.quantized_kv:
+            (k, k_scale), (v, v_scale) = zip(*self._k), zip(*self._v)
+            scales = dict(k_scale=tuple(k_scale), v_scale=tuple(v_scale))
+        else:
+            k, v = self._k, self._v
+        cache = KVCache(k=tuple(k), v=tuple(v), start=jnp.zeros((1,), jnp.int32), tail_k=(), tail_v=(),
+                        length=jnp.zeros((), jnp.int32), end=jnp.int32(self.length), **scales)
         return place_for_decode(cache, self.policy)
 
     # ------------------------------------------------------------------ generating
@@ -306,7 +324,7 @@ class Session:
             if bool(np.asarray(done)[0]) or max_new_tokens == 1:
                 return
             cache = self.decode_cache().with_tail(max(int(max_new_tokens) - 1, 1))  # generate's tail shape
-            tail_k, tail_v, t, chunk = cache.tail_k, cache.tail_v, jnp.int32(1), 1
+            (tail_k, tail_v), t, chunk = cache.tails, jnp.int32(1), 1
             while len(answer) < max_new_tokens:
                 c0 = time.perf_counter()
                 limit = jnp.int32(min(len(answer) + chunk, int(max_new_tokens)))
@@ -329,6 +347,16 @@ class Session:
 
     # ------------------------------------------------------------------ files
 
+    def _layout(self, n: int) -> list:
+        """The tensors a session file holds per layer for K (and the same for V), for n tokens: (name suffix,
+        the tensor taken from a layer's buffer, (shape, dtype))."""
+        cfg = self.model.config
+        shape = (1, cfg.num_kv_heads, n, cfg.head_dim)
+        if self.policy.quantized_kv:
+            return [("", lambda b: b[0], (shape, np.dtype(np.int8))),
+                    ("_scale", lambda b: b[1], (shape[:3], np.dtype(np.float32)))]
+        return [("", lambda b: b, (shape, np.dtype(self.model.dtype)))]
+
     def _fingerprint(self) -> dict:
         return dict(config=self.model.config.to_json(), dtype=str(jnp.dtype(self.model.dtype)),
                     weights=weights_hash(self.model))
@@ -343,10 +371,11 @@ class Session:
             raise SessionError(f"cannot save the session to {path}: folder {folder} does not exist")
         n, cfg = self.length, self.model.config
         tensors = {"tokens": np.asarray(self._tokens, np.int32)}
-        empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), jnp.dtype(self.model.dtype))
+        valid = lambda buf: np.ascontiguousarray(np.asarray(buf[:, :, :n]))
         for i in range(cfg.num_layers):
-            tensors[f"k.{i}"] = np.ascontiguousarray(np.asarray(self._k[i][:, :, :n])) if self._k else empty
-            tensors[f"v.{i}"] = np.ascontiguousarray(np.asarray(self._v[i][:, :, :n])) if self._k else empty
+            for name, bufs in (("k", self._k), ("v", self._v)):
+                for suffix, buf, shape in self._layout(n):
+                    tensors[f"{name}{suffix}.{i}"] = valid(buf(bufs[i])) if bufs else np.zeros(*shape)
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -398,6 +427,10 @@ class Session:
         except (KeyError, ValueError, TypeError) as e:
             raise SessionError(f"{where} has damaged metadata ({e}); save the session again") from None
         session = cls(model, saved_policy if policy is None else policy)
+        if session.policy.kv_dtype != saved_policy.kv_dtype:
+            raise SessionError(f"session file {path} holds a K/V cache with kv_dtype={saved_policy.kv_dtype!r}; load "
+                               f"it with a policy of the same kv_dtype (policy=None keeps the saved one), not "
+                               f"{session.policy.kv_dtype!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 0:
             raise SessionError(f"capacity must be a number of tokens >= 0, got {capacity!r}")
         current = session._fingerprint()
@@ -405,10 +438,10 @@ class Session:
             raise SessionError(f"{where} was saved from {_describe_difference(saved_model, current)}; a session "
                                "can only be loaded into the model that wrote it")
         cfg = model.config
-        shape = (1, cfg.num_kv_heads, n, cfg.head_dim)
         expected = {"tokens": ((n,), np.dtype(np.int32))}
         for i in range(cfg.num_layers):
-            expected[f"k.{i}"] = expected[f"v.{i}"] = (shape, np.dtype(model.dtype))
+            for suffix, _, shape in session._layout(n):
+                expected[f"k{suffix}.{i}"] = expected[f"v{suffix}.{i}"] = shape
         if names != expected:
             wrong = sorted(k for k in set(names) | set(expected) if names.get(k) != expected.get(k))
             raise SessionError(f"{where} does not hold this model's cache layout (tensors {', '.join(wrong[:4])} "
@@ -436,8 +469,11 @@ class Session:
         if any(not 0 <= t < cfg.vocab_size for t in ids):
             raise SessionError(f"{where} holds token ids outside the vocabulary")
         if n:
-            session._k = tuple(buffers[f"k.{i}"] for i in range(cfg.num_layers))
-            session._v = tuple(buffers[f"v.{i}"] for i in range(cfg.num_layers))
+            pair = session.policy.quantized_kv
+            layer = lambda name, i: (buffers[f"{name}.{i}"], buffers[f"{name}_scale.{i}"]) if pair else \
+                buffers[f"{name}.{i}"]
+            session._k = tuple(layer("k", i) for i in range(cfg.num_layers))
+            session._v = tuple(layer("v", i) for i in range(cfg.num_layers))
         elif capacity:
             session._reserve(int(capacity))
         session._tokens = ids
@@ -501,9 +537,11 @@ def feed_memory_report(model_or_config, length: int, new_tokens: int, policy="mo
     dev = sharding("device")
     params = abstract_params(cfg, dtype, sharding=dev)
     tokens = jax.ShapeDtypeStruct((1, width), jnp.int32, sharding=dev)
-    buf = jax.ShapeDtypeStruct((1, cfg.num_kv_heads, capacity, cfg.head_dim), dtype,
-                               sharding=sharding(policy.kv_prefill))
-    layer_kv = 2 * int(np.prod(buf.shape)) * dtype.itemsize
+    shape, kv_dtype = (1, cfg.num_kv_heads, capacity, cfg.head_dim), jnp.int8 if policy.quantized_kv else dtype
+    buf = jax.ShapeDtypeStruct(shape, kv_dtype, sharding=sharding(policy.kv_prefill))
+    if policy.quantized_kv:
+        buf = (buf, jax.ShapeDtypeStruct(shape[:3], jnp.float32, sharding=sharding(policy.kv_prefill)))
+    layer_kv = 2 * sum(int(np.prod(b.shape)) * jnp.dtype(b.dtype).itemsize for b in jax.tree.leaves(buf))
     on_device = policy.kv_prefill == "device"
     weights = param_bytes(cfg, dtype)
     L, device = cfg.num_layers, 0

@@ -1,6 +1,6 @@
 """The benchmark scripts run end to end on CPU: gpu_long_context.py in its --tiny mode (every run in its own
 subprocess, a largest-context search, JSON and PNG written), its search on a pretend probe, and the length
-grid of memory_vs_context.py."""
+grid of memory_vs_context.py, and int8_accuracy.py's measurement on a tiny model."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def load_script(name: str):
 
 gpu_long_context = load_script("gpu_long_context")
 memory_vs_context = load_script("memory_vs_context")
+int8_accuracy = load_script("int8_accuracy")
 
 
 def test_search_finds_the_largest_length_that_fits():
@@ -88,3 +89,13 @@ def test_gpu_long_context_tiny_mode_writes_results(tmp_path):
 def test_out_of_memory_errors_are_recognised(text):
     assert gpu_long_context._is_oom(RuntimeError(text))
     assert not gpu_long_context._is_oom(ValueError("shapes do not match"))
+
+
+def test_int8_accuracy_measures_a_tiny_model(zoo, tmp_path):
+    r = int8_accuracy.measure(zoo.model("llama-gqa"), prompt_len=8, steps=3)
+    assert r["positions"] == 4 and len(r["rel_logit_error_per_position"]) == 4
+    # int8 changes the logits, a little: neither zero (the quantised cache is really read) nor large.
+    assert 0 < r["mean_rel_logit_error"] <= r["max_rel_logit_error"] < 0.05
+    assert 0 <= r["top1_agreement"] <= 1
+    int8_accuracy.plot({"llama-gqa": r}, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 5000

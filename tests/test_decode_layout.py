@@ -81,3 +81,67 @@ def test_the_check_catches_a_stacked_slice():
 
 def sds_stack(xs):
     return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
+
+
+# ---------------------------------------------------------------------- int8 K/V
+
+FLOATS = ("f16", "bf16", "f32", "f64")
+
+
+def float_buffers(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of every float array the program materialises: the results of instructions outside
+    fusion bodies (what a fusion computes inside, e.g. an int8 -> float conversion feeding a reduction, lives
+    in registers)."""
+    fused = set(re.findall(r"calls=(%[\w.\-]+)", hlo))
+    found, computation = [], None
+    for line in hlo.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            head = re.match(r"(?:ENTRY )?(%[\w.\-]+)", line)
+            computation = head.group(1) if head else None
+            continue
+        m = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = (\w+)\[([\d,]*)\]", line)
+        if m and m.group(1) in FLOATS and computation not in fused:
+            found.append((m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)))
+    return found
+
+
+def prompt_kv_shapes(cfg) -> set[tuple[int, ...]]:
+    """One layer's prompt K/V shape in any order, with up to two extra axes of 1 (a broadcast group axis)."""
+    out = set()
+    for p in itertools.permutations((1, cfg.num_kv_heads, PROMPT, cfg.head_dim)):
+        out |= {p, (1, *p), (1, 1, *p)} | {p[:i] + (1,) + p[i:] for i in range(5)}
+    return out
+
+
+@pytest.mark.parametrize("policy", ["baseline", "mom", "mom-stream"])
+def test_int8_decode_loop_builds_no_float_copy_of_the_prompt_kv(policy):
+    """The int8 decode loop reads the int8 cache in place: no float buffer of a layer's prompt K/V shape (a
+    dequantised copy, e.g. a conversion hoisted out of the loop), and still no weight or K/V copies."""
+    policy = momjax.get_policy(policy).replace(kv_dtype="int8")
+    sds = jax.ShapeDtypeStruct
+    cache = _abstract_cache(CFG, PROMPT, NEW, jnp.float32, policy, 1)
+    assert cache.quantized and cache.k[0].dtype == jnp.int8
+    settings = (sds((1, CFG.vocab_size), jnp.float32), sds((2,), jnp.uint32), sds((), jnp.float32), 0,
+                sds((), jnp.float32), sds((8,), jnp.int32), sds((), jnp.int32))
+    hlo = G.decode_fn.lower(abstract_params(CFG, "float32"), cache, *settings, cfg=CFG, policy=policy,
+                            max_new_tokens=NEW).compile().as_text()
+    assert float_buffers(hlo)  # the parser does read this HLO
+    bad = [b for b in float_buffers(hlo) if b[1] in prompt_kv_shapes(CFG)]
+    assert not bad, f"the int8 decode loop materialises float K/V-sized arrays: {bad}"
+    moved = [(shape, op) for shape, op in moved_shapes(hlo) if shape in forbidden_shapes(CFG, policy)]
+    assert not moved, f"the int8 decode loop copies weight- or K/V-sized arrays: {moved}"
+
+
+def test_the_float_copy_check_catches_a_dequantised_cache():
+    """A loop attending over an int8 cache with a plain convert-then-dot: XLA hoists the conversion out of the
+    loop, a float copy of the whole cache, and the check above finds it."""
+    k = jax.ShapeDtypeStruct((1, CFG.num_kv_heads, PROMPT, CFG.head_dim), jnp.int8)
+    q = jax.ShapeDtypeStruct((1, CFG.num_kv_heads, CFG.head_dim), jnp.float32)
+
+    def loop(k, q):
+        body = lambda i, q: q + jnp.einsum("bkt,bkte->bke", jnp.einsum("bke,bkte->bkt", q, k.astype(jnp.float32)),
+                                           k.astype(jnp.float32))
+        return jax.lax.fori_loop(0, 4, body, q)
+
+    hlo = jax.jit(loop).lower(k, q).compile().as_text()
+    assert [b for b in float_buffers(hlo) if b[1] in prompt_kv_shapes(CFG)]

@@ -179,3 +179,17 @@ def test_cli_plan_context_prints_the_decode_table(capsys):
     assert "recommended: mom-stream with kv_device_layers=" in out and "int8 K/V" in out
     code, out, err = _run(["plan", "--model", "llama-3.1-8b", "--hbm", "80GiB", "--context", "900000000"], capsys)
     assert code == 2 and "fits no policy" in err
+
+
+def test_cli_int8_kv_matches_the_api(demo_folder, capsys):
+    from momjax.tokenizer import load_tokenizer
+
+    model = momjax.load(demo_folder, progress=False)
+    tok = load_tokenizer(demo_folder)
+    policy = STREAM.replace(kv_dtype="int8", kv_device_layers=2)
+    want = tok.decode(momjax.generate(model, [tok.encode("Hello there")], 6, policy).as_lists()[0])
+    code, out, err = _run(["generate", "--model", demo_folder, "--prompt", "Hello there", "--max-new-tokens", "6",
+                           "--policy", "mom-stream", "--kv-dtype", "int8", "--kv-device-layers", "2"], capsys)
+    assert code == 0, err
+    assert out == want + "\n"
+    assert "mom-stream (2 of 4 layers' K/V on the device), int8 K/V" in err
