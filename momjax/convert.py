@@ -358,18 +358,27 @@ def _exchange(tmp: str, dst: str) -> None:
     os.rename(aside, tmp)
 
 
-def _remove(path: str) -> None:
-    """Remove a file or folder tree; retried, since a writer thread that has not yet noticed may add files."""
-    for _ in range(20):
-        if not os.path.lexists(path):
-            return
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.remove(path)
+def _remove(path: str, quiet_s: float = 0.5, patience_s: float = 15.0) -> None:
+    """Remove a file or folder tree. A writer thread that has not yet noticed a failed write may add files
+    (and recreate folders) after a removal, so once something was removed the path must stay absent for
+    quiet_s before this returns (retrying for up to patience_s). A path that was never there returns at once."""
+    if not os.path.lexists(path):
+        return
+    deadline = time.monotonic() + patience_s
+    absent_since = None
+    while time.monotonic() < deadline:
         if os.path.lexists(path):
-            time.sleep(0.05)
+            absent_since = None
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+        elif absent_since is None:
+            absent_since = time.monotonic()
+        elif time.monotonic() - absent_since >= quiet_s:
+            return
+        time.sleep(0.05)
 
 
 def _clear_stale(parent: str, base: str) -> None:
