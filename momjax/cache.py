@@ -132,7 +132,7 @@ def _place_layers(cache: KVCache, kind_of_layer) -> KVCache:
         return tuple(x if x.sharding.memory_kind == kind_of_layer(l) else to_memory_kind(x, kind_of_layer(l))
                      for l, x in enumerate(xs))
 
-    return cache.replace(**{f: move(getattr(cache, f)) for f in _PROMPT_FIELDS if getattr(cache, f, ())})
+    return cache.replace(**{f: move(getattr(cache, f)) for f in _PROMPT_FIELDS})
 
 
 def place_prompt(cache: KVCache, memory_kind: str) -> KVCache:

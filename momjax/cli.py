@@ -528,7 +528,7 @@ def resolve_policy(args, cfg, context: int, dtype, log=None, loaded_weight_bytes
         stats = device.memory_stats() or {}
         free = device_limit - stats.get("bytes_in_use", 0) + loaded_weight_bytes
     kind = device.device_kind if device_limit is not None else None
-    target = getattr(T, "from_device_kind", lambda kind: None)(kind) if kind else None
+    target = T.from_device_kind(kind) if kind else None
     try:
         hbm = memory.parse_bytes(args.hbm) if args.hbm is not None else (free or ram)
         if hbm is None:

@@ -105,7 +105,7 @@ def _check_request(**args) -> None:
     import math
 
     from momjax.api import InputError
-    from momjax.config import SUPPORTED_DTYPES
+    from momjax.config import KV_DTYPES, SUPPORTED_DTYPES
 
     def count(x):
         return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and x >= 1
@@ -113,6 +113,10 @@ def _check_request(**args) -> None:
     for name in ("seq_len", "batch", "new_tokens"):
         if name in args and not count(args[name]):
             raise InputError(f"{name} must be a positive integer, got {args[name]!r}")
+    if args.get("context") is not None and not count(args["context"]):
+        raise InputError(f"context must be a positive number of tokens, got {args['context']!r}")
+    if args.get("kv_dtype") not in KV_DTYPES:
+        raise InputError(f"kv_dtype must be None (the model's dtype) or 'int8', got {args['kv_dtype']!r}")
     if "dtype" in args:
         try:
             dtype = jnp.dtype(args["dtype"]).name
@@ -195,7 +199,7 @@ def _memory_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, 
         elif not counted:
             h2d = 0  # nothing of the step lives in host memory
         else:
-            h2d = T.host_parameter_bytes(compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens)[0][1])
+            h2d = _memory_report(cfg, seq_len, policy, dtype, phase, batch, new_tokens)["host_to_device_bytes"]
         extra = dict(host_to_device_bytes=int(h2d), device_read_bytes=int(b["argument_bytes"] - h2d))
     else:
         # Programs run one after another; between them the weights stay on the device, and so do the K/V of
@@ -239,7 +243,7 @@ def _kv_leaves(cache: KVCache, layer=None, prompt_only=False):
     """The cache's K/V arrays (with the int8 scales when it has them), of one layer or all."""
     fields = ("k", "v", "k_scale", "v_scale") + (() if prompt_only else ("tail_k", "tail_v", "tail_k_scale",
                                                                           "tail_v_scale"))
-    arrays = [getattr(cache, f, ()) for f in fields]
+    arrays = [getattr(cache, f) for f in fields]
     return [xs[layer] if layer is not None else xs for xs in arrays if xs]
 
 
@@ -404,8 +408,8 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
     Raises ValueError when the budget cannot hold even the weights (TargetError for an unknown target),
     InputError when no policy fits `context`.
     """
-    _check_request(dtype=dtype, new_tokens=new_tokens, hbm_bytes=hbm_bytes, host_bytes=host_bytes, source=source)
-    _check_plan_args(kv_dtype, context)
+    _check_request(dtype=dtype, new_tokens=new_tokens, hbm_bytes=hbm_bytes, host_bytes=host_bytes, source=source,
+                   kv_dtype=kv_dtype, context=context)
     cfg = _resolve(model_or_config)
     t = T.get(target)
     if hbm_bytes is None:
@@ -441,17 +445,6 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
     if context is not None:
         _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype)
     return result
-
-
-def _check_plan_args(kv_dtype, context) -> None:
-    from momjax.api import InputError
-    from momjax.config import KV_DTYPES
-
-    if kv_dtype not in KV_DTYPES:
-        raise InputError(f"kv_dtype must be None (the model's dtype) or 'int8', got {kv_dtype!r}")
-    if context is not None and (isinstance(context, bool) or not isinstance(context, (int, np.integer))
-                                or context < 1):
-        raise InputError(f"context must be a positive number of tokens, got {context!r}")
 
 
 def decode_speed(step: dict, target) -> dict:

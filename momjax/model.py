@@ -134,6 +134,11 @@ def _kv_pass(lp, x, pos, cfg, inv_freq, quantized=False):
     return jax.lax.fori_loop(0, N, write, (empty, empty))
 
 
+def _place_kv(kv, memory_kind: str):
+    """A layer's K or V (or its (int8, scale) pair) placed in memory_kind."""
+    return jax.tree.map(lambda a: to_memory_kind(a, memory_kind), kv)
+
+
 def _unpair(kv):
     """A layer's K or V as the prefill code carries it -> (values, scale or None)."""
     return kv if isinstance(kv, tuple) else (kv, None)
@@ -198,8 +203,7 @@ def prefill_layer(lp: LayerParams, x, pos, start, cfg: Config, policy: MemoryPol
         x = _rest_last_position(lp, x, pos, k, v, start, cfg, policy, inv_freq)[None]
     else:
         x = _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq)
-    place = lambda t: jax.tree.map(lambda a: to_memory_kind(a, policy.kv_prefill), t)
-    return x, place(k), place(v)
+    return x, _place_kv(k, policy.kv_prefill), _place_kv(v, policy.kv_prefill)
 
 
 def feed_layer(lp: LayerParams, x, pos, k_cache, v_cache, offset, count, cfg: Config, policy: MemoryPolicy, *,
@@ -226,8 +230,7 @@ def feed_layer(lp: LayerParams, x, pos, k_cache, v_cache, offset, count, cfg: Co
         x = _attend_and_mlp(lp, x_last, pos_last, offset + count - 1, k, v, start, cfg, policy, inv_freq)[None]
     else:
         x = _rest_all_positions(lp, x, pos, k, v, start, cfg, policy, inv_freq, offset=offset)
-    place = lambda t: jax.tree.map(lambda a: to_memory_kind(a, policy.kv_prefill), t)
-    return x, place(k), place(v)
+    return x, _place_kv(k, policy.kv_prefill), _place_kv(v, policy.kv_prefill)
 
 
 def write_kv(buf, new, offset):
