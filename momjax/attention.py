@@ -26,16 +26,6 @@ def _divisor_block(n: int, block: int) -> int:
     return n if n <= block else math.gcd(n, block)
 
 
-def _visible(q_idx, k_idx, start, window):
-    """[B, 1, 1, Sq, Tk] bool: which keys each query may see."""
-    q = q_idx[None, None, None, :, None]
-    k = k_idx[None, None, None, None, :]
-    ok = (k <= q) & (k >= start[:, None, None, None, None])
-    if window is not None:
-        ok &= q - k < window
-    return ok
-
-
 def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, kv_block=512, k_scale=None,
                         v_scale=None):
     """Causal attention of queries q at sequence indices q_offset + [0, S) over keys k, v at [0, T).
@@ -45,6 +35,12 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
     k_scale, v_scale: [B, K, T] float32 when k and v are int8 (cache.quantize_kv). A key block is converted to
     q's dtype (exact: |int8| <= 127) and its scale multiplies the scores; the value scale multiplies the
     probabilities. Only one block is converted at a time, never the layer's K/V.
+
+    Layout: the G query heads that share a KV head are stacked into the rows of one matrix, so a query
+    block is [B, K, G*qb, E] (rows ordered head, then query) and each tile is two plain batched matmuls
+    over (B, K): scores = rows x key block^T, then probabilities x value block. The queries are put in
+    that layout once, before the loops, and the output is put back once per query block; nothing inside
+    the key loop transposes.
 
     Each query block walks the key blocks it can see in order, in three runs: blocks that hold some
     padding or cross the window edge, blocks every query of the block sees whole, and blocks crossing
@@ -58,15 +54,18 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
     G = H // K
     qb = _divisor_block(S, q_block)
     kb = _divisor_block(T, kv_block)
+    Nq, M = S // qb, G * qb  # query blocks; rows of one block's matrix
     scale = 1.0 / math.sqrt(E)
     dtype = q.dtype
     quantized = k_scale is not None
-    q = q.reshape(B, S // qb, qb, K, G, E)  # [B, Nq, qb, K, G, E]
-    q = jnp.moveaxis(q, 1, 0)  # [Nq, B, qb, K, G, E]
+    # [Nq, B, K, G*qb, E]: block i, then the (head, query) rows of each KV head.
+    q = q.reshape(B, Nq, qb, K, G, E).transpose(1, 0, 3, 4, 2, 5).reshape(Nq, B, K, M, E)
     padded_to = jnp.max(start)  # keys below this index are padding for some row
+    scores_dims = (((3,), (3,)), ((0, 1), (0, 1)))  # [B, K, M, E] x [B, K, kb, E] -> [B, K, M, kb]
+    values_dims = (((3,), (2,)), ((0, 1), (0, 1)))  # [B, K, M, kb] x [B, K, kb, E] -> [B, K, M, E]
 
     def one_query_block(args):
-        qblk, i = args  # [B, qb, K, G, E], block index
+        qblk, i = args  # [B, K, M, E], block index
         first_q = q_offset + i * qb
         last_q = first_q + qb - 1
         # Key blocks this query block can see: up to its last query (causal), from its window start.
@@ -79,43 +78,48 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
         full_hi = (first_q + 1) // kb
         full_lo = jnp.clip(full_lo, lo, hi)
         full_hi = jnp.clip(full_hi, full_lo, hi)
-        q_idx = first_q + jnp.arange(qb)
+        q_idx = jnp.tile(first_q + jnp.arange(qb), G)[:, None]  # [M, 1]: each row's sequence index
+
+        def visible(j):  # [B, 1, M, kb] bool: key j*kb + t is visible to row r
+            k_idx = j * kb + jnp.arange(kb)
+            ok = (k_idx <= q_idx)[None, None] & (k_idx >= start[:, None])[:, None, None, :]
+            if window is not None:
+                ok &= (q_idx - k_idx < window)[None, None]
+            return ok
 
         def step(masked):
             def body(j, carry):
-                m, l, acc = carry  # [B, K, G, qb], [B, K, G, qb], [B, K, G, qb, E]
+                m, l, acc = carry  # [B, K, M], [B, K, M], [B, K, M, E]
                 kj = jax.lax.dynamic_slice_in_dim(k, j * kb, kb, axis=2).astype(dtype)  # [B, K, kb, E]
                 vj = jax.lax.dynamic_slice_in_dim(v, j * kb, kb, axis=2).astype(dtype)
-                s = jnp.einsum("bqkge,bkte->bkgqt", qblk, kj, preferred_element_type=jnp.float32) * scale
+                s = jax.lax.dot_general(qblk, kj, scores_dims, preferred_element_type=jnp.float32) * scale
                 if quantized:
-                    s = s * jax.lax.dynamic_slice_in_dim(k_scale, j * kb, kb, axis=2)[:, :, None, None, :]
+                    s = s * jax.lax.dynamic_slice_in_dim(k_scale, j * kb, kb, axis=2)[:, :, None, :]
                 if masked:
-                    s = jnp.where(_visible(q_idx, j * kb + jnp.arange(kb), start, window), s, MASKED)
+                    s = jnp.where(visible(j), s, MASKED)
                 m_new = jnp.maximum(m, s.max(-1))
                 p = jnp.exp(s - m_new[..., None])  # f32 probabilities
                 alpha = jnp.exp(m - m_new)
                 l = alpha * l + p.sum(-1)
-                pv = p if not quantized else p * jax.lax.dynamic_slice_in_dim(v_scale, j * kb, kb, axis=2)[
-                    :, :, None, None, :]
-                acc = alpha[..., None] * acc + jnp.einsum(
-                    "bkgqt,bkte->bkgqe", pv.astype(dtype), vj, preferred_element_type=jnp.float32
-                )
-                return m_new, l, acc
+                if quantized:
+                    p = p * jax.lax.dynamic_slice_in_dim(v_scale, j * kb, kb, axis=2)[:, :, None, :]
+                pv = jax.lax.dot_general(p.astype(dtype), vj, values_dims, preferred_element_type=jnp.float32)
+                return m_new, l, alpha[..., None] * acc + pv
 
             return body
 
         carry = (
-            jnp.full((B, K, G, qb), MASKED, jnp.float32),
-            jnp.zeros((B, K, G, qb), jnp.float32),
-            jnp.zeros((B, K, G, qb, E), jnp.float32),
+            jnp.full((B, K, M), MASKED, jnp.float32),
+            jnp.zeros((B, K, M), jnp.float32),
+            jnp.zeros((B, K, M, E), jnp.float32),
         )
         carry = jax.lax.fori_loop(lo, full_lo, step(True), carry)
         carry = jax.lax.fori_loop(full_lo, full_hi, step(False), carry)
         _, l, acc = jax.lax.fori_loop(full_hi, hi, step(True), carry)
-        out = acc / l[..., None]  # [B, K, G, qb, E]; l >= 1: the row's largest term is exp(0)
-        return jnp.einsum("bkgqe->bqkge", out).reshape(B, qb, H, E).astype(dtype)
+        out = acc / l[..., None]  # [B, K, M, E]; l >= 1: the row's largest term is exp(0)
+        return out.reshape(B, K, G, qb, E).transpose(0, 3, 1, 2, 4).reshape(B, qb, H, E).astype(dtype)
 
-    out = jax.lax.map(one_query_block, (q, jnp.arange(S // qb)))  # [Nq, B, qb, H, E]
+    out = jax.lax.map(one_query_block, (q, jnp.arange(Nq)))  # [Nq, B, qb, H, E]
     return jnp.moveaxis(out, 0, 1).reshape(B, S, H, E)
 
 
