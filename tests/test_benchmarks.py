@@ -99,3 +99,25 @@ def test_int8_accuracy_measures_a_tiny_model(zoo, tmp_path):
     assert 0 <= r["top1_agreement"] <= 1
     int8_accuracy.plot({"llama-gqa": r}, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])  # untied and tied embeddings
+def test_decode_bytes_reads_one_embedding_row_unless_tied(zoo, family):
+    import jax
+    import numpy as np
+
+    from momjax import bench
+
+    model = zoo.model(family)
+    params, cfg = model.params, model.config
+    step = bench.decode_bytes(model, context=40)
+    every = sum(x.nbytes for x in jax.tree.leaves(params))
+    row = cfg.hidden_size * 4  # float32
+    kv = 40 * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+    if params.lm_head is None:  # tied: the LM head reads the whole table
+        assert step["bytes_per_token"] == every + kv
+    else:
+        assert step["bytes_per_token"] == every - params.embed.nbytes + row + kv
+    assert step["kv_bytes"] == kv
+    only = bench.MatvecOnly(model, steps=3)
+    assert only.tokens_per_s() > 0 and np.isfinite(only.tokens_per_s())
