@@ -246,14 +246,16 @@ class Bandwidth:
 
 
 class MatvecOnly:
-    """A program that does only a decode step's matrix-vector products, over the model's own weights, for
-    `steps` steps: per layer q, k, v, o, gate, up and down, then the LM head, each product's input taken
-    from the one before so none can be skipped; no attention, norms, rope, cache or sampling. Its speed is
-    what XLA's matrix-vector products reach on these weights: decode's cost beyond it is everything else."""
+    """A program that does only a decode step's matrix-vector products, over the model's own weights and as
+    decode computes them (`momjax.model.linear`), for `steps` steps: per layer q, k, v, o, gate, up and down,
+    then the LM head, each product's input taken from the one before so none can be skipped; no attention,
+    norms, rope, cache or sampling. Decode's time beyond it is everything else the step does."""
 
     def __init__(self, model, steps: int):
         import jax
         import jax.numpy as jnp
+
+        from momjax.model import linear
 
         params = model.params
         head = params.embed.T if params.lm_head is None else params.lm_head
@@ -261,11 +263,11 @@ class MatvecOnly:
 
         def step(x):  # x [1, D]
             for lp in params.layers:
-                q = x @ lp.wq.reshape(D, -1)
-                k, v = x @ lp.wk.reshape(D, -1), x @ lp.wv.reshape(D, -1)
-                h = x + q @ lp.wo.reshape(q.shape[1], D) + 1e-6 * (k.sum() + v.sum())
-                x = h + (jax.nn.silu(h @ lp.w_gate) * (h @ lp.w_up)) @ lp.w_down
-            return x @ head
+                q = linear(x, lp.wq.reshape(D, -1))
+                k, v = linear(x, lp.wk.reshape(D, -1)), linear(x, lp.wv.reshape(D, -1))
+                h = x + linear(q, lp.wo.reshape(q.shape[1], D)) + 1e-6 * (k.sum() + v.sum())
+                x = h + linear(jax.nn.silu(linear(h, lp.w_gate)) * linear(h, lp.w_up), lp.w_down)
+            return linear(x, head)
 
         def run(x):
             def body(_, x):
