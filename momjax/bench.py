@@ -247,7 +247,7 @@ class Bandwidth:
 
 class MatvecOnly:
     """A program that does only a decode step's matrix-vector products, over the model's own weights and as
-    decode computes them (`momjax.model.linear`), for `steps` steps: per layer q, k, v, o, gate, up and down,
+    decode computes them (`momjax.model`'s `linear`, `mlp` and `lm_head`), for `steps` steps: per layer q, k, v, o, gate, up and down,
     then the LM head, each product's input taken from the one before so none can be skipped; no attention,
     norms, rope, cache or sampling. Decode's time beyond it is everything else the step does."""
 
@@ -255,28 +255,27 @@ class MatvecOnly:
         import jax
         import jax.numpy as jnp
 
-        from momjax.model import linear
+        from momjax.model import linear, lm_head, mlp
 
         params = model.params
-        head = params.embed.T if params.lm_head is None else params.lm_head
         D = params.embed.shape[1]
 
-        def step(x):  # x [1, D]
+        def step(x):  # x [1, 1, D]
             for lp in params.layers:
                 q = linear(x, lp.wq.reshape(D, -1))
                 k, v = linear(x, lp.wk.reshape(D, -1)), linear(x, lp.wv.reshape(D, -1))
-                h = x + linear(q, lp.wo.reshape(q.shape[1], D)) + 1e-6 * (k.sum() + v.sum())
-                x = h + linear(jax.nn.silu(linear(h, lp.w_gate)) * linear(h, lp.w_up), lp.w_down)
-            return linear(x, head)
+                h = x + linear(q, lp.wo.reshape(q.shape[-1], D)) + 1e-6 * (k.sum() + v.sum())
+                x = h + mlp(lp, h)
+            return lm_head(params, x)
 
         def run(x):
             def body(_, x):
-                return x + 1e-6 * step(x)[:, :D]
+                return x + 1e-6 * step(x).max().astype(x.dtype)  # the next step depends on this one
             return jax.lax.fori_loop(0, steps, body, x)
 
         self.steps = steps
         self.program = jax.jit(run)
-        self.x = jnp.ones((1, D), model.dtype)
+        self.x = jnp.ones((1, 1, D), model.dtype)
         self.program(self.x).block_until_ready()
 
     def tokens_per_s(self) -> float:
@@ -292,7 +291,7 @@ def decode_bytes(model, context: int) -> dict:
 
     cfg, params = model.config, model.params
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params.embed.nbytes
-    embed_bytes = params.embed.nbytes if params.lm_head is None else params.embed[0].nbytes
+    embed_bytes = params.embed.nbytes if params.lm_head is None else params.embed.nbytes // params.embed.shape[0]
     kv_bytes = cfg.kv_bytes_per_token * np.dtype(model.dtype).itemsize * context
     return {"bytes_per_token": int(weight_bytes + embed_bytes + kv_bytes), "weight_bytes": int(weight_bytes),
             "embedding_bytes": int(embed_bytes), "kv_bytes": int(kv_bytes), "context": context}
