@@ -249,31 +249,47 @@ class MatvecOnly:
     """A program that does only a decode step's matrix-vector products, over the model's own weights and as
     decode computes them (`momjax.model`'s `linear`, `mlp` and `lm_head`), for `steps` steps: per layer q, k, v, o, gate, up and down,
     then the LM head, each product's input taken from the one before so none can be skipped; no attention,
-    norms, rope, cache or sampling. Decode's time beyond it is everything else the step does."""
+    norms, rope, cache or sampling. Decode's time beyond it is everything else the step does.
 
-    def __init__(self, model, steps: int):
+    With `cache` (a prefilled KVCache with a tail, as decode reads it) each layer also runs decode's attention
+    (`momjax.attention.decode_attention`) over that layer's cached K/V, its output feeding the o product: the
+    step's products and attention, still without norms, rope, tail writes or sampling."""
+
+    def __init__(self, model, steps: int, cache=None):
         import jax
         import jax.numpy as jnp
 
+        from momjax.attention import decode_attention
         from momjax.model import linear, lm_head, mlp
 
-        params = model.params
-        D = params.embed.shape[1]
+        params, cfg = model.params, model.config
+        D, H, K, E = params.embed.shape[1], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-        def step(x):  # x [1, 1, D]
-            for lp in params.layers:
+        def attend(l, q, k, v, i):  # q [1, 1, H*E], k and v [1, 1, K*E] -> [1, 1, H*E]
+            step = jnp.minimum(i, cache.tail_k[l].shape[2])
+            o = decode_attention(q.reshape(1, 1, H, E), cache.k[l], cache.v[l], cache.tail_k[l], cache.tail_v[l],
+                                 k.reshape(1, 1, K, E), v.reshape(1, 1, K, E), cache.prompt_end + step, step,
+                                 cache.start, window=cfg.sliding_window, prompt_end=cache.end)
+            return o.reshape(1, 1, H * E)
+
+        def step(x, i):  # x [1, 1, D]
+            for l, lp in enumerate(params.layers):
                 q = linear(x, lp.wq.reshape(D, -1))
                 k, v = linear(x, lp.wk.reshape(D, -1)), linear(x, lp.wv.reshape(D, -1))
-                h = x + linear(q, lp.wo.reshape(q.shape[-1], D)) + 1e-6 * (k.sum() + v.sum())
+                if cache is None:
+                    h = x + linear(q, lp.wo.reshape(q.shape[-1], D)) + 1e-6 * (k.sum() + v.sum())
+                else:
+                    h = x + linear(attend(l, q, k, v, i), lp.wo.reshape(H * E, D))
                 x = h + mlp(lp, h)
             return lm_head(params, x)
 
         def run(x):
-            def body(_, x):
-                return x + 1e-6 * step(x).max().astype(x.dtype)  # the next step depends on this one
+            def body(i, x):
+                return x + 1e-6 * step(x, i).max().astype(x.dtype)  # the next step depends on this one
             return jax.lax.fori_loop(0, steps, body, x)
 
         self.steps = steps
+        self.step_logits = jax.jit(step)  # one step's logits from x [1, 1, D] at step i (for checks)
         self.program = jax.jit(run)
         self.x = jnp.ones((1, 1, D), model.dtype)
         self.program(self.x).block_until_ready()

@@ -121,3 +121,28 @@ def test_decode_bytes_reads_one_embedding_row_unless_tied(zoo, family):
     assert step["kv_bytes"] == kv
     only = bench.MatvecOnly(model, steps=3)
     assert only.tokens_per_s() > 0 and np.isfinite(only.tokens_per_s())
+
+
+def test_decode_breakdown_attention_program_reads_the_cache(zoo, tmp_path):
+    """benchmarks/decode_breakdown.py's products + attention program really attends over the cache it is
+    given (a different cache gives a different result), and its measurement and plot run end to end."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from momjax import bench
+
+    breakdown = load_script("decode_breakdown")
+    model = zoo.model("llama-gqa")
+    prompt = np.arange(1, 17) % model.config.vocab_size
+    cache = breakdown.decode_cache(model, prompt)
+    with_cache = bench.MatvecOnly(model, steps=3, cache=cache)
+    other = cache.replace(v=tuple(v * 3.0 + 1.0 for v in cache.v))
+    with_other = bench.MatvecOnly(model, steps=3, cache=other)
+    a, b = (np.asarray(p.step_logits(p.x, jnp.int32(1))) for p in (with_cache, with_other))
+    assert np.all(np.isfinite(a)) and not np.allclose(a, b, atol=1e-4)
+    result = breakdown.measure(model, rounds=1, log=lambda *a: None, prompt_tokens=64)
+    ms = result["step_ms"]
+    assert ms["decode"] == pytest.approx(ms["products"] + ms["attention"] + ms["rest"], abs=2e-3)
+    assert ms["roofline"] > 0 and 0 < result["fraction_of_roofline"]["products"]
+    breakdown.plot(result, str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").stat().st_size > 5000
