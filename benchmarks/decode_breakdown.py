@@ -23,7 +23,6 @@ Writes benchmarks/results/decode_breakdown.json and .png. Needs no torch.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -35,22 +34,20 @@ import numpy as np
 
 import momjax
 from momjax import bench
-from momjax.api import get_policy, place_for_decode
-from momjax.generation import prefill_fn
+from momjax.cache import place_for_decode
+from momjax.config import get_policy
 from momjax.params import init_random
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPT_TOKENS, NEW_TOKENS = bench.PROMPT_TOKENS, bench.NEW_TOKENS
-CONFIG = momjax.Config(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
-                       num_kv_heads=4, head_dim=64, max_position_embeddings=8192)
+# The `momjax bench` model, read from the same Hugging Face config it builds.
+CONFIG = momjax.Config.from_hf({**bench.MODEL, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
 
 
 def decode_cache(model, prompt):
     """The `mom` cache of the prompt, on the device, with a tail of NEW_TOKENS - 1 tokens, as decode reads it."""
-    policy = get_policy("mom")
-    start = np.zeros(1, np.int32)
-    _, cache = prefill_fn(model.params, prompt[None].astype(np.int32), start, model.config, policy)
-    return place_for_decode(cache, policy).with_tail(NEW_TOKENS - 1)
+    _, cache = momjax.prefill(model, prompt[None], policy="mom")
+    return place_for_decode(cache, get_policy("mom")).with_tail(NEW_TOKENS - 1)
 
 
 def measure(model, rounds: int, log, prompt_tokens: int = PROMPT_TOKENS) -> dict:
@@ -128,7 +125,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     model = momjax.Model(config=CONFIG, params=init_random(CONFIG, seed=0, dtype="float32"))
-    result = {"benchmark": "decode_breakdown", "config": dataclasses.asdict(CONFIG), "rounds": args.rounds,
+    result = {"benchmark": "decode_breakdown", "config": CONFIG.to_json(), "rounds": args.rounds,
               "cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
               **measure(model, args.rounds, log), "load_average_at_end": os.getloadavg()}
     b, f = result["step_ms"], result["fraction_of_roofline"]
