@@ -177,6 +177,11 @@ class Session:
         """Where the cache lives between calls: "device" or "pinned_host" (the policy's kv_prefill)."""
         return self.policy.kv_prefill
 
+    @property
+    def buffer_memory_kind(self) -> str | None:
+        """Where the cache's buffers really are, read from the arrays themselves (None before the first feed)."""
+        return jax.tree.leaves(self._k[0])[0].sharding.memory_kind if self._k else None
+
     def __repr__(self) -> str:
         return f"Session(length={self.length}, capacity={self.capacity}, policy={self.policy.name!r})"
 

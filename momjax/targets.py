@@ -77,6 +77,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            PCIE4_X16, "the A100 80GB description with NVIDIA A100 datasheet memory (40 GB HBM2, 1,555 GB/s)"),
     Target("h100", "NVIDIA H100 SXM 80GB HBM3 (sm_90a)", "h100_sxm.txtpb", 80 * GIB, 3.35e12, "PCIe 5.0 x16",
            PCIE5_X16, "openxla/xla GPU target specs (H100 SXM); NVIDIA H100 datasheet (80 GB HBM3, 3.35 TB/s)"),
+    Target("h200", "NVIDIA H200 SXM 141GB HBM3e (sm_90a)", "h200.txtpb", 143771 * 2**20, 4.8e12, "PCIe 5.0 x16",
+           PCIE5_X16, "the H100 SXM description with the H200's memory: NVIDIA H200 datasheet (141 GB HBM3e, 4.8 TB/s, "
+           "PCIe Gen5 x16); 143,771 MiB as nvidia-smi reports it on the H200 machines this project ran on"),
     Target("l4", "NVIDIA L4 24GB (sm_89)", "l4.txtpb", 24 * GIB, 300e9, "PCIe 4.0 x16", PCIE4_X16,
            "NVIDIA L4 datasheet (24 GB GDDR6, 300 GB/s, 58 SMs); CUDA C++ Programming Guide (sm_89 limits)"),
     Target("rtx4090", "NVIDIA GeForce RTX 4090 24GB (sm_89)", "rtx4090.txtpb", 24 * GIB, 1008e9, "PCIe 4.0 x16",
@@ -112,6 +115,7 @@ _DEVICE_KINDS = (
     (("a100", "80gb"), "a100-80gb"),
     (("a100", "40gb"), "a100-40gb"),
     (("h100", "80gb", "hbm3"), "h100"),
+    (("h200",), "h200"),
     (("rtx", "4090"), "rtx4090"),
     (("l4",), "l4"),
     (("t4",), "t4"),
