@@ -468,6 +468,19 @@ def child_cudnn(spec: dict) -> dict:
         except Exception as e:  # noqa: BLE001 - "does it run here" is the question
             out[label] = {"runs": False, "error": f"{type(e).__name__}: {str(e)[:600]}"}
         emit(PARTIAL, out)
+    # momjax's attention with larger blocks (MemoryPolicy q_block / kv_block): fewer, larger matmuls per layer.
+    out["momjax_blocks"] = {}
+    for qb, kb in ((128, 128), (256, 256)) if tiny else ((1024, 1024), (2048, 2048), (1024, 4096)):
+        fn = jax.jit(lambda q, k, v, qb=qb, kb=kb: blockwise_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+                                                                      0, start, q_block=qb, kv_block=kb))
+        try:
+            got = np.asarray(fn(q, k, v), np.float32)
+            secs = time_it(fn)
+            out["momjax_blocks"][f"{qb}x{kb}"] = {"seconds": secs, "TFLOPs": 2 * S * S * H * E / secs / 1e12,
+                                                  "rel_err_vs_512": float(np.linalg.norm(got - ref) / np.linalg.norm(ref))}
+        except Exception as e:  # noqa: BLE001
+            out["momjax_blocks"][f"{qb}x{kb}"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+        emit(PARTIAL, out)
     return out
 
 
@@ -501,33 +514,44 @@ def child_process_env() -> dict:
     return env
 
 
-def run_child(stage: str, spec: dict, timeout: float) -> dict:
-    """Run one stage in a fresh process. A crash, a timeout or an exception comes back as a result, with the
-    last partial results the child reported."""
-    spec = {**spec, "deadline": time.time() + timeout - 5}
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", stage, json.dumps(spec)]
+def run_children(stage: str, specs: list[dict], timeout: float) -> list[dict]:
+    """Run one stage's processes side by side (one per spec), each a fresh process. A crash, a timeout or an
+    exception comes back as a result, with the last partial results the child reported."""
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1), env=child_process_env())
-        stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        code = "timeout"
-    result, partial = None, None
-    for line in stdout.splitlines():
-        if line.startswith(RESULT):
-            result = json.loads(line[len(RESULT):])
-        elif line.startswith(PARTIAL):
-            partial = json.loads(line[len(PARTIAL):])
-    if result is None:
-        result = {**(partial or {}), "ok": False, "error_type": "timeout" if code == "timeout" else "crash",
-                  "error": f"the stage's process ended ({code}) without a result after "
-                           f"{time.perf_counter() - t0:.0f} s", "stderr_tail": stderr[-3000:]}
-    elif not result.get("ok"):
-        result["stderr_tail"] = stderr[-3000:]
-    result["process_s"] = round(time.perf_counter() - t0, 1)
-    return result
+    deadline = time.time() + timeout
+    procs = []
+    for spec in specs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", stage, json.dumps({**spec, "deadline": deadline - 5})]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=child_process_env()))
+    results = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=max(deadline - time.time(), 1))
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            code = "timeout"
+        result, partial = None, None
+        for line in stdout.splitlines():
+            if line.startswith(RESULT):
+                result = json.loads(line[len(RESULT):])
+            elif line.startswith(PARTIAL):
+                partial = json.loads(line[len(PARTIAL):])
+        if result is None:
+            result = {**(partial or {}), "ok": False, "error_type": "timeout" if code == "timeout" else "crash",
+                      "error": f"the stage's process ended ({code}) without a result after "
+                               f"{time.perf_counter() - t0:.0f} s", "stderr_tail": stderr[-3000:]}
+        elif not result.get("ok"):
+            result["stderr_tail"] = stderr[-3000:]
+        result["process_s"] = round(time.perf_counter() - t0, 1)
+        results.append(result)
+    return results
+
+
+def run_child(stage: str, spec: dict, timeout: float) -> dict:
+    return run_children(stage, [spec], timeout)[0]
 
 
 def predict(lengths, new_tokens: int, path: str = PREDICTIONS) -> dict:
@@ -578,7 +602,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--lengths", nargs="+", type=int, help="prompt lengths of the long stage "
                         "(default 32768 131072; tiny 256 512)")
-    parser.add_argument("--policies", nargs="+", choices=POLICY_NAMES, default=list(POLICY_NAMES))
+    parser.add_argument("--policies", nargs="+", choices=POLICY_NAMES, default=list(POLICY_NAMES),
+                        help="the long stage's policies, in this order (mom-stream's process also decodes as mom)")
+    parser.add_argument("--families", nargs="+", choices=EXACT_FAMILIES, help="the exact stage's families")
     args = parser.parse_args(argv)
 
     tiny = args.tiny
@@ -608,7 +634,8 @@ def main(argv=None) -> int:
         """This stage's time: its share of the budget, or what is left less the minimum the later stages need."""
         later = [s for s in STAGES if s in args.stages and STAGES.index(s) > STAGES.index(stage)]
         reserve = sum(min(SHARES[s] * budget, 40 if not tiny else 10) for s in later)
-        share = float("inf") if tiny else SHARES[stage] * budget  # tiny: a stage may take what the others leave
+        chosen = sum(SHARES[s] for s in args.stages)
+        share = float("inf") if tiny else SHARES[stage] / chosen * budget  # tiny: take what the others leave
         return max(min(share, end - time.time() - reserve), 0)
 
     log(f"gpu_check: {'tiny, CPU' if tiny else 'GPU'}; budget {budget:.0f} s; results -> {path}")
@@ -639,7 +666,18 @@ def main(argv=None) -> int:
         spec = dict(base)
         if stage == "transformers":
             spec["seq_len"] = lengths[0]
-        r = run_child(stage, spec, t)
+        if stage == "exact":  # one process per family, side by side: compiling is most of the work
+            families = args.families or (EXACT_FAMILIES if not tiny else EXACT_FAMILIES[:1])
+            parts = run_children(stage, [{**spec, "families": [f]} for f in families], t)
+            r = {"families": {f: part.get("families", {}).get(f, part) for f, part in zip(families, parts)},
+                 "process_s": max(part.get("process_s", 0) for part in parts)}
+            for part in parts:
+                for k in ("torch_device", "jax_backend", "matmul_precision", "new_tokens"):
+                    if k in part:
+                        r[k] = part[k]
+            r["ok"] = all(part.get("ok") for part in parts)
+        else:
+            r = run_child(stage, spec, t)
         results["stages"][stage] = r
         log(f"  -> ok={r.get('ok')} in {r.get('process_s')} s" + ("" if r.get("ok") else
                                                                     f": {r.get('error_type')}: {str(r.get('error'))[:300]}"))
