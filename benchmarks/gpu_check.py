@@ -52,9 +52,9 @@ for p in (ROOT, HERE, os.path.join(ROOT, "tests")):
         sys.path.insert(0, p)
 
 GIB = 2**30
-STAGES = ("env", "exact", "long", "transformers", "cudnn")
+STAGES = ("env", "exact", "programs", "long", "transformers", "cudnn")
 # Share of the budget each stage may take at most (GPU run); what a stage leaves unused goes to the next ones.
-SHARES = {"env": 0.06, "exact": 0.28, "long": 0.55, "transformers": 0.15, "cudnn": 0.10}
+SHARES = {"env": 0.06, "exact": 0.28, "programs": 0.10, "long": 0.55, "transformers": 0.15, "cudnn": 0.10}
 RESULT = "RESULT "
 PARTIAL = "PARTIAL "
 PREDICTIONS = os.path.join(HERE, "results", "gpu_check_predictions_h200.json")
@@ -484,7 +484,83 @@ def child_cudnn(spec: dict) -> dict:
     return out
 
 
-CHILDREN = {"env": child_env, "exact": child_exact, "long": child_long, "transformers": child_transformers,
+def child_programs(spec: dict) -> dict:
+    """Where a streamed decode keeps its K/V: the mom-stream (every layer streamed) decode step and decode loop
+    compiled on this device, their memory analysis, the peak each reaches when run over a host-resident cache,
+    and their optimized HLO (written beside the JSON, to read without a GPU)."""
+    import gzip
+
+    import jax
+    import jax.numpy as jnp
+    from gpu_long_context import _random_params
+
+    import momjax
+    import momjax.model
+    from momjax import generation as G
+    from momjax.cache import KVCache, sharding
+
+    tiny = spec["tiny"]
+    cfg = model_config(tiny)
+    dtype = jnp.dtype("float32" if tiny else "bfloat16")
+    S = 256 if tiny else 32768
+    new = spec["new_tokens"]
+    policy = momjax.get_policy("mom-stream").replace(kv_device_layers=0)
+    dev = jax.devices()[0]
+    stats = lambda: dev.memory_stats() or {}
+    params = _random_params(cfg, dtype)
+    L, K, E = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    make = jax.jit(lambda key: jax.random.normal(key, (1, K, S, E), dtype))
+    host = lambda l: jax.device_put(make(jax.random.PRNGKey(l)), sharding("pinned_host"))
+    ks = tuple(_sync(host(2 * l)) for l in range(L))
+    vs = tuple(_sync(host(2 * l + 1)) for l in range(L))
+    start = jnp.zeros((1,), jnp.int32)
+    cache = KVCache.from_prompt(ks, vs, start)
+    out = {"seq_len": S, "layer_kv_bytes": 2 * K * S * E * dtype.itemsize, "weights_bytes": stats().get("bytes_in_use"),
+           "peak_before_bytes": stats().get("peak_bytes_in_use"), "prompt_kv_memory_kind": cache.memory_kind}
+    emit(PARTIAL, out)
+
+    def analysis(compiled):
+        ma = compiled.memory_analysis()
+        return {k: getattr(ma, k) for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                                            "alias_size_in_bytes", "host_argument_size_in_bytes",
+                                            "host_output_size_in_bytes", "host_temp_size_in_bytes")
+                if hasattr(ma, k)}
+
+    def save_text(name, compiled):
+        path = os.path.join(spec["out_dir"], f"{name}.hlo.txt.gz")
+        with gzip.open(path, "wt") as f:
+            f.write(compiled.as_text())
+        return os.path.basename(path)
+
+    token = jnp.zeros((1,), jnp.int32)
+    step_cache = cache.with_tail(new)
+    t0 = time.perf_counter()
+    # decode_step_fn donates its cache; this one does not, so the host K/V stay for the loop below.
+    keep = jax.jit(momjax.model.decode_step, static_argnames=("cfg", "policy"))
+    step = keep.lower(params, token, step_cache, cfg=cfg, policy=policy).compile()
+    out["step"] = {"compile_s": time.perf_counter() - t0, "memory_analysis": analysis(step),
+                   "hlo": save_text("decode_step_mom_stream", step)}
+    emit(PARTIAL, out)
+    logits, _ = step(params, token, step_cache)
+    _sync(logits)
+    out["step"]["peak_after_bytes"] = stats().get("peak_bytes_in_use")
+    emit(PARTIAL, out)
+
+    key = jax.random.PRNGKey(0)
+    args = (params, cache, jnp.zeros((1, cfg.vocab_size), jnp.float32), key, jnp.float32(0), 0, jnp.float32(1),
+            jnp.full((8,), -1, jnp.int32), jnp.int32(0))
+    t0 = time.perf_counter()
+    loop = G.decode_fn.lower(*args, cfg=cfg, policy=policy, max_new_tokens=new).compile()
+    out["loop"] = {"compile_s": time.perf_counter() - t0, "memory_analysis": analysis(loop),
+                   "hlo": save_text("decode_loop_mom_stream", loop)}
+    emit(PARTIAL, out)
+    toks, _ = loop(*args[:5], *args[6:])
+    _sync(toks)
+    out["loop"]["peak_after_bytes"] = stats().get("peak_bytes_in_use")
+    return out
+
+
+CHILDREN = {"env": child_env, "programs": child_programs, "exact": child_exact, "long": child_long, "transformers": child_transformers,
             "cudnn": child_cudnn}
 
 
@@ -663,7 +739,7 @@ def main(argv=None) -> int:
             save()
             continue
         log(f"{stage}: up to {t:.0f} s")
-        spec = dict(base)
+        spec = dict(base, out_dir=os.path.abspath(args.out_dir))
         if stage == "transformers":
             spec["seq_len"] = lengths[0]
         if stage == "exact":  # one process per family, side by side: compiling is most of the work
