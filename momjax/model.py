@@ -355,13 +355,10 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
     # device holds one streamed layer's K/V at a time, and each copy overlaps the rest of the layer before.
     resident = policy.device_layers(L)
 
-    def fetch(l, after=None):  # (k, v, k_scale, v_scale) of layer l on the device; the scales None unless int8
-        kv = cache.layer(l)
-        if after is not None:
-            _, kv = jax.lax.optimization_barrier((after, kv))
+    def fetch(kv):  # layer's (k, v, k_scale, v_scale) on the device; the scales None unless int8
         return jax.tree.map(lambda a: to_memory_kind(a, "device"), kv)
 
-    kv = fetch(resident) if resident < L else None
+    kv = fetch(cache.layer(resident)) if resident < L else None
     tails_k, tails_v, tail_scales_k, tail_scales_v = [], [], [], []
     for l, lp in enumerate(params.layers):
         k, v, k_scale, v_scale = kv if l >= resident else cache.layer(l)
@@ -375,7 +372,12 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
         o = decode_attention(q, k, v, cache.tail_k[l], cache.tail_v[l], k_new, v_new, q_index, step, cache.start,
                              window=cfg.sliding_window, prompt_end=cache.end, scales=scales)
         if l >= resident and l + 1 < L:
-            kv = fetch(l + 1, after=o)  # layer l's K/V are dead now: bring layer l+1's over its o-proj and MLP
+            # Layer l's K/V are dead now: bring layer l+1's over its o-projection and MLP. The barrier makes the
+            # copy's source wait for o, and o is used from the barrier's output: were it not, XLA would drop o
+            # from the barrier and start every layer's copy at the top of the step, holding the whole cache on
+            # the device at once (seen on an H200; tests_gpu reads the compiled step for it).
+            o, following = jax.lax.optimization_barrier((o, cache.layer(l + 1)))
+            kv = fetch(following)
         # Written after the attention has read the tail, so the tail is updated in place.
         put = lambda tail, new: jax.lax.dynamic_update_slice_in_dim(tail, jnp.swapaxes(new, 1, 2), step, axis=2)
         tails_k.append(put(cache.tail_k[l], k_new))
