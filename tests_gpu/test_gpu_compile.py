@@ -1,4 +1,5 @@
-"""The GPU tier: every program momjax runs, compiled by XLA's GPU compiler for an A100 80GB and an H100, no GPU.
+"""The GPU tier: every program momjax runs, compiled by XLA's GPU compiler for an A100 80GB, an H100 and an H200,
+no GPU.
 
 Needs `pip install 'momjax[gpu-plan]'`; run by .ci/gpu_tier, not by `pytest tests`. Any failure of the GPU
 compiler (host offload, layouts, a fusion it cannot emit) fails a test here, since nothing is caught.
@@ -19,7 +20,7 @@ from momjax import generation as G
 from momjax import memory, targets
 from momjax.params import abstract_params
 
-GPUS = ("a100-80gb", "h100")
+GPUS = ("a100-80gb", "h100", "h200")
 POLICIES = tuple(momjax.POLICIES)
 GiB = 2**30
 TINY = momjax.Config(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
@@ -117,3 +118,47 @@ def test_plan_on_an_a100_is_confirmed_by_compiled_programs():
         r = memory.memory_report("llama-3.1-8b", ctx["mom-stream"], "mom-stream", dtype="bfloat16", phase=phase,
                                  target="a100-80gb")
         assert r["device_bytes"] <= 80 * GiB
+
+
+def _streamed(cache, to_host):
+    """The cache with every layer's prompt K/V (and int8 scales) put in pinned host memory inside the program: a
+    deviceless compile cannot be given host-resident arguments, but it compiles this placement as a GPU does."""
+    fields = ("k", "v", "k_scale", "v_scale")
+    return cache.replace(**{f: tuple(to_host(a) for a in getattr(cache, f)) for f in fields})
+
+
+@pytest.mark.parametrize("kv_dtype", (None, "int8"))
+def test_streamed_decode_holds_one_layer_of_the_cache_at_a_time(kv_dtype):
+    """mom-stream decoding must bring one layer's K/V to the device at a time. On an H200 the step once started
+    every layer's copy at its top (XLA had dropped the barrier's unused tie to the previous layer's attention),
+    holding the whole cache on the device: the step's temporaries were the whole cache. Read from the step and
+    from the decode loop compiled for the H200, with the cache placed on the host inside the program."""
+    from momjax.cache import to_memory_kind
+
+    cfg = TINY.replace(num_layers=6, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64)
+    S = 8192
+    policy = momjax.get_policy("mom-stream").replace(kv_device_layers=0, kv_dtype=kv_dtype)
+    dev = momjax.cache.sharding("device")
+    params = abstract_params(cfg, jnp.bfloat16, sharding=dev)
+    on_device = policy.replace(kv_prefill="device", kv_decode="device", kv_device_layers=None)
+    cache = memory._abstract_cache(cfg, S, 8, jnp.bfloat16, on_device, 1)
+    layer = sum(memory._nbytes(cache.layer(0)[i]) for i in range(4) if cache.layer(0)[i] is not None)
+    to_host = lambda a: to_memory_kind(a, "pinned_host")
+    token = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=dev)
+
+    def step(params, token, cache):
+        return momjax.model.decode_step(params, token, _streamed(cache, to_host), cfg, policy)
+
+    _, analysis = targets.compile(jax.jit(step), params, token, cache, target="h200")
+    # One streamed layer in flight, plus the step's small temporaries; the whole cache would be 6 layers.
+    assert analysis["temp_bytes"] < 1.6 * layer, (analysis["temp_bytes"] / layer)
+
+    def loop(params, cache, logits, key):
+        return G.decode_fn(params, _streamed(cache, to_host), logits, key, jnp.float32(0), 0, jnp.float32(1),
+                           jnp.full((8,), -1, jnp.int32), jnp.int32(0), cfg=cfg, policy=policy, max_new_tokens=8)
+
+    prompt_only = cache.replace(tail_k=(), tail_v=(), tail_k_scale=(), tail_v_scale=())
+    logits = jax.ShapeDtypeStruct((1, cfg.vocab_size), jnp.float32, sharding=dev)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=dev)
+    _, analysis = targets.compile(jax.jit(loop), params, prompt_only, logits, key, target="h200")
+    assert analysis["temp_bytes"] < 2.2 * layer, (analysis["temp_bytes"] / layer)
