@@ -46,20 +46,20 @@ def gib(n) -> str:
 
 def tables(m: dict) -> str:
     env = m["env"]
-    lines = [f"GPU: {env['device_kind']}, jax {env['jax']} (jaxlib {env['jaxlib']}), {env['backend']}; "
-             f"transformers {env['transformers']}, torch {env['torch']}; host link measured {env['host_to_device_GBps']:.1f} "
-             f"GB/s to the device, {env['device_to_host_GBps']:.1f} GB/s back (2 GiB, pinned host); device copy "
-             f"{env['device_copy_GBps']:.0f} GB/s", ""]
-    lines += ["| family | policies equal to transformers | int8 equal across policies | forward rel. err | "
-              "memory kinds | session = one-shot |", "|---|---|---|---:|---|---|"]
+    lines = [(f"GPU: {env['device_kind']}, jax {env['jax']} (jaxlib {env['jaxlib']}), {env['backend']}; "
+              f"transformers {env['transformers']}, torch {env['torch']}; host link measured "
+              f"{env['host_to_device_GBps']:.1f} GB/s to the device, {env['device_to_host_GBps']:.1f} GB/s back "
+              f"(2 GiB, pinned host); device copy {env['device_copy_GBps']:.0f} GB/s"), ""]
+    lines += [("| family | policies equal to transformers | int8 equal across policies | forward rel. err | "
+               "memory kinds | session = one-shot |"), "|---|---|---|---:|---|---|"]
     for fam, f in m["exact"].items():
         eq = f["exact_equal_transformers"]
         sess = all(all(v for k, v in s.items() if k != "buffer_memory_kind") for s in f["session"].values())
         lines.append(f"| {fam} | {sum(eq.values())}/{len(eq)} | {f['int8_equal_across_policies']} | "
                      f"{f['forward_rel_err']:.1e} | {'as expected' if f['memory_kinds_as_expected'] else 'WRONG'} | "
                      f"{sess} |")
-    lines += ["", "| policy | context | time to first token (s) | peak device GiB: measured | predicted (deviceless h200) "
-              "| estimate | decode tok/s: measured | predicted (roofline) | host->device GB/s |",
+    lines += ["", ("| policy | context | time to first token (s) | peak device GiB: measured | predicted (deviceless "
+                   "h200) | estimate | decode tok/s: measured | predicted (roofline) | host->device GB/s |"),
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (policy, n), run in sorted(m["long"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
         pred = run.get("predicted_h200", {})
@@ -78,17 +78,17 @@ def tables(m: dict) -> str:
     t = m.get("transformers")
     if t and t.get("ok"):
         mom = m["long"].get(("mom", 32768))
-        lines += ["", f"transformers {t['transformers']} ({t['attn_implementation']}, offloaded DynamicCache, "
-                      f"logits_to_keep=1), 32k: time to first token {t['ttft_s']:.2f} s, decode "
-                      f"{t['decode_tokens_per_s']:.2f} tok/s, peak {gib(t['peak_bytes'])} GiB"]
+        lines += ["", (f"transformers {t['transformers']} ({t['attn_implementation']}, offloaded DynamicCache, "
+                       f"logits_to_keep=1), 32k: time to first token {t['ttft_s']:.2f} s, decode "
+                       f"{t['decode_tokens_per_s']:.2f} tok/s, peak {gib(t['peak_bytes'])} GiB")]
         if mom:
             dec = mom["decode"][0]
             lines.append(f"momjax mom / transformers at 32k: time to first token {mom['ttft_s'] / t['ttft_s']:.2f}x, "
                          f"decode speed {dec['decode_tokens_per_s'] / t['decode_tokens_per_s']:.1f}x")
     c = m.get("cudnn")
     if c and c.get("ok"):
-        lines += ["", f"one 32k causal attention layer (GQA 32/8, E 128, bf16): momjax blockwise {c['momjax_s'] * 1e3:.0f} ms "
-                      f"({c['momjax_TFLOPs']:.0f} TFLOP/s)"]
+        lines += ["", (f"one 32k causal attention layer (GQA 32/8, E 128, bf16): momjax blockwise "
+                       f"{c['momjax_s'] * 1e3:.0f} ms ({c['momjax_TFLOPs']:.0f} TFLOP/s)")]
         if c.get("cudnn", {}).get("runs"):
             lines[-1] += (f", cuDNN {c['cudnn']['seconds'] * 1e3:.1f} ms ({c['cudnn']['TFLOPs']:.0f} TFLOP/s, "
                           f"{c['cudnn']['momjax_over_it']:.1f}x faster; rel. difference {c['cudnn']['rel_err_vs_momjax']:.1e})")

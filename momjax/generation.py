@@ -7,8 +7,9 @@ each layer's K/V is its own array (offloaded as the layer finishes), and progres
 `prefill_stages` lists these programs with their abstract arguments, so memory reports and the CLI can
 compile exactly what `prefill_fn` runs.
 
-Decode runs inside `lax.while_loop`; each step walks the layers with a Python loop (model.decode_step);
-each row stops on its own stop token and the loop ends when every row has stopped. Prompt lengths are
+Decode runs inside `lax.while_loop` (`decode_chunk_fn`, resumable, run in chunks by momjax.decoding); each step
+walks the layers with a Python loop (model.decode_step); each row stops on its own stop token and the loop ends
+when every row has stopped. Prompt lengths are
 padded (on the left) to a small set of buckets so that many prompt lengths share one compiled prefill.
 """
 
@@ -24,7 +25,8 @@ import numpy as np
 
 from momjax import model as M
 from momjax.cache import KVCache
-from momjax.config import Config, MemoryPolicy
+from momjax.config import Config
+from momjax.policy import MemoryPolicy
 
 MIN_BUCKET = 16
 # Above this length prompts are padded to a multiple of it instead of the next power of two.
@@ -267,28 +269,10 @@ def decode_loop(params, cache: KVCache, tail_k, tail_v, token, t, done, limit, k
     return out, i, t, done, tail_k, tail_v, token
 
 
-# Decoding in resumable chunks (streaming): `limit` is traced, so any chunk length up to `steps` shares one program.
+# Decoding in resumable chunks: `limit` is traced, so any chunk length up to `steps` shares one program. The one
+# decode loop of momjax.decoding runs it, for generate and for every streamed answer.
 decode_chunk_fn = jax.jit(decode_loop, static_argnames=("cfg", "policy", "steps", "top_k"),
                           donate_argnames=("tail_k", "tail_v"))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "max_new_tokens", "top_k"))
-def decode_fn(params, cache: KVCache, first_logits, key, temperature, top_k, top_p, stop_ids, pad_id,
-              cfg: Config, policy: MemoryPolicy, max_new_tokens: int):
-    """Sample the first token from the prefill logits, then decode the rest in one while_loop.
-
-    Returns (tokens [B, max_new_tokens], lengths [B]): row b's tokens after lengths[b] are pad_id.
-    """
-    cache = cache.with_tail(max(max_new_tokens - 1, 1))
-    first, done = first_token_fn(first_logits, key, temperature, top_k, top_p, stop_ids)
-    rest, *_ = decode_loop(params, cache, *cache.tails, first, jnp.int32(1), done,
-                           jnp.int32(max_new_tokens), key, temperature, top_k, top_p, stop_ids, pad_id, cfg, policy,
-                           max(max_new_tokens - 1, 1))
-    out = jnp.concatenate([first[:, None], rest], axis=1)[:, :max_new_tokens]  # [B, max_new_tokens]
-    stops = is_stop(out.reshape(-1), stop_ids).reshape(out.shape)
-    first_stop = jnp.argmax(stops, axis=1)
-    lengths = jnp.where(stops.any(axis=1), first_stop + 1, max_new_tokens).astype(jnp.int32)
-    return out, lengths
 
 
 # ---------------------------------------------------------------------- session feeds

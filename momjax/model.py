@@ -26,9 +26,10 @@ import numpy as np
 
 from momjax.attention import blockwise_attention, decode_attention
 from momjax.cache import KVCache, quantize_kv, to_memory_kind
-from momjax.config import Config, MemoryPolicy
+from momjax.config import Config
 from momjax.minisequence import chunk_map, last_position
 from momjax.params import LayerParams, Params
+from momjax.policy import MemoryPolicy
 
 # ---------------------------------------------------------------------- building blocks
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from momjax import no_gpu
+from momjax.errors import TargetError
 
 INSTALL_HINT = "pip install 'momjax[gpu-plan]'"
 # What the GPU compiler logs when a program needs more than the target's memory: expected while `plan`
@@ -36,10 +37,6 @@ INSTALL_HINT = "pip install 'momjax[gpu-plan]'"
 _OVER_MEMORY_LOG = re.compile(r"(hlo_rematerialization\.cc.*Can't reduce memory use below)|"
                               r"(gpu_hlo_schedule\.cc.*exceeds the base limit)")
 GIB = 2**30
-
-
-class TargetError(ValueError):
-    """An unknown target name, or a GPU target without the compiler it needs installed."""
 
 
 @dataclasses.dataclass(frozen=True)

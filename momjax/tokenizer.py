@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 import warnings
 
+from momjax.errors import TokenizerError
+
 # Files that make a folder's tokenizer loadable (any one of them, with tokenizer_config.json for the last two).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) valid UTF-8
-
-
-class TokenizerError(ValueError):
-    """A checkpoint folder has no usable tokenizer, or the tokenizer cannot do what was asked."""
 
 
 class Tokenizer:
@@ -42,16 +40,25 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def encode_chat(self, text: str, system: str | None = None) -> list[int]:
-        """A one-turn chat (optional system message, then the user's text) ready for the assistant's reply."""
-        if self._fast or not self.chat_template:
+    @property
+    def has_chat_template(self) -> bool:
+        return not self._fast and bool(self.chat_template)
+
+    def render_chat(self, messages: list[dict], generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation (a list of {"role": ..., "content": ...}) rendered with the chat template,
+        ready for the assistant's reply when generation_prompt."""
+        if not self.has_chat_template:
             raise TokenizerError(
                 f"the tokenizer in {self.path} has no chat template; drop --chat to use the text as it is"
             )
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        rendered = self.backend.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        rendered = self.backend.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
         # The template writes the special tokens (BOS included) itself: do not add them a second time.
         return self.encode(rendered, add_special_tokens=False)
+
+    def encode_chat(self, text: str, system: str | None = None) -> list[int]:
+        """A one-turn chat (optional system message, then the user's text) ready for the assistant's reply."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return self.render_chat(messages)
 
     def stream(self, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)

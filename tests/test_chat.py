@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import momjax
-from momjax import demo
+from momjax import demo_model as demo
 from momjax.cli import main
 from momjax.tokenizer import load_tokenizer
 

@@ -18,6 +18,7 @@ import pytest
 import momjax
 from momjax import generation as G
 from momjax import memory, targets
+from momjax.decoding import decode_program
 from momjax.params import abstract_params
 
 GPUS = ("a100-80gb", "h100", "h200")
@@ -55,14 +56,15 @@ def test_tiny_generate_programs_compile_for_the_gpu(gpu, policy):
         _, analysis = targets.compile(stage.fn, *stage.args, target=gpu, **stage.static)
         assert analysis["source"] == f"xla-gpu:{gpu}" and analysis["device_bytes"] > 0, stage.name
 
-    cache = memory._abstract_cache(TINY, TINY_LEN, 16, jnp.bfloat16, policy, 2)
+    cache = memory.abstract_cache(TINY, TINY_LEN, 16, jnp.bfloat16, policy, 2)  # its tail: 15 new tokens
     scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=dev)
     key = jax.random.PRNGKey(0)
-    logits = scalar(jnp.float32, (2, TINY.vocab_size))
     top_k = 40  # static
-    args = (params, cache, logits, scalar(key.dtype, key.shape), scalar(jnp.float32), top_k, scalar(jnp.float32),
-            scalar(jnp.int32, (8,)), scalar(jnp.int32))
-    _, decode = targets.compile(G.decode_fn, *args, target=gpu, cfg=TINY, policy=policy, max_new_tokens=16)
+    sampling = (scalar(key.dtype, key.shape), scalar(jnp.float32), top_k, scalar(jnp.float32), scalar(jnp.int32, (8,)),
+                scalar(jnp.int32))
+    fn, args, static = decode_program(params, cache, scalar(jnp.int32, (2,)), scalar(jnp.bool_, (2,)), sampling,
+                                      TINY, policy, 15)
+    _, decode = targets.compile(fn, *args, target=gpu, **static)
     prompt_kv = 2 * TINY.num_layers * 2 * TINY.num_kv_heads * TINY_LEN * TINY.head_dim * 2
     assert decode["host_bytes"] == (prompt_kv if policy.kv_decode == "pinned_host" else 0)
 
@@ -141,8 +143,8 @@ def test_streamed_decode_holds_one_layer_of_the_cache_at_a_time(kv_dtype):
     dev = momjax.cache.sharding("device")
     params = abstract_params(cfg, jnp.bfloat16, sharding=dev)
     on_device = policy.replace(kv_prefill="device", kv_decode="device", kv_device_layers=None)
-    cache = memory._abstract_cache(cfg, S, 8, jnp.bfloat16, on_device, 1)
-    layer = sum(memory._nbytes(cache.layer(0)[i]) for i in range(4) if cache.layer(0)[i] is not None)
+    cache = memory.abstract_cache(cfg, S, 8, jnp.bfloat16, on_device, 1)
+    layer = sum(memory.shapes.nbytes(a) for a in cache.layer(0) if a is not None)
     to_host = lambda a: to_memory_kind(a, "pinned_host")
     token = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=dev)
 
@@ -153,12 +155,12 @@ def test_streamed_decode_holds_one_layer_of_the_cache_at_a_time(kv_dtype):
     # One streamed layer in flight, plus the step's small temporaries; the whole cache would be 6 layers.
     assert analysis["temp_bytes"] < 1.6 * layer, (analysis["temp_bytes"] / layer)
 
-    def loop(params, cache, logits, key):
-        return G.decode_fn(params, _streamed(cache, to_host), logits, key, jnp.float32(0), 0, jnp.float32(1),
-                           jnp.full((8,), -1, jnp.int32), jnp.int32(0), cfg=cfg, policy=policy, max_new_tokens=8)
+    def loop(params, cache, token):
+        sampling = (jax.random.PRNGKey(0), jnp.float32(0), 0, jnp.float32(1), jnp.full((8,), -1, jnp.int32),
+                    jnp.int32(0))
+        fn, args, static = decode_program(params, _streamed(cache, to_host), token, jnp.zeros((1,), bool), sampling,
+                                          cfg, policy, 8)
+        return fn(*args, **static)
 
-    prompt_only = cache.replace(tail_k=(), tail_v=(), tail_k_scale=(), tail_v_scale=())
-    logits = jax.ShapeDtypeStruct((1, cfg.vocab_size), jnp.float32, sharding=dev)
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=dev)
-    _, analysis = targets.compile(jax.jit(loop), params, prompt_only, logits, key, target="h200")
+    _, analysis = targets.compile(jax.jit(loop), params, cache, token, target="h200")
     assert analysis["temp_bytes"] < 2.2 * layer, (analysis["temp_bytes"] / layer)
