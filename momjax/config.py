@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from momjax.errors import ConfigError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
@@ -33,11 +33,11 @@ class Config:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_type: str = "default"  # default | linear | llama3
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_position: int = 8192
+    rope_type: str = "default"  # default | linear | llama3 | yarn | dynamic (see `momjax.rope.rope_inv_freq`)
+    rope_factor: float = 1.0  # linear, llama3, yarn, dynamic
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_position: int = 8192  # llama3, yarn (dynamic scales from max_position_embeddings instead)
     max_position_embeddings: int = 4096
     qkv_bias: bool = False  # Qwen2
     tie_embeddings: bool = False  # Qwen2.5 small, Llama 3.2
@@ -46,6 +46,11 @@ class Config:
     bos_token_id: int | None = None
     model_type: str = "llama"
     dtype: str = "float32"  # the checkpoint's dtype
+    # yarn only (written to JSON only when they differ from these defaults, see `to_json`):
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True  # round the correction range outwards to whole dimensions
+    rope_attention_factor: float = 1.0  # multiplies cos and sin (yarn's mscale, resolved by momjax.hf.config)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -53,7 +58,8 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                     "rope_beta_fast", "rope_beta_slow", "rope_attention_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
@@ -61,7 +67,10 @@ class Config:
                                                 or not isinstance(self.sliding_window, numbers.Integral)
                                                 or self.sliding_window < 1):
             raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
-        for name in ("qkv_bias", "tie_embeddings"):
+        if self.rope_beta_fast < self.rope_beta_slow:
+            raise ConfigError(f"rope_beta_fast ({self.rope_beta_fast}) must be >= rope_beta_slow "
+                              f"({self.rope_beta_slow})")
+        for name in ("qkv_bias", "tie_embeddings", "rope_truncate"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.dtype not in SUPPORTED_DTYPES:
@@ -85,12 +94,29 @@ class Config:
         name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * _ITEMSIZE[name]
 
+    @property
+    def context_length(self) -> int:
+        """The longest context the checkpoint is meant for: max_position_embeddings, or what its rope scaling
+        extends the trained length to (yarn: factor x original_max_position_embeddings; dynamic NTK: factor x
+        max_position_embeddings), whichever is longer."""
+        if self.rope_type == "yarn":
+            return max(self.max_position_embeddings, int(self.rope_factor * self.rope_original_max_position))
+        if self.rope_type == "dynamic":
+            return int(self.rope_factor * self.max_position_embeddings)
+        return self.max_position_embeddings
+
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
+        """The fields as a JSON-ready dict. The yarn fields (added after the first release) are left out while
+        they hold their defaults, so the JSON of every other model is what it was: session files and converted
+        folders that hold it still match (`from_json` fills them in again)."""
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        for name in _LATER_FIELDS:
+            if d[name] == _DEFAULTS[name]:
+                del d[name]
         return d
 
     @classmethod
@@ -100,6 +126,10 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Config)}
+# Fields added after the first release; `Config.to_json` writes them only when they differ from their defaults.
+_LATER_FIELDS = ("rope_beta_fast", "rope_beta_slow", "rope_truncate", "rope_attention_factor")
 
 # ---------------------------------------------------------------------- presets (shapes only, no weights)
 PRESETS: dict[str, Config] = {

@@ -28,9 +28,10 @@ from momjax.store import orbax
 class Model:
     """A loaded model: its config, its params pytree, and where it came from.
 
-    max_context: the longest prompt + new tokens accepted; defaults to the config's
-    max_position_embeddings. Set it higher (`model.max_context = 1_000_000`) to run past the length the
-    model was trained for, knowing its outputs may degrade there.
+    max_context: the longest prompt + new tokens accepted; defaults to the config's context_length
+    (max_position_embeddings, or what yarn or dynamic rope scaling extends it to). Set it higher
+    (`model.max_context = 1_000_000`) to run past the length the model was trained for, knowing its outputs
+    may degrade there.
     """
 
     config: Config
@@ -42,7 +43,7 @@ class Model:
 
     def __post_init__(self):
         if not self.max_context:
-            self.max_context = self.config.max_position_embeddings
+            self.max_context = self.config.context_length
         if self.tokenizer_path is None:
             self.tokenizer_path = self.path
 
@@ -82,7 +83,7 @@ def load(path: str, dtype: str | None = None, memory_kind: str = "device", progr
 
     dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's). memory_kind: "device" (the only
     placement the forward programs run from today; "pinned_host" is refused with an explanation).
-    max_context: the longest prompt + new tokens accepted (default: the config's max_position_embeddings).
+    max_context: the longest prompt + new tokens accepted (default: the config's context_length).
     Weights holding NaN or inf (or overflowing float16) are refused with a CheckpointError.
     """
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):

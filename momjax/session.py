@@ -14,7 +14,8 @@ buffers grow to the next bucket, one layer at a time.
 session's buffers with the keys past `length` masked; `mom` copies the cache to the device for decoding,
 `mom-stream` streams it from the host), then feed the answer so the next call continues the conversation.
 Every step is the computation a one-shot prefill of the concatenated tokens does, so the greedy tokens are
-the same as `momjax.generate`'s.
+the same as `momjax.generate`'s (except with dynamic NTK rope scaling past max_position_embeddings: see
+`Session`).
 
 `save` and `load` use the session file format (momjax.session_file). With an int8 policy
 (MemoryPolicy(kv_dtype="int8")) each layer's K and V buffer is a pair (int8 [1, K, capacity, E], float32
@@ -89,6 +90,10 @@ class Session:
         s.save("doc.session"); s2 = momjax.Session.load(model, "doc.session")
 
     Results equal `momjax.generate` on the concatenated tokens (the same greedy tokens), for every policy.
+    Not with dynamic NTK rope scaling once the session is longer than max_position_embeddings: its frequencies
+    depend on the length, and each feed (the answer's too) computes its tokens' K/V at the length where the
+    feed ends and keeps them, as transformers does over its KV cache; one prefill of all the tokens computes
+    every K/V at the final length. `generate` on an empty session still equals `momjax.generate`.
     Errors (SessionError, an InputError) leave the session as it was.
     """
 

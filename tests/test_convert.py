@@ -228,8 +228,8 @@ BAD_INPUTS = {
     "truncated file": _truncate,
     "pickle only": _pickle_only,
     "gpt2": _gpt2,
-    "yarn rope": _edit_config("yarn", rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                            "original_max_position_embeddings": 64}),
+    "longrope rope": _edit_config("longrope", rope_scaling={"rope_type": "longrope", "factor": 4.0,
+                                                    "original_max_position_embeddings": 64}),
     "non-silu activation": _edit_config("gelu", hidden_act="gelu"),
     "unsupported architecture": _edit_config("LlamaForSequenceClassification",
                                              architectures=["LlamaForSequenceClassification"]),
@@ -264,8 +264,9 @@ def test_cli_refuses_existing_destination(zoo, tmp_path, capsys):
 def test_library_errors_are_value_errors(zoo, tmp_path):
     src = str(tmp_path / "src")
     shutil.copytree(zoo.folder("llama31-mha"), src)
-    _edit_config("yarn", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})(src)
-    with pytest.raises(ConfigError, match="yarn"):
+    _edit_config("longrope", rope_scaling={"rope_type": "longrope", "factor": 4.0,
+                                           "original_max_position_embeddings": 64})(src)
+    with pytest.raises(ConfigError, match="longrope"):
         convert(src, str(tmp_path / "out"), progress=False)
     with pytest.raises(CheckpointError, match="dtype"):
         convert(zoo.folder("llama-gqa"), str(tmp_path / "out"), dtype="int8", progress=False)

@@ -217,7 +217,7 @@ def test_unknown_architecture_lists_supported():
         assert model_type in msg
 
 
-@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope"])
+@pytest.mark.parametrize("rope_type", ["longrope", "proportional"])  # yarn and dynamic: test_rope_scaling.py
 @pytest.mark.parametrize("spelling", ["rope_scaling", "rope_scaling_type", "rope_parameters"])
 def test_unsupported_rope_types_rejected(rope_type, spelling):
     fields = {"factor": 4.0, "original_max_position_embeddings": 4096}

@@ -134,11 +134,11 @@ def run(args) -> int:
                 f"fit the model's context of {context}; shorten it, or pass --allow-long-context to run past the "
                 "trained length (outputs may degrade)")
 
-    check_context(cfg.max_position_embeddings)  # before the weights are read: refuse what cannot run, fast
+    check_context(cfg.context_length)  # before the weights are read: refuse what cannot run, fast
     policy = resolve_policy(args, cfg, total, args.dtype or cfg.dtype, None if args.quiet else log)
     check_fits(cfg, len(ids), args.max_new_tokens, policy, args.dtype or cfg.dtype)
     model = momjax.load(args.model, dtype=args.dtype, progress=not args.quiet,
-                        max_context=max(cfg.max_position_embeddings, total))
+                        max_context=max(cfg.context_length, total))
 
     if args.prompt_cache:
         from momjax.cli.sessions import generate_with_prompt_cache

@@ -28,7 +28,7 @@ READ = frozenset({
     "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "mlp_bias", "attention_bias",
     "partial_rotary_factor", "is_encoder_decoder", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",
     "use_sliding_window", "layer_types", "eos_token_id", "bos_token_id", "dtype", "torch_dtype", "rms_norm_eps",
-    "max_position_embeddings", "tie_word_embeddings",
+    "max_position_embeddings", "tie_word_embeddings", "original_max_position_embeddings",
 })
 # Fields that do not change what these architectures compute at inference: bookkeeping, training-only settings
 # (dropout, initialisation, tensor-parallel pretraining slices), generation defaults (generate's own arguments
@@ -46,9 +46,6 @@ IGNORED = frozenset({
     "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
     "_attn_implementation_autoset", "embd_pdrop", "resid_pdrop",
 })
-# Fields of the rope_scaling / rope_parameters object that from_hf reads.
-ROPE_FIELDS = frozenset({"rope_theta", "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
-                         "original_max_position_embeddings"})
 
 
 def from_hf(hf: dict, generation_config: dict | None = None) -> Config:
@@ -148,27 +145,94 @@ def _rope(f, hf: dict) -> dict:
         if value is not None and not isinstance(value, dict):
             f.reject(key, value, "expected a JSON object or null")
         rope.update(value or {})
+    return _rope_fields(hf, rope, f, f.integer("max_position_embeddings", 4096))
+
+
+# Fields of a rope_scaling / rope_parameters object. The older types keep the set they always accepted; yarn and
+# dynamic accept only their own (anything else would be dropped in silence).
+_ROPE_FIELDS = {"rope_theta", "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings"}
+_YARN_FIELDS = {"rope_theta", "rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast",
+                "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"}
+_DYNAMIC_FIELDS = {"rope_theta", "rope_type", "type", "factor", "original_max_position_embeddings"}
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context `factor` times longer: 0.1 mscale ln(factor) + 1 (1 when
+    factor <= 1), in Python floats as transformers computes it."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _rope_fields(hf: dict, rope: dict, f: _Fields, max_positions: int) -> dict:
+    """Config's rope_* fields from config.json (hf) and its merged rope_scaling / rope_parameters object (rope),
+    read with the defaults transformers' rope initialisation functions use."""
     r = _Fields(rope, "config.json", prefix="rope_scaling.")
+    out = dict(rope_theta=r.number("rope_theta", f.number("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         f.reject("rope_scaling.rope_type", rope_type, f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    out = {"rope_theta": r.number("rope_theta", f.number("rope_theta", 10000.0)), "rope_type": rope_type}
-    if rope_type in ("linear", "llama3"):
-        if "factor" not in rope:
-            f.reject("rope_scaling", rope, f"rope type {rope_type!r} needs a 'factor'")
+    out["rope_type"] = rope_type
+    allowed = {"yarn": _YARN_FIELDS, "dynamic": _DYNAMIC_FIELDS}.get(rope_type, _ROPE_FIELDS)
+    extra = set(rope) - allowed
+    if extra:
+        f.reject("rope_scaling", rope, f"unhandled rope fields {sorted(extra)} for rope type {rope_type!r}")
+    if rope_type != "default" and "factor" not in rope:
+        f.reject("rope_scaling", rope, f"rope type {rope_type!r} needs a 'factor'")
+
+    def needs_max_positions(why: str):  # transformers would use its config class's default, which differs by family
+        if hf.get("max_position_embeddings") is None:
+            f.reject("max_position_embeddings", hf.get("max_position_embeddings"),
+                     f"{why}, so config.json must give it (a positive integer)")
+
+    # transformers lets a top-level original_max_position_embeddings (Phi-3 style) win over the rope object's one.
+    top_original = f.integer("original_max_position_embeddings", None) if rope_type in ("llama3", "yarn") else None
+
+    if rope_type in ("linear", "llama3", "dynamic"):
         out["rope_factor"] = r.number("factor")
     if rope_type == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if key not in rope:
+            if key not in rope and not (key == "original_max_position_embeddings" and top_original):
                 f.reject("rope_scaling", rope, f"llama3 rope scaling needs {key!r}")
         low, high = r.number("low_freq_factor"), r.number("high_freq_factor")
         if high <= low:
             f.reject("rope_scaling.high_freq_factor", high, f"it must exceed low_freq_factor ({low})")
         out.update(rope_low_freq_factor=low, rope_high_freq_factor=high,
-                   rope_original_max_position=r.integer("original_max_position_embeddings"))
-    extra = set(rope) - ROPE_FIELDS
-    if extra:
-        f.reject("rope_scaling", rope, f"unhandled rope fields {sorted(extra)}")
+                   rope_original_max_position=top_original or r.integer("original_max_position_embeddings"))
+    elif rope_type == "yarn":
+        if top_original:
+            original = top_original
+        else:
+            if rope.get("original_max_position_embeddings") is None:
+                needs_max_positions("yarn without original_max_position_embeddings scales from it")
+            original = r.integer("original_max_position_embeddings", max_positions)
+        if rope["factor"] is None:  # transformers: the ratio of the two lengths (DeepSeek-V3 style)
+            needs_max_positions("yarn with a null factor takes max_position_embeddings / original length")
+            factor = max_positions / original
+        else:
+            factor = r.number("factor")
+        mscale, mscale_all_dim = r.number("mscale", 0.0, zero=True), r.number("mscale_all_dim", 0.0, zero=True)
+        attention_factor = r.number("attention_factor", None)
+        if attention_factor is None:  # null or absent: from the factor (and mscale / mscale_all_dim when both set)
+            if mscale and mscale_all_dim:
+                attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = _yarn_mscale(factor)
+        beta_fast, beta_slow = r.number("beta_fast", 32.0), r.number("beta_slow", 1.0)
+        if beta_fast < beta_slow:
+            f.reject("rope_scaling.beta_fast", beta_fast, f"it must be at least beta_slow ({beta_slow}); "
+                     "transformers warns about this too")
+        if "truncate" in rope and rope["truncate"] is None:
+            f.reject("rope_scaling.truncate", None, "expected true or false (transformers would read null as false)")
+        out.update(rope_factor=factor, rope_original_max_position=original, rope_attention_factor=attention_factor,
+                   rope_beta_fast=beta_fast, rope_beta_slow=beta_slow, rope_truncate=r.boolean("truncate", True))
+    elif rope_type == "dynamic":
+        needs_max_positions("dynamic rope scaling starts at max_position_embeddings")
+        original = r.integer("original_max_position_embeddings", None)
+        if original is not None and original != max_positions:
+            f.reject("rope_scaling.original_max_position_embeddings", original,
+                     f"transformers' dynamic NTK scaling ignores it and scales from max_position_embeddings "
+                     f"({max_positions}); remove it, or set max_position_embeddings to the length the model was "
+                     "trained on")
     return out
 
 
@@ -263,13 +327,14 @@ class _Fields:
             self.reject(self.prefix + key, value, f"expected an integer >= {minimum}")
         return value
 
-    def number(self, key, default=_MISSING):
-        """A finite number > 0 (an int is fine)."""
+    def number(self, key, default=_MISSING, zero: bool = False):
+        """A finite number > 0 (an int is fine), or >= 0 with `zero`."""
         value = self._get(key, default)
         if value is _MISSING:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            self.reject(self.prefix + key, value, "expected a finite number > 0")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                value < 0 or (value == 0 and not zero):
+            self.reject(self.prefix + key, value, f"expected a finite number {'>=' if zero else '>'} 0")
         return float(value)
 
     def boolean(self, key, default=_MISSING):

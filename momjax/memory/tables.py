@@ -64,7 +64,7 @@ def _decode_table(result: dict) -> str:
 def plan_notes(cfg, result: dict) -> list[str]:
     """What a plan does not say by itself: contexts past the trained length, and an unlimited host budget."""
     notes = []
-    trained = cfg.max_position_embeddings
+    trained = cfg.context_length
     past = [name for name, n in result["max_context"].items() if n > trained]
     if past:
         notes.append(
