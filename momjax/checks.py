@@ -8,6 +8,7 @@ failure is an InputError that says what was wrong and what to do.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,6 +169,9 @@ def sampling(vocab_size: int, eos_ids, temperature=0.0, top_k=None, top_p=None, 
         bad = [t for t in stops if not 0 <= t < vocab_size]
         if bad:
             raise InputError(f"stop_tokens outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        warnings.warn("top_k and top_p only matter when sampling; with temperature 0 (greedy) they are ignored. "
+                      "Pass a temperature > 0 to sample", UserWarning, stacklevel=3)
     top_k = 0 if top_k is None or top_k >= vocab_size else int(top_k)  # top_k >= V keeps every token: off
     return Sampling(float(temperature), top_k, 1.0 if top_p is None else float(top_p), int(seed), tuple(stops))
 

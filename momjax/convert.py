@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 
 import numpy as np
 
@@ -117,7 +116,7 @@ def _check_paths(src, dst) -> tuple[str, str]:
     for name, value in (("SRC", src), ("DST", dst)):
         if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
             raise CheckpointError(f"{name} must be a folder path, got {value!r}")
-    src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
+    src, dst = (os.path.abspath(os.path.expanduser(os.fspath(p))) for p in (src, dst))
     if not os.path.isdir(src):
         raise CheckpointError(f"{src} is not a folder; pass a Hugging Face checkpoint folder (config.json + "
                               "*.safetensors)")
@@ -158,7 +157,8 @@ def _same_or_inside(path: str, folder: str) -> bool:
 def _files_to_copy(src: str) -> list[tuple[str, str]]:
     """(name, path) of the side files to copy. A symbolic link is followed only into SRC or, for a Hub
     cache snapshot (.../snapshots/<rev>), into that repository's blobs/ folder: a link to anywhere else
-    (~/.ssh/id_rsa) must not be copied into a folder the user may share."""
+    (~/.ssh/id_rsa) must not be copied into a folder the user may share, and the conversion is refused (its
+    folder would lack those files)."""
     src_real = os.path.realpath(src)
     roots = [src_real]
     if os.path.basename(os.path.dirname(src)) == "snapshots":
@@ -173,8 +173,10 @@ def _files_to_copy(src: str) -> list[tuple[str, str]]:
             refused.append(name)
             continue
         copies.append((name, path))
-    if refused:
-        print(f"momjax: not copying {', '.join(refused)}: symbolic link to a file outside {src}", file=sys.stderr)
+    if refused:  # the converted folder would lack them (no tokenizer, no config): refuse before writing anything
+        raise CheckpointError(f"{', '.join(refused)} in {src} are symbolic links to files outside it, which momjax "
+                              "does not copy (a link must not carry a file from elsewhere into a folder you may "
+                              "share); replace the links with the files themselves and convert again")
     return copies
 
 

@@ -330,21 +330,31 @@ def feed_stages(params, tokens, k_cache, v_cache, cfg: Config, policy: MemoryPol
     return stages
 
 
-def feed_fn(params, tokens, ks, vs, offset: int, count: int, cfg: Config, policy: MemoryPolicy, on_layer=None):
+def compile_feed(params, tokens, k_cache, v_cache, cfg: Config, policy: MemoryPolicy) -> dict:
+    """Compile a session feed's programs ahead of time: {stage name: compiled program}, for `feed_fn`. k_cache,
+    v_cache: one layer's buffer (as feed_stages takes them)."""
+    return {s.name: s.lower().compile() for s in feed_stages(params, tokens, k_cache, v_cache, cfg, policy)}
+
+
+def feed_fn(params, tokens, ks, vs, offset: int, count: int, cfg: Config, policy: MemoryPolicy, on_layer=None,
+            compiled=None):
     """Run a session feed layer by layer: tokens [B, W] (count real ones, then right padding) at key index
     offset, into the per-layer buffers ks, vs (donated; pass them on only through the result).
-    Returns (logits [B, V] at the last real token, new ks, new vs). on_layer(i) as in `prefill_fn`."""
+    Returns (logits [B, V] at the last real token, new ks, new vs). on_layer(i) as in `prefill_fn`; compiled:
+    programs from `compile_feed` (otherwise each is compiled on first use by jax.jit)."""
+    compiled = compiled or {}
+    call = lambda name, fn, *args, **static: compiled[name](*args) if name in compiled else fn(*args, **static)
     chunk = M.chunk_length(tokens.shape[1], policy)
     offset, count = jnp.int32(offset), jnp.int32(count)
-    x, pos = feed_embed_fn(params.embed, tokens, offset, chunk=chunk)
+    x, pos = call("embed", feed_embed_fn, params.embed, tokens, offset, chunk=chunk)
     L, last = cfg.num_layers, policy.last_position_only
     new_k, new_v = [], []
     for i, lp in enumerate(params.layers):
-        fn = feed_last_fn if last and i == L - 1 else feed_layer_fn
-        x, k, v = fn(lp, x, pos, ks[i], vs[i], offset, count, cfg=cfg, policy=policy)
+        name, fn = ("last", feed_last_fn) if last and i == L - 1 else ("layer", feed_layer_fn)
+        x, k, v = call(name, fn, lp, x, pos, ks[i], vs[i], offset, count, cfg=cfg, policy=policy)
         new_k.append(k)
         new_v.append(v)
         if on_layer is not None:
             x.block_until_ready()
             on_layer(i)
-    return feed_logits_fn(head_params(params), x, count, cfg=cfg), tuple(new_k), tuple(new_v)
+    return call("logits", feed_logits_fn, head_params(params), x, count, cfg=cfg), tuple(new_k), tuple(new_v)

@@ -110,6 +110,7 @@ class Session:
         self._k: tuple = ()
         self._v: tuple = ()
         self.info: dict = {}  # the caller's notes (JSON-serializable), saved with the session (e.g. chat messages)
+        self.last_feed_compile_s = 0.0  # seconds the last feed spent compiling its programs (0 once compiled)
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 0:
             raise SessionError(f"capacity must be a number of tokens >= 0, got {capacity!r}")
         if capacity:
@@ -193,8 +194,12 @@ class Session:
         self._reserve(offset + n)
         tokens = np.zeros((1, width), np.int32)  # right padding: causally invisible to the real tokens
         tokens[0, :n] = ids
-        logits, self._k, self._v = G.feed_fn(self.model.params, jnp.asarray(tokens), self._k, self._v, offset, n,
-                                             cfg, self.policy, on_layer=on_layer)
+        tokens = jnp.asarray(tokens)
+        t0 = time.perf_counter()  # compiled ahead (JAX keeps them), so the time spent compiling is known
+        programs = G.compile_feed(self.model.params, tokens, self._k[0], self._v[0], cfg, self.policy)
+        self.last_feed_compile_s = time.perf_counter() - t0
+        logits, self._k, self._v = G.feed_fn(self.model.params, tokens, self._k, self._v, offset, n, cfg, self.policy,
+                                             on_layer=on_layer, compiled=programs)
         self._tokens.extend(ids)
         return logits
 
@@ -256,8 +261,9 @@ class Session:
                top_p: float | None = None, seed: int = 0, stop_tokens=None, stats: dict | None = None):
         """As `generate`, but yields lists of new token ids as they are decoded (the same tokens, in chunks that
         grow until one takes about a quarter of a second). The answer is fed into the cache when the generator
-        finishes; one closed early keeps what was yielded. stats, if given, receives time_to_first_token_s
-        (feed and first token), decode_s, decode_compile_s and new_tokens."""
+        finishes; one closed early keeps what was yielded. stats, if given, receives fed (tokens fed),
+        time_to_first_token_s (feed and first token, compilation included), feed_compile_s, decode_s (compilation
+        excluded), decode_compile_s and new_tokens."""
         for chunk in self._answer(tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, None,
                                   stats if stats is not None else {}, streamed=True):
             yield chunk[0].tolist()
@@ -276,6 +282,7 @@ class Session:
         t0 = time.perf_counter()
         logits = self._feed(ids, on_layer)
         logits.block_until_ready()
+        stats["feed_compile_s"] = self.last_feed_compile_s
         decoding = DecodeStats()
         answer = []
         try:

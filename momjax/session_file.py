@@ -13,6 +13,7 @@ This module knows the format, not the Session that uses it (momjax.session).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -71,14 +72,76 @@ def checksum(tensors: dict) -> str:
     return h.hexdigest()
 
 
+def is_session_file(path: str) -> bool:
+    """Whether path holds a momjax session file (a safetensors header naming the format; tensors not read)."""
+    try:
+        meta, _ = _safetensors_header(path)
+    except (SessionError, OSError):
+        return False
+    return meta.get("format") == FORMAT
+
+
+def check_writable(path: str, what: str = "session file") -> str:
+    """The absolute path a session may be written to, or a SessionError saying why not, before any work is done:
+    a folder, a missing or read-only parent folder, a read-only file, or a file that is not a momjax session
+    (momjax never replaces a file it did not write). `what` names the path in the message (e.g. an option)."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise SessionError(f"{what} {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise SessionError(f"{what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or not _can_create(folder):
+        raise SessionError(f"{what} {path}: folder {folder} is not writable")
+    if os.path.lexists(path):
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise SessionError(f"{what} {path} is not a regular file; momjax writes sessions to new files or over "
+                               "its own session files only")
+        if not is_session_file(path):
+            raise SessionError(f"{what} {path} exists and is not a momjax session file; momjax never replaces a "
+                               "file it did not write. Choose another file name")
+        if not os.access(path, os.W_OK):
+            raise SessionError(f"{what} {path} is read-only")
+    return path
+
+
+def _can_create(folder: str) -> bool:
+    """True when a file can be created in folder (os.access alone says yes on a read-only mount for root)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _remove_stale_temps(folder: str, name: str) -> None:
+    """Remove the temp files of earlier saves to the same name that were killed midway (`.NAME.*.tmp` whose lock is
+    free); a save in progress holds its temp file's lock, and its file is left alone."""
+    for other in os.listdir(folder):
+        if not (other.startswith(f".{name}.") and other.endswith(".tmp")):
+            continue
+        stale = os.path.join(folder, other)
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(stale)
+        except OSError:  # locked: another save is writing it
+            pass
+        finally:
+            os.close(fd)
+
+
 def write(path: str, tensors: dict[str, np.ndarray], policy: MemoryPolicy, model_fingerprint: dict,
           info: dict) -> None:
-    """Write a session file at path, atomically. tensors: "tokens" and the per-layer K/V (see the module)."""
+    """Write a session file at path, atomically. tensors: "tokens" and the per-layer K/V (see the module). A path
+    that exists and is not a momjax session file is never replaced (check_writable)."""
     from safetensors.numpy import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SessionError(f"cannot save the session to {path}: folder {folder} does not exist")
+    path = check_writable(path)
+    folder = os.path.dirname(path)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -91,13 +154,14 @@ def write(path: str, tensors: dict[str, np.ndarray], policy: MemoryPolicy, model
         metadata["info"] = json.dumps(info)
     except TypeError as e:
         raise SessionError(f"session.info must hold JSON values only: {e}") from None
+    _remove_stale_temps(folder, os.path.basename(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # this save is in progress: a later save must not take it for stale
+        save_file(tensors, tmp, metadata=metadata)  # straight to the file: no second copy in memory
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give the file the usual permissions
-        save_file(tensors, tmp, metadata=metadata)  # straight to the file: no second copy in memory
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private, and so does safetensors: the usual permissions
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # on disk before the rename, so a crash leaves the old file or the new one
         os.replace(tmp, path)
@@ -105,6 +169,8 @@ def write(path: str, tensors: dict[str, np.ndarray], policy: MemoryPolicy, model
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -123,21 +189,10 @@ class Header:
 def read_header(path: str) -> Header:
     """The header of a session file; SessionError if it is missing, truncated, not safetensors, not a momjax
     session, of another format version, or has damaged metadata."""
-    from safetensors import safe_open
-
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
         raise SessionError(f"session file {path} does not exist")
-    try:
-        with safe_open(path, framework="np") as f:
-            meta = f.metadata() or {}
-            names, stored = {}, f.keys()  # safe_open has keys(), not dict iteration
-            for name in stored:
-                sl = f.get_slice(name)
-                names[name] = (tuple(sl.get_shape()), DTYPES.get(sl.get_dtype()))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated or garbled files
-        message = " ".join(str(e).split()) or type(e).__name__
-        raise SessionError(f"session file {path} is truncated or not a safetensors file ({message}); "
-                           "save the session again") from None
+    meta, names = _safetensors_header(path)
     where = f"session file {path}"
     if meta.get("format") != FORMAT:
         raise SessionError(f"{where} is not a momjax session file (no '{FORMAT}' header)")
@@ -152,6 +207,24 @@ def read_header(path: str) -> Header:
                       info=info if isinstance(info, dict) else {}, tensors=names)
     except (KeyError, ValueError, TypeError) as e:
         raise SessionError(f"{where} has damaged metadata ({e}); save the session again") from None
+
+
+def _safetensors_header(path: str) -> tuple[dict, dict]:
+    """(metadata, {name: (shape, dtype)}) of a safetensors file; SessionError if it is truncated or not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            meta = f.metadata() or {}
+            names, stored = {}, f.keys()  # safe_open has keys(), not dict iteration
+            for name in stored:
+                sl = f.get_slice(name)
+                names[name] = (tuple(sl.get_shape()), DTYPES.get(sl.get_dtype()))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated or garbled files
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise SessionError(f"session file {path} is truncated or not a safetensors file ({message}); "
+                           "save the session again") from None
+    return meta, names
 
 
 def read_tensors(header: Header, names) -> Iterator[tuple[str, np.ndarray]]:

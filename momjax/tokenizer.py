@@ -57,6 +57,11 @@ class Tokenizer:
 
     def encode_chat(self, text: str, system: str | None = None) -> list[int]:
         """A one-turn chat (optional system message, then the user's text) ready for the assistant's reply."""
+        for name, value in (("text", text), ("system", "" if system is None else system)):
+            if not isinstance(value, str):
+                hint = ("; for a whole conversation (a list of {'role': ..., 'content': ...}) use "
+                        "render_chat(messages)") if isinstance(value, (list, tuple, dict)) else ""
+                raise TokenizerError(f"encode_chat takes {name} as a string, got {type(value).__name__}{hint}")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         return self.render_chat(messages)
 
@@ -94,6 +99,7 @@ def has_tokenizer(path: str) -> bool:
 
 def load_tokenizer(path: str) -> Tokenizer:
     """The tokenizer saved in a checkpoint folder (a Hugging Face folder or an Orbax folder from convert)."""
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.isdir(path):
         raise TokenizerError(f"{path} is not a folder; pass the checkpoint folder that holds the tokenizer files")
     config_path = os.path.join(path, "tokenizer_config.json")

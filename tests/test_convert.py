@@ -399,17 +399,25 @@ def test_full_disk_leaves_nothing(big, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_tokenizer_symlinks_out_of_src_are_not_copied(src, tmp_path, capsys):
+def test_symlinks_out_of_src_are_refused_and_nothing_is_written(src, tmp_path, capsys):
+    """A tokenizer (or config) that is a link out of SRC is not copied, so the folder would be unusable: exit 2,
+    one line naming the file, nothing written (it used to exit 0 with no tokenizer in the output)."""
     secret = tmp_path / "secret.txt"
     secret.write_text("not for sharing")
     os.symlink(secret, os.path.join(src, "tokenizer.json"))
+    dst = tmp_path / "out"
+    assert momjax.cli.main(["convert", src, str(dst), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and "symbolic link" in err and len(err.strip().splitlines()) == 1
+    assert not dst.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
+
+
+def test_symlinks_inside_src_are_copied_as_files(src, tmp_path):
     Path(src, "vocab.txt").write_text("a\nb\n")
     os.symlink(os.path.join(src, "vocab.txt"), os.path.join(src, "merges.txt"))  # inside SRC: fine
     dst = tmp_path / "out"
     assert momjax.cli.main(["convert", src, str(dst), "--quiet"]) == 0
-    assert not (dst / "tokenizer.json").exists()
     assert (dst / "merges.txt").read_text() == "a\nb\n" and not (dst / "merges.txt").is_symlink()
-    assert "tokenizer.json" in capsys.readouterr().err
 
 
 def test_hub_cache_snapshot_links_are_copied(src, tmp_path):

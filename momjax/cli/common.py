@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 from momjax.errors import MomjaxError
@@ -76,6 +78,27 @@ def check_numbers(args) -> None:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not -(2**63) <= getattr(args, "seed", 0) < 2**63:
         raise UsageError(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
+
+
+def note_sampling(args) -> None:
+    """--top-k, --top-p and --seed only matter when sampling: say so when they come without a --temperature (as
+    transformers warns), rather than decoding greedily in silence."""
+    given = [name for name, value in (("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
+    given += ["--seed"] if args.seed != 0 else []
+    if given and args.temperature == 0:
+        log(f"momjax: note: {', '.join(given)} only matter when sampling; without --temperature (0: greedy) they are "
+            "ignored. Pass e.g. --temperature 0.7 to sample")
+    if args.temperature == 0:
+        args.top_k = args.top_p = None  # noted once here, not warned about again by the library
+
+
+def note_dtype(dtype: str) -> None:
+    """A line when bfloat16 (or float16) runs on a CPU, where XLA computes it several times slower than float32."""
+    import jax
+
+    if jax.default_backend() == "cpu" and str(dtype) in ("bfloat16", "float16"):
+        log(f"momjax: note: {dtype} on a CPU decodes several times slower than float32 (XLA's CPU kernels convert "
+            "it); pass --dtype float32 for speed here")
 
 
 def check_model_folder(path: str) -> None:
@@ -184,6 +207,29 @@ def peak_device_memory() -> str:
 
     n = peak()
     return f"n/a on {jax.default_backend().upper()}" if n is None else format_bytes(n)
+
+
+class Interrupts:
+    """Ctrl-C (SIGINT) held back while a block runs: the block checks `requested` between steps and stops cleanly,
+    so a computation is never cut off midway (which could leave JAX's runtime mid-transfer at exit). Outside the
+    main thread nothing changes."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
 
 
 class PrefillProgress:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from momjax.cli.common import (
+    Interrupts,
     PrefillProgress,
     UsageError,
     add_policy_args,
@@ -21,10 +22,13 @@ from momjax.cli.common import (
     check_model_folder,
     check_numbers,
     log,
+    note_dtype,
+    note_sampling,
     peak_device_memory,
     read_prompt,
     resolve_policy,
 )
+from momjax.cli.sessions import add_session_args, check_session_path, generate_with_prompt_cache
 
 LONG_PREFILL = 8192  # prompts at least this long show per-layer prefill progress
 
@@ -105,7 +109,9 @@ def add_parser(sub, common) -> None:
                    help="accept prompts longer than the model's trained context")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--prompt-cache", metavar="FILE", default=None,
-                   help="reuse the longest prompt prefix cached in FILE, then save the cache there")
+                   help="reuse the longest prompt prefix cached in FILE, then save the cache there (a new file, or "
+                        "a momjax session file: any other file is refused)")
+    add_session_args(p)
     p.set_defaults(run=run)
 
 
@@ -118,6 +124,9 @@ def run(args) -> int:
 
     check_model_folder(args.model)
     check_numbers(args)
+    if args.prompt_cache:  # before any work: a path that cannot take the cache is refused now, not after the run
+        args.prompt_cache = check_session_path(args.prompt_cache, "--prompt-cache")
+    note_sampling(args)
     cfg = folder_config(args.model)  # before the tokenizer and the weights: a bad config fails fast
     text = read_prompt(args)
     tok = load_tokenizer(args.model)  # before the weights: a folder without a tokenizer fails fast
@@ -137,25 +146,31 @@ def run(args) -> int:
     check_context(cfg.context_length)  # before the weights are read: refuse what cannot run, fast
     policy = resolve_policy(args, cfg, total, args.dtype or cfg.dtype, None if args.quiet else log)
     check_fits(cfg, len(ids), args.max_new_tokens, policy, args.dtype or cfg.dtype)
+    note_dtype(args.dtype or cfg.dtype)
     model = momjax.load(args.model, dtype=args.dtype, progress=not args.quiet,
                         max_context=max(cfg.context_length, total))
 
     if args.prompt_cache:
-        from momjax.cli.sessions import generate_with_prompt_cache
-
         return generate_with_prompt_cache(args, model, tok, ids, policy)
     stats = StreamStats(len(ids), describe_policy(policy, cfg.num_layers))
     stream = tok.stream()
-    for new in stream_tokens(model, ids, args.max_new_tokens, policy=policy, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stats=stats,
-                             progress=None if not args.quiet else False):
-        piece = stream.push(new)
-        if piece:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    tokens = stream_tokens(model, ids, args.max_new_tokens, policy=policy, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, stats=stats,
+                           progress=None if not args.quiet else False)
+    with Interrupts() as interrupts:  # Ctrl-C ends the text between chunks, never inside a computation
+        for new in tokens:
+            piece = stream.push(new)
+            if piece:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            if interrupts.requested:
+                break
+        tokens.close()
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()
-    if stats.stopped_at is not None:
+    if interrupts.requested:
+        ended = "interrupted"
+    elif stats.stopped_at is not None:
         ended = f"stopped at the end-of-sequence token {stats.stopped_at}"
     else:
         ended = f"reached --max-new-tokens {args.max_new_tokens}"
@@ -166,4 +181,7 @@ def run(args) -> int:
           f"decode:               {decode:.1f} tokens/s (compiled in {stats.decode_compile_s:.3f} s)\n"
           f"policy:               {stats.policy}\n"
           f"peak device memory:   {peak_device_memory()}", file=sys.stderr)
+    if interrupts.requested:
+        log("momjax: interrupted")
+        return 130
     return 0

@@ -15,7 +15,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--model", required=True, metavar="PRESET|DIR", help="a preset name or a checkpoint folder")
     p.add_argument("--hbm", default=None, help="accelerator memory, e.g. 80GiB (default: the --target's)")
     p.add_argument("--host-memory", default=None, help="host memory for the offloaded KV cache, e.g. 1TiB")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights dtype (default: a checkpoint folder's own; bfloat16 for a preset)")
     p.add_argument("--target", default=None, metavar="GPU",
                    help="confirm the plan with XLA's GPU compiler for this GPU, without a GPU: h100, h200, a100-80gb, "
                         "a100-40gb, l4, rtx4090 or t4 (needs pip install 'momjax[gpu-plan]'); default: the "
@@ -41,16 +42,19 @@ def run(args) -> int:
         cfg = folder_config(args.model)
     else:
         raise UsageError(f"{args.model} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder")
+    dtype = args.dtype or cfg.dtype  # the presets are bfloat16 checkpoints
     if args.hbm is None and args.target in (None, "cpu"):
         raise UsageError("give --hbm (e.g. --hbm 80GiB) or a GPU --target whose memory size to use")
     try:
         hbm = None if args.hbm is None else parse_bytes(args.hbm)
         host = None if args.host_memory is None else parse_bytes(args.host_memory)
-        result = memory.plan(cfg, hbm, host, dtype=args.dtype, target=args.target, kv_dtype=args.kv_dtype,
+        result = memory.plan(cfg, hbm, host, dtype=dtype, target=args.target, kv_dtype=args.kv_dtype,
                              context=args.context)
     except ValueError as e:  # an unreadable size, a budget that cannot hold the weights, a missing GPU compiler
         raise UsageError(str(e)) from None
     notes = memory.plan_notes(cfg, result)
+    if args.dtype is None and args.model not in PRESETS:
+        notes.insert(0, f"note: planned in {dtype}, the checkpoint's dtype (--dtype to plan another)")
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         for note in notes:  # stdout stays valid JSON

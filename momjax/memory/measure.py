@@ -54,12 +54,14 @@ def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="floa
     return out
 
 
-def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
+def memory_report(model_or_config, seq_len: int, policy="mom", dtype=None, phase="prefill", batch: int = 1,
                   new_tokens: int = DEFAULT_NEW_TOKENS, target=None) -> dict:
     """Bytes the compiled programs need, from XLA's memory analysis (no memory is allocated).
 
     model_or_config: a Model, a Config or a preset name. phase: "prefill" (the prompt of seq_len tokens)
-    or "decode" (one step with seq_len prompt tokens cached and room for new_tokens).
+    or "decode" (one step with seq_len prompt tokens cached and room for new_tokens). dtype: None = a loaded
+    Model's own dtype, or float32 for a Config or a preset (what this machine's CPU compiler measures faithfully);
+    the report's "dtype" says which was used.
     Returns device_bytes (the peak over the phase's programs of what is on the device: arguments, outputs and
     temporaries, aliasing counted once, plus what stays resident between programs: the weights, and in
     prefill the K/V of the layers already done when the policy keeps them on the device), host_bytes (pinned
@@ -71,9 +73,12 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype="float32", 
     host-resident arguments (the prompt KV of a mom-stream decode step), which the deviceless compiler cannot
     be told about, are compiled as device arrays and moved by momjax from device_bytes to host_bytes (their
     bytes are in host_argument_counted_bytes), and the device copies the step makes of them (one layer's
-    prompt K/V in flight), which that compile cannot show, are added to device_bytes. The figures are the compiled programs' buffer assignments, not
-    a live allocator peak: no autotuning runs, and cuDNN workspaces count as 0.
+    prompt K/V in flight), which that compile cannot show, are added to device_bytes. The figures are the
+    compiled programs' buffer assignments, not a live allocator peak: no autotuning runs, and cuDNN workspaces
+    count as 0.
     """
+    if dtype is None:  # a loaded model's own dtype; for a Config or a preset, float32 (see above)
+        dtype = str(jnp.dtype(model_or_config.dtype)) if hasattr(model_or_config, "params") else "float32"
     checks.memory_request(seq_len=seq_len, dtype=dtype, phase=phase, batch=batch, new_tokens=new_tokens)
     cfg = resolve(model_or_config)
     policy = get_policy(policy)
