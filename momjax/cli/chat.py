@@ -120,31 +120,31 @@ def _converse(args, tok, session, convo, sync, save) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         log(f"momjax chat: type a message; commands: {COMMANDS}; Ctrl-C stops an answer")
-    while True:
-        if interactive:
-            sys.stdout.write("> ")
-            sys.stdout.flush()
-        try:
+    try:  # a Ctrl-C outside a streaming answer (which holds it back): at the prompt, or between turns
+        while True:
+            if interactive:
+                sys.stdout.write("> ")
+                sys.stdout.flush()
             line = sys.stdin.readline()
-        except KeyboardInterrupt:
-            sys.stdout.write("\n")
-            return 130
-        if not line:
-            return 0
-        text = line.rstrip("\n")
-        if not text.strip():
-            continue
-        if text.startswith("/"):
-            if not _command(text, args, session, convo, sync, save):
+            if not line:
                 return 0
-            continue
-        try:
-            answer, stats, interrupted = stream_answer(session, tok, convo.tokens(text), args, sys.stdout)
-        except momjax.InputError as e:  # e.g. the conversation outgrew the context: say so, keep going
-            log(f"momjax: error: {' '.join(str(e).split())}")
-            continue
-        convo.add_turn(text, tok.decode(answer))
-        log(summary(stats, session) + (" (stopped by Ctrl-C)" if interrupted else ""))
+            text = line.rstrip("\n")
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                if not _command(text, args, session, convo, sync, save):
+                    return 0
+                continue
+            try:
+                answer, stats, interrupted = stream_answer(session, tok, convo.tokens(text), args, sys.stdout)
+            except momjax.InputError as e:  # e.g. the conversation outgrew the context: say so, keep going
+                log(f"momjax: error: {' '.join(str(e).split())}")
+                continue
+            convo.add_turn(text, tok.decode(answer))
+            log(summary(stats, session) + (" (stopped by Ctrl-C)" if interrupted else ""))
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return 130
 
 
 def _command(text: str, args, session, convo, sync, save) -> bool:
