@@ -51,7 +51,8 @@ class Model:
 
 
 def load(path: str, dtype: str | None = None, memory_kind: str = "device", progress: bool = True) -> Model:
-    """Load a HF checkpoint folder (config.json + *.safetensors) or an Orbax folder from convert/hf_to_orbax.py.
+    """Load a HF checkpoint folder (config.json + *.safetensors), an Orbax folder from convert/hf_to_orbax.py, or
+    a GGUF file (llama.cpp's format: architectures llama and qwen2, dequantized to dtype; see momjax/gguf.py).
 
     dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's). memory_kind: "device" (the only
     placement the forward programs run from today; "pinned_host" is refused with an explanation).
@@ -72,9 +73,17 @@ def load(path: str, dtype: str | None = None, memory_kind: str = "device", progr
         raise InputError(f"memory_kind must be 'device', got {memory_kind!r}")
     if not isinstance(progress, bool):
         raise InputError(f"progress must be True or False, got {progress!r}")
+    if os.path.isfile(path):
+        from momjax import gguf
+
+        if not gguf.is_gguf(path):
+            raise checkpoint.CheckpointError(f"{path} is a file but not a GGUF file; pass a .gguf file, a Hugging "
+                                             "Face checkpoint folder or an Orbax folder written by convert/hf_to_orbax.py")
+        cfg, params = gguf.load_gguf_params(path, dtype=dtype, memory_kind=memory_kind, progress=progress)
+        return Model(config=cfg, params=params, path=path)
     if not os.path.isdir(path):
-        raise checkpoint.CheckpointError(f"{path} is not a folder; pass a Hugging Face checkpoint folder or an "
-                                         "Orbax folder written by convert/hf_to_orbax.py")
+        raise checkpoint.CheckpointError(f"{path} is not a folder; pass a Hugging Face checkpoint folder, an "
+                                         "Orbax folder written by convert/hf_to_orbax.py or a .gguf file")
     if checkpoint.is_orbax_folder(path):
         cfg, params = checkpoint.load_orbax(path, dtype=dtype, memory_kind=memory_kind)
     else:

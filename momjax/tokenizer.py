@@ -86,7 +86,12 @@ def has_tokenizer(path: str) -> bool:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer saved in a checkpoint folder (a Hugging Face folder or an Orbax folder from convert)."""
+    """The tokenizer saved in a checkpoint folder (a Hugging Face folder or an Orbax folder from convert), or the
+    one a GGUF file's metadata describes."""
+    if os.path.isfile(path):
+        from momjax import gguf
+
+        return gguf.load_tokenizer(path)
     if not os.path.isdir(path):
         raise TokenizerError(f"{path} is not a folder; pass the checkpoint folder that holds the tokenizer files")
     config_path = os.path.join(path, "tokenizer_config.json")
