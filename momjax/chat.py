@@ -139,8 +139,9 @@ def cmd_chat(args) -> int:
     from momjax.params import param_bytes
     from momjax.tokenizer import load_tokenizer
 
-    if not os.path.isdir(args.model):
-        raise UsageError(f"model folder {args.model} does not exist; pass a Hugging Face or Orbax checkpoint folder")
+    if not os.path.exists(args.model):
+        raise UsageError(f"model {args.model} does not exist; pass a Hugging Face or Orbax checkpoint folder or a "
+                         ".gguf file")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:

@@ -277,10 +277,15 @@ def _check_sampling_args(args) -> None:
 
 
 def _folder_config(path: str):
-    """The Config of a HF folder (config.json) or an Orbax folder (momjax_config.json), weights unread."""
+    """The Config of a HF folder (config.json), an Orbax folder (momjax_config.json) or a GGUF file (its
+    metadata), weights unread."""
     from momjax.checkpoint import CONFIG_FILE, CheckpointError, is_orbax_folder
     from momjax.config import Config
 
+    if os.path.isfile(path):
+        from momjax import gguf
+
+        return gguf.read_config(path)
     if is_orbax_folder(path):
         try:
             with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
@@ -295,8 +300,9 @@ def cmd_generate(args) -> int:
     from momjax.api import check_fits
     from momjax.tokenizer import load_tokenizer
 
-    if not os.path.isdir(args.model):
-        raise UsageError(f"model folder {args.model} does not exist; pass a Hugging Face or Orbax checkpoint folder")
+    if not os.path.exists(args.model):
+        raise UsageError(f"model {args.model} does not exist; pass a Hugging Face or Orbax checkpoint folder or a "
+                         ".gguf file")
     _check_sampling_args(args)
     cfg = _folder_config(args.model)  # before the tokenizer and the weights: a bad config fails fast
     text = _read_prompt(args)
@@ -378,8 +384,11 @@ def cmd_plan(args) -> int:
         cfg = PRESETS[args.model]
     elif os.path.isdir(args.model):
         cfg = Config.from_folder(args.model)
+    elif os.path.isfile(args.model):
+        cfg = _folder_config(args.model)  # a .gguf file
     else:
-        raise UsageError(f"{args.model} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder")
+        raise UsageError(f"{args.model} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder or "
+                         ".gguf file")
     if args.hbm is None and args.target in (None, "cpu"):
         raise UsageError("give --hbm (e.g. --hbm 80GiB) or a GPU --target whose memory size to use")
     try:
@@ -444,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached demo checkpoint")
 
     p = sub.add_parser("generate", parents=[common], help="generate text from a checkpoint folder, streamed to stdout")
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face or Orbax checkpoint folder")
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face or Orbax checkpoint folder, or a "
+                                                                 ".gguf file")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", metavar="FILE", help="file with the prompt text ('-' for stdin)")
@@ -479,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--target: its memory and host link bandwidths)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    sub.add_parser("convert", help="convert a Hugging Face checkpoint to an Orbax folder (momjax convert -h)",
+    sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file to an Orbax folder (momjax "
+                                   "convert -h)",
                    add_help=False)
 
     p = sub.add_parser("bench", parents=[common], help="momjax vs transformers on CPU (needs momjax[test])")
@@ -558,7 +569,8 @@ def describe_policy(policy, num_layers: int) -> str:
 
 def _add_chat_parser(sub, common) -> None:
     p = sub.add_parser("chat", parents=[common], help="chat over stdin/stdout, keeping the KV cache between turns")
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face or Orbax checkpoint folder")
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face or Orbax checkpoint folder, or a "
+                                                                 ".gguf file")
     p.add_argument("--document", metavar="FILE", default=None, help="a text file to prefill once and chat about")
     p.add_argument("--session", metavar="FILE", default=None,
                    help="load the session from FILE if it exists, and save it there on exit")
