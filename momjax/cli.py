@@ -422,13 +422,30 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from momjax import demo
 
-    # Checked before anything is built or loaded, with the same rules as generate.
-    if args.max_new_tokens < 1:
+    # Checked before anything is built, downloaded or loaded, with the same rules as generate.
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not args.prompt.strip():
-        raise UsageError("the prompt is empty; give some text with --prompt (or leave it out for the default)")
-
-    return demo.run(prompt=args.prompt, max_new_tokens=args.max_new_tokens, rebuild=args.rebuild)
+    if not args.real:
+        if args.document is not None or args.question:
+            raise UsageError("--document and --question go with --real (the random demo model cannot read)")
+        if not args.prompt.strip():
+            raise UsageError("the prompt is empty; give some text with --prompt (or leave it out for the default)")
+        return demo.run(prompt=args.prompt, max_new_tokens=args.max_new_tokens or 24, rebuild=args.rebuild)
+    if args.prompt_given:
+        raise UsageError("--prompt is for the random demo; with --real ask with --question (and --document FILE)")
+    document = source = None
+    if args.document is not None:
+        if not os.path.isfile(args.document):
+            raise UsageError(f"document {args.document} does not exist")
+        with open(args.document, encoding="utf-8") as f:
+            document = f.read()
+        if not document.strip():
+            raise UsageError(f"document {args.document} is empty")
+        source = args.document
+    questions = args.question or demo.REAL_QUESTIONS
+    if not all(q.strip() for q in questions):
+        raise UsageError("a --question is empty; give some text")
+    return demo.run_real(document, questions, args.max_new_tokens or demo.REAL_NEW_TOKENS, source=source)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -447,10 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--compile-cache", metavar="DIR", default=argparse.SUPPRESS, help=cache_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", parents=[common], help="build a small random model offline and run every policy on it")
+    p = sub.add_parser("demo", parents=[common], help="build a small random model offline and run every policy on "
+                                                      "it (--real: a real model reading a document)")
     p.add_argument("--prompt", default=None, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 24 (--real: 40)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached demo checkpoint")
+    p.add_argument("--real", action="store_true",
+                   help="download SmolLM2-135M-Instruct once (93 MB) and ask it about a long document in a Session "
+                        "with every policy")
+    p.add_argument("--document", metavar="FILE", default=None,
+                   help="with --real: the document (default: the Apache License 2.0 text jax ships)")
+    p.add_argument("--question", action="append", default=None, metavar="TEXT",
+                   help="with --real: a question (repeat for several; default: two about the license)")
 
     p = sub.add_parser("generate", parents=[common], help="generate text from a checkpoint folder, streamed to stdout")
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face or Orbax checkpoint folder, or a "
@@ -615,10 +640,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return convert.main(argv[command_at + 1:] + argv[:command_at])
         args = parser.parse_args(argv)
-        if args.command == "demo" and args.prompt is None:
-            from momjax.demo import DEFAULT_PROMPT
+        if args.command == "demo":
+            args.prompt_given = args.prompt is not None
+            if args.prompt is None:
+                from momjax.demo import DEFAULT_PROMPT
 
-            args.prompt = DEFAULT_PROMPT
+                args.prompt = DEFAULT_PROMPT
         if args.compile_cache:
             enable_compile_cache(args.compile_cache)
         command = {"demo": cmd_demo, "generate": cmd_generate, "plan": cmd_plan, "bench": cmd_bench,
