@@ -76,9 +76,6 @@ def load(path: str, dtype: str | None = None, memory_kind: str = "device", progr
     if os.path.isfile(path):
         from momjax import gguf
 
-        if not gguf.is_gguf(path):
-            raise checkpoint.CheckpointError(f"{path} is a file but not a GGUF file; pass a .gguf file, a Hugging "
-                                             "Face checkpoint folder or an Orbax folder written by convert/hf_to_orbax.py")
         cfg, params = gguf.load_gguf_params(path, dtype=dtype, memory_kind=memory_kind, progress=progress)
         return Model(config=cfg, params=params, path=path)
     if not os.path.isdir(path):

@@ -173,8 +173,7 @@ def _check_paths(src, dst) -> tuple[str, str]:
         from momjax import gguf
 
         if not gguf.is_gguf(src):
-            raise CheckpointError(f"{src} is a file but not a GGUF file; pass a .gguf file or a Hugging Face "
-                                  "checkpoint folder (config.json + *.safetensors)")
+            gguf.read_gguf(src)  # raises: it is not a GGUF file
     elif not os.path.isdir(src):
         raise CheckpointError(f"{src} is not a folder or a file; pass a Hugging Face checkpoint folder (config.json "
                               "+ *.safetensors) or a .gguf file")

@@ -240,7 +240,7 @@ def read_gguf(path: str) -> GGUFFile:
         r = _Reader(f, size, path)
         if size < 4 or f.read(4) != MAGIC:
             raise CheckpointError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'); pass a "
-                                  ".gguf file written by llama.cpp, or a checkpoint folder")
+                                  ".gguf file written by llama.cpp, or a checkpoint folder (Hugging Face or Orbax)")
         r.pos = 4
         version = r.scalar("<I", "the version")
         if version not in VERSIONS:
@@ -715,8 +715,6 @@ def _hf_tokenizer(path: str):
     """
     from momjax.tokenizer import TokenizerError, _import_transformers
 
-    if not is_gguf(path):
-        raise TokenizerError(f"{path} is not a GGUF file; pass a .gguf file or a checkpoint folder")
     try:
         read_gguf(path)  # a truncated or corrupt header: one clear error, not the reader's traceback
     except CheckpointError as e:

@@ -45,12 +45,26 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tokens_for(vocab: int) -> tuple[list[str], list[int]]:
-    """Byte-level tokens (GPT-2's alphabet) then control tokens <|sN|>; their token types."""
+MERGES = ("h i", "Ġ t", "t h")  # GPT-2 spelling: Ġ is a space
+
+
+def tokens_for(vocab: int) -> tuple[list[str], list[int], list[str]]:
+    """Byte-level tokens (GPT-2's alphabet), control tokens <|s256|> and <|s257|>, the tokens of MERGES, then
+    more control tokens <|sN|>, up to vocab; their token types; the merges that fit."""
     table = byte_to_unicode()
-    tokens = [table[b] for b in range(min(256, vocab))] + [f"<|s{i}|>" for i in range(256, vocab)]
-    types = [int(gguf.TokenType.NORMAL)] * min(256, vocab) + [int(gguf.TokenType.CONTROL)] * max(0, vocab - 256)
-    return tokens, types
+    tokens = [table[b] for b in range(min(256, vocab))]
+    types = [int(gguf.TokenType.NORMAL)] * len(tokens)
+    merges = []
+    for i in range(256, vocab):
+        k = i - 258
+        if 0 <= k < len(MERGES):
+            tokens.append(MERGES[k].replace(" ", ""))
+            types.append(int(gguf.TokenType.NORMAL))
+            merges.append(MERGES[k])
+        else:
+            tokens.append(f"<|s{i}|>")
+            types.append(int(gguf.TokenType.CONTROL))
+    return tokens, types, merges
 
 
 def llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float, high: float, old: int) -> np.ndarray:
@@ -109,13 +123,17 @@ def write_gguf(model, path: str, qtype=Q.F32, arch: str | None = None, name: str
         values["arch.rope.scaling.type"] = "linear"
         values["arch.rope.scaling.factor"] = float(rope["factor"])
     if tokenizer:
-        tokens, types = tokens_for(c.vocab_size)
+        tokens, types, merges = tokens_for(c.vocab_size)
         eos = c.eos_token_id[0] if isinstance(c.eos_token_id, list) else c.eos_token_id
         values.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
                        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
-                       "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": c.bos_token_id,
+                       "tokenizer.ggml.bos_token_id": c.bos_token_id,
                        "tokenizer.ggml.eos_token_id": eos, "tokenizer.ggml.add_bos_token": False,
                        "tokenizer.chat_template": CHAT_TEMPLATE})
+        if merges:  # llama.cpp writes the merges of a BPE vocabulary (transformers needs them or scores)
+            values["tokenizer.ggml.merges"] = merges
+        else:
+            values["tokenizer.ggml.scores"] = [0.0] * len(tokens)
     values.update(metadata or {})
     w = gguf.GGUFWriter(path, arch)
     for key, value in values.items():
