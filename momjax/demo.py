@@ -285,8 +285,12 @@ def real_document() -> tuple[str, str]:
 
 
 def run_real(document: str | None = None, questions=REAL_QUESTIONS, max_new_tokens: int = REAL_NEW_TOKENS,
-             out=None, source: str | None = None) -> int:
-    """`momjax demo --real`; returns 0 when every policy gave the same answers, 1 otherwise."""
+             out=None, source: str | None = None, record: dict | None = None) -> int:
+    """`momjax demo --real`; returns 0 when every policy gave the same answers, 1 otherwise.
+
+    record: a dict to receive the run's token ids: "prompts" (the whole conversation up to each question, as
+    rendered by the chat template) and "answers" ({policy: [answer ids per question]}), e.g. to check them
+    against another implementation."""
     out = out or sys.stdout
 
     def log(*a):
@@ -321,10 +325,11 @@ def run_real(document: str | None = None, questions=REAL_QUESTIONS, max_new_toke
             session = momjax.Session(model, policy, capacity=n_tokens + len(questions) * (max_new_tokens + 64))
             t0 = time.perf_counter()
             session.feed(doc_ids)
-            prefill_s, answers, times = time.perf_counter() - t0, [], []
+            prefill_s, answers, times, prompts = time.perf_counter() - t0, [], [], []
             talk = Conversation(tok, document)
             for q in questions:
                 ids = talk.tokens(q)
+                prompts.append(ids)
                 session.rewind(min(_common_prefix(session.tokens, ids), len(ids) - 1))
                 t0 = time.perf_counter()
                 gen = session.generate(ids[session.length:], max_new_tokens)
@@ -332,10 +337,12 @@ def run_real(document: str | None = None, questions=REAL_QUESTIONS, max_new_toke
                 answer = gen.as_lists()[0]
                 answers.append(answer)
                 talk.messages += [{"role": "user", "content": q}, {"role": "assistant", "content": tok.decode(answer)}]
-            return prefill_s, answers, times
+            return prefill_s, answers, times, prompts
 
         runs = {p: pool.submit(converse, p) for p in policies}
         results = {p: r.result() for p, r in runs.items()}
+        if record is not None:
+            record.update(prompts=results[policies[0]][3], answers={p: r[1] for p, r in results.items()})
         reference = results[policies[0]][1]
         same = all(r[1] == reference for r in results.values())
         for i, q in enumerate(questions):
@@ -347,7 +354,7 @@ def run_real(document: str | None = None, questions=REAL_QUESTIONS, max_new_toke
                     log(f"A ({p}): {tok.decode(results[p][1][i]).strip()}")
         log("")
         for p in policies:
-            prefill_s, _, times = results[p]
+            prefill_s, _, times, _ = results[p]
             log(f"  {p:<11} document prefilled in {prefill_s:.1f} s, answers in "
                 + ", ".join(f"{t:.1f} s" for t in times) + " (compilation included)")
         if same:

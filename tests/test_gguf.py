@@ -299,41 +299,40 @@ def smollm2():
     return gguf.fetch_smollm2()
 
 
-CHAT_QUESTION = "What is the capital of France?"
+def test_smollm2_download_demo_real_answers_equal_transformers_for_every_policy(smollm2, capsys):
+    """`momjax demo --real` on a shorter document (to keep the test quick): every policy gives the same answers
+    to both questions, and they are transformers' greedy answers from its own loading of the file."""
+    from momjax import demo
 
-
-def test_smollm2_download_chat_answer_equals_transformers_for_every_policy(smollm2):
     g = gguf.read_gguf(smollm2)
     cfg = gguf.config_from_gguf(g)
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert cfg.tie_embeddings and cfg.max_position_embeddings == 8192 and cfg.eos_token_ids == (2,)
     assert {t.type_name for t in g.tensors.values()} == {"Q4_1", "Q8_0", "F32"}
-    tok = momjax.load_tokenizer(smollm2)
-    ids = tok.encode_chat(CHAT_QUESTION)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2))
-    text = hf_tok.apply_chat_template([{"role": "user", "content": CHAT_QUESTION}], add_generation_prompt=True,
-                                      tokenize=False)
-    assert ids == hf_tok.encode(text, add_special_tokens=False)
-    ref = reference(smollm2)
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
-    model = momjax.load(smollm2, progress=False)
-    for policy in momjax.POLICIES:
-        out = momjax.generate(model, [ids], 16, policy=policy)
-        assert out.as_lists()[0] == want, policy
-    assert "Paris" in tok.decode(want)
-
-
-def test_smollm2_download_demo_real_every_policy_answers_alike(smollm2, capsys):
-    from momjax import demo
-
     source, text = demo.real_document()
     assert "Apache License" in text and "jax" in source
-    document = text[:1500]  # a shorter document than the demo's default keeps the test quick
-    code = demo.run_real(document, demo.REAL_QUESTIONS, max_new_tokens=8, source="the license's first lines")
+    record = {}
+    code = demo.run_real(text[:1500], demo.REAL_QUESTIONS, max_new_tokens=NEW, source="its first lines",
+                         record=record)
     out = capsys.readouterr().out
     assert code == 0 and "✓ all 3 policies gave the same answers, token for token" in out
     assert out.count("\nQ: ") == 2 and out.count("\nA: ") == 2 and "mom-stream  decode" in out
+    answers = record["answers"]["baseline"]
+    assert all(record["answers"][p] == answers for p in momjax.POLICIES)
+
+    # transformers: the same prompt tokens from its tokenizer and chat template, the same greedy answers.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2))
+    tok = momjax.load_tokenizer(smollm2)
+    messages = [{"role": "system", "content": text[:1500]}]
+    ref = reference(smollm2)
+    for question, prompt, answer in zip(demo.REAL_QUESTIONS, record["prompts"], answers):
+        messages.append({"role": "user", "content": question})
+        rendered = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert prompt == hf_tok.encode(rendered, add_special_tokens=False)
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=2)
+        assert answer == want[0, len(prompt):].tolist()  # both stop after the end-of-turn token, or at NEW
+        messages.append({"role": "assistant", "content": tok.decode(answer)})
 
 
 def test_smollm2_download_fetch_replaces_a_damaged_cache(smollm2, tmp_path):
