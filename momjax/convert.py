@@ -173,7 +173,9 @@ def _check_paths(src, dst) -> tuple[str, str]:
         from momjax import gguf
 
         if not gguf.is_gguf(src):
-            gguf.read_gguf(src)  # raises: it is not a GGUF file
+            raise CheckpointError(f"{src} is not a folder, and not a GGUF file (it does not start with the bytes "
+                                  "'GGUF'); pass a Hugging Face checkpoint folder (config.json + *.safetensors) or a "
+                                  ".gguf file")
     elif not os.path.isdir(src):
         raise CheckpointError(f"{src} is not a folder or a file; pass a Hugging Face checkpoint folder (config.json "
                               "+ *.safetensors) or a .gguf file")

@@ -202,21 +202,19 @@ class _Reader:
             return self.scalar(_SCALARS[vtype], f"the value of {key}")
         if vtype == _STRING:
             return self.string(f"the value of {key}")
-        if vtype == _ARRAY and depth == 0:
+        if vtype == _ARRAY and depth < 4:  # arrays of arrays are allowed; deeper nesting is not a model's metadata
             itype = self.scalar("<I", f"the array type of {key}")
             count = self.scalar("<Q", f"the array length of {key}")
+            smallest = np.dtype(_NUMPY[itype]).itemsize if itype in _NUMPY else 8 if itype == _STRING else 12
+            if count > (self.size - self.pos) // smallest:
+                _fail(self.path, f"metadata array {key} ({count} items) runs past the end of the file")
             if itype in _NUMPY:
                 item = np.dtype(_NUMPY[itype])
-                if count > (self.size - self.pos) // item.itemsize:
-                    _fail(self.path, f"metadata array {key} ({count} items) runs past the end of the file")
                 return np.frombuffer(self.take(count * item.itemsize, key), item).copy()
             if itype == _STRING:
-                if count > (self.size - self.pos) // 8:
-                    _fail(self.path, f"metadata array {key} ({count} strings) runs past the end of the file")
                 return [self.string(f"item {i} of {key}") for i in range(count)]
-            _fail(self.path, f"metadata array {key} has items of type {itype}, which GGUF does not define "
-                             "for arrays here")
-        _fail(self.path, f"metadata key {key} has value type {vtype}, which GGUF does not define")
+            return [self.value(itype, f"item {i} of {key}", depth + 1) for i in range(count)]
+        _fail(self.path, f"metadata {key} has value type {vtype}, which GGUF does not define")
 
 
 def is_gguf(path) -> bool:
@@ -379,21 +377,6 @@ def config_from_gguf(g: GGUFFile) -> Config:
         raise ConfigError(f"{g.path}: GGUF architecture {arch!r} is not supported; momjax loads "
                           f"{' and '.join(map(repr, ARCHITECTURES))} (Llama, Mistral and Qwen2 models)")
     m = _Meta(g, arch)
-    for key, value in g.metadata.items():
-        if not key.startswith(arch + "."):
-            continue
-        name = key[len(arch) + 1:]
-        if name in _READ_KEYS:
-            continue
-        if name in _INERT_KEYS:
-            allowed, why = _INERT_KEYS[name]
-            if allowed is None or (not isinstance(value, np.ndarray) and value in allowed
-                                   and isinstance(value, bool) == isinstance(allowed[0], bool)):
-                continue
-            m.reject(key, value, why)
-        m.reject(key, value, "momjax does not know what this key changes, so it refuses the file rather than "
-                             "run it wrongly (please report the file)")
-
     p = arch + "."
     layers = m.integer(p + "block_count")
     hidden = m.integer(p + "embedding_length")
@@ -448,6 +431,7 @@ def config_from_gguf(g: GGUFFile) -> Config:
     eos = m.token_ids(("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                        "tokenizer.ggml.eom_token_id"), vocab)
     bos = m.token_ids(("tokenizer.ggml.bos_token_id",), vocab)
+    _refuse_unknown_keys(m, arch)  # after the keys read above, so that their own errors come first
     return Config(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -467,6 +451,24 @@ def config_from_gguf(g: GGUFFile) -> Config:
         dtype=_file_dtype(g),
         **rope,
     )
+
+
+def _refuse_unknown_keys(m: _Meta, arch: str) -> None:
+    """The {arch}.* keys are the model's hyperparameters: one momjax does not read may change the computation."""
+    for key, value in m.md.items():
+        if not key.startswith(arch + "."):
+            continue
+        name = key[len(arch) + 1:]
+        if name in _READ_KEYS:
+            continue
+        if name in _INERT_KEYS:
+            allowed, why = _INERT_KEYS[name]
+            if allowed is None or (not isinstance(value, (list, np.ndarray)) and value in allowed
+                                   and isinstance(value, bool) == isinstance(allowed[0], bool)):
+                continue
+            m.reject(key, value, why)
+        m.reject(key, value, "momjax does not know what this key changes, so it refuses the file rather than "
+                             "run it wrongly (please report the file)")
 
 
 def _file_dtype(g: GGUFFile) -> str:
@@ -725,7 +727,10 @@ def _hf_tokenizer(path: str):
     try:
         with tempfile.TemporaryDirectory(prefix="momjax-gguf-tokenizer-") as folder:
             name = os.path.basename(path)
-            os.symlink(os.path.abspath(path), os.path.join(folder, name))
+            try:
+                os.symlink(os.path.abspath(path), os.path.join(folder, name))
+            except OSError:  # no symbolic links here (some Windows setups): read it where it is
+                folder = os.path.dirname(os.path.abspath(path))
             return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True,
                                                  trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types; all mean "cannot build it"

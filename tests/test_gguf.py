@@ -210,8 +210,24 @@ def test_convert_writes_params_and_tokenizer(zoo, folder, tmp_path, capsys):
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(dst))
     assert momjax.load_tokenizer(dst).encode_chat("hi") == momjax.load_tokenizer(path).encode_chat("hi")
     assert main(["generate", "--model", path, "--prompt", "hi", "--max-new-tokens", "3", "--quiet"]) == 0
+    assert main(["plan", "--model", path, "--hbm", "1GiB"]) == 0 and "mom-stream" in capsys.readouterr().out
     assert main(["convert", path, os.path.dirname(path), "--force", "--replace-any-folder"]) == 2
     assert "contains the source file" in capsys.readouterr().err and os.path.isfile(path)
+
+
+def test_demo_real_refuses_bad_arguments_before_downloading(tmp_path, monkeypatch, capsys):
+    from momjax.cli import main
+
+    monkeypatch.setenv("MOMJAX_CACHE", str(tmp_path / "cache"))
+    for argv, words in ((["demo", "--document", "x.txt"], "--document and --question go with --real"),
+                        (["demo", "--real", "--prompt", "hi"], "--prompt is for the random demo"),
+                        (["demo", "--real", "--document", str(tmp_path / "none.txt")], "does not exist"),
+                        (["demo", "--real", "--question", " "], "a --question is empty"),
+                        (["demo", "--real", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, argv
+    assert not os.path.exists(tmp_path / "cache")  # nothing was downloaded
 
 
 # ---------------------------------------------------------------------- broken files
@@ -233,8 +249,8 @@ def test_truncated_and_foreign_files_fail_in_one_line(zoo, folder, capsys):
     cases = {
         "in the metadata": (cut(good, str(folder / "t1.gguf"), 3000), "ends inside its GGUF header"),
         "in the tensor data": (cut(good, str(folder / "t2.gguf"), g.size - 100), "past the end of the file"),
-        "not GGUF": (str(folder / "x.gguf"), "is not a GGUF file"),
-        "empty": (str(folder / "e.gguf"), "is not a GGUF file"),
+        "not GGUF": (str(folder / "x.gguf"), "not a GGUF file"),
+        "empty": (str(folder / "e.gguf"), "not a GGUF file"),
     }
     with open(cases["not GGUF"][0], "wb") as f:
         f.write(b"PK\x03\x04" + bytes(500))
