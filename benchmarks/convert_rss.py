@@ -133,7 +133,7 @@ def run_child(args: list[str]) -> dict:
     return result
 
 
-BASELINE = "import jax, orbax.checkpoint, momjax, momjax.checkpoint, momjax.convert; jax.devices()"
+BASELINE = "import jax, orbax.checkpoint, momjax, momjax.hf.tensors, momjax.convert; jax.devices()"
 BASELINE_GGUF = BASELINE + "; import gguf, momjax.gguf"
 LOAD = """
 import json, sys, time, jax, momjax

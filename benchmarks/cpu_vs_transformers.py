@@ -8,7 +8,7 @@ this script is the same command. Results: benchmarks/results/cpu_vs_transformers
 
 import sys
 
-from momjax.bench import main
+from momjax.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

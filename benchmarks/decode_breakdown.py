@@ -35,13 +35,14 @@ import numpy as np
 import momjax
 from momjax import bench
 from momjax.cache import place_for_decode
-from momjax.config import get_policy
+from momjax.hf.config import from_hf
 from momjax.params import init_random
+from momjax.policy import get_policy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPT_TOKENS, NEW_TOKENS = bench.PROMPT_TOKENS, bench.NEW_TOKENS
 # The `momjax bench` model, read from the same Hugging Face config it builds.
-CONFIG = momjax.Config.from_hf({**bench.MODEL, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+CONFIG = from_hf({**bench.MODEL, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
 
 
 def decode_cache(model, prompt):

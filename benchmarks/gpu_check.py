@@ -93,7 +93,6 @@ def _median(xs):
 def child_env(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     out = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
     try:
@@ -161,7 +160,7 @@ def child_env(spec: dict) -> dict:
     copy = jax.jit(lambda x: x * 2)
     out["device_copy_GBps"] = timed(copy, dev) * 2
     del host, dev, y
-    momjax  # imported above to time it
+    out["momjax_version"] = momjax.__version__
     return out
 
 
@@ -310,6 +309,8 @@ def child_long(spec: dict) -> dict:
     from momjax import generation as G
     from momjax import memory
     from momjax.cache import place_for_decode, sharding
+    from momjax.checks import Sampling
+    from momjax.decoding import DecodeStats, decode_stream
     from momjax.params import abstract_params
 
     clock = Clock(spec["deadline"])
@@ -391,16 +392,13 @@ def child_long(spec: dict) -> dict:
             t0 = time.perf_counter()
             placed = _sync(placed)
             d["place_for_decode_s"] = time.perf_counter() - t0
-            key_ = jax.random.PRNGKey(0)
-            args = (params, placed, logits, key_, jnp.float32(0), 0, jnp.float32(1), jnp.full((8,), -1, jnp.int32),
-                    jnp.int32(0))
-            t0 = time.perf_counter()
-            decode = G.decode_fn.lower(*args, cfg=cfg, policy=policy, max_new_tokens=new).compile()
-            d["decode_compile_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            toks, _ = decode(*args[:5], *args[6:])
-            toks = np.asarray(toks)
-            d["decode_s"] = time.perf_counter() - t0
+            # momjax's one decode loop, all tokens in one chunk (as generate runs it); never stops early
+            decoding = DecodeStats()
+            chunks = decode_stream(params, placed, logits, Sampling(), cfg, policy, new, stats=decoding,
+                                   streamed=False)
+            toks = np.concatenate(list(chunks), axis=1)
+            d["decode_compile_s"] = decoding.decode_compile_s
+            d["decode_s"] = decoding.decode_s  # the steps after the first token, compilation excluded
             d["decode_tokens_per_s"] = (new - 1) / d["decode_s"]
             d["first_tokens"] = toks[0, :8].tolist()
             d["peak_after_decode_bytes"] = stats().get("peak_bytes_in_use")
@@ -496,8 +494,9 @@ def child_programs(spec: dict) -> dict:
 
     import momjax
     import momjax.model
-    from momjax import generation as G
     from momjax.cache import KVCache, sharding
+    from momjax.checks import Sampling
+    from momjax.decoding import decode_program
 
     tiny = spec["tiny"]
     cfg = model_config(tiny)
@@ -546,15 +545,16 @@ def child_programs(spec: dict) -> dict:
     out["step"]["peak_after_bytes"] = stats().get("peak_bytes_in_use")
     emit(PARTIAL, out)
 
-    key = jax.random.PRNGKey(0)
-    args = (params, cache, jnp.zeros((1, cfg.vocab_size), jnp.float32), key, jnp.float32(0), 0, jnp.float32(1),
-            jnp.full((8,), -1, jnp.int32), jnp.int32(0))
+    loop_cache = cache.with_tail(new)
+    fn, args, static = decode_program(params, loop_cache, token, jnp.zeros((1,), bool), Sampling().program_args(), cfg,
+                                      policy, new - 1)
     t0 = time.perf_counter()
-    loop = G.decode_fn.lower(*args, cfg=cfg, policy=policy, max_new_tokens=new).compile()
+    loop = fn.lower(*args, **static).compile()
     out["loop"] = {"compile_s": time.perf_counter() - t0, "memory_analysis": analysis(loop),
                    "hlo": save_text("decode_loop_mom_stream", loop)}
     emit(PARTIAL, out)
-    toks, _ = loop(*args[:5], *args[6:])
+    limit = jnp.int32(new)
+    toks = loop(*args[:7], limit, *args[8:10], *args[11:])[0]  # the compiled program takes no static top_k
     _sync(toks)
     out["loop"]["peak_after_bytes"] = stats().get("peak_bytes_in_use")
     return out
@@ -787,11 +787,11 @@ def table(results: dict) -> str:
     for stage, r in results["stages"].items():
         if stage == "long":
             for name, rr in r.items():
-                lines.append(f"long/{name:<9} {str(rr.get('ok')):<6} {rr.get('process_s', '-')}")
+                lines.append(f"long/{name:<9} {rr.get('ok')!s:<6} {rr.get('process_s', '-')}")
                 if rr.get("ok"):
                     lines.append("    " + summary_long(rr))
         else:
-            lines.append(f"{stage:<14} {str(r.get('ok')):<6} {r.get('process_s', '-')}"
+            lines.append(f"{stage:<14} {r.get('ok')!s:<6} {r.get('process_s', '-')}"
                          + ("" if r.get("ok") else f"  {r.get('error_type')}: {str(r.get('error'))[:200]}"))
     return "\n".join(lines)
 

@@ -7,9 +7,10 @@ transformers (LlamaForCausalLM with sdpa attention, last-position logits and the
 - peak device memory: `jax.devices()[0].memory_stats()["peak_bytes_in_use"]` for momjax,
   `torch.cuda.max_memory_allocated()` for transformers. Each run is its own subprocess, so peaks never
   carry over from one run to the next;
-- time to first token: the prefill, after a warm-up (momjax: the programs are compiled ahead of time at the
-  same shape, before the weights are allocated, so compiler autotuning cannot set the peak; transformers:
-  eager kernels, warmed up on a 1024-token prompt);
+- time to first token: the prefill, after a warm-up (momjax: the prefill programs are compiled ahead of time at
+  the same shape, before the weights are allocated, so compiler autotuning cannot set the prefill's peak, and
+  the decode loop before it runs, its compile time apart; transformers: eager kernels, warmed up on a
+  1024-token prompt);
 - decode tokens/s over --new-tokens greedy steps after the prompt;
 - the largest context that runs, found by doubling then bisecting with one subprocess per probe
   (an out-of-memory error, or a peak over --budget-bytes, is a miss; a probe past --probe-timeout ends
@@ -144,6 +145,8 @@ def worker_momjax(spec: dict) -> dict:
     import momjax
     from momjax import generation as G
     from momjax.cache import place_for_decode, sharding
+    from momjax.checks import Sampling
+    from momjax.decoding import DecodeStats, decode_stream
     from momjax.params import abstract_params
 
     tiny, S, N = spec["tiny"], spec["seq_len"], spec["new_tokens"]
@@ -160,21 +163,6 @@ def worker_momjax(spec: dict) -> dict:
     tok_abs = jax.ShapeDtypeStruct((1, padded), jnp.int32, sharding=on_device)
     start_abs = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=on_device)
     programs = G.compile_prefill(params_abs, tok_abs, start_abs, cfg, policy)
-    K, E = cfg.num_kv_heads, cfg.head_dim
-    logits_abs = jax.ShapeDtypeStruct((1, cfg.vocab_size), jnp.float32, sharding=on_device)
-    prompt_kv = jax.ShapeDtypeStruct((1, K, padded, E), dtype, sharding=sharding(policy.kv_decode))
-    no_tail = jax.ShapeDtypeStruct((1, K, 0, E), dtype, sharding=on_device)
-    L = cfg.num_layers
-    cache_abs = momjax.KVCache(k=(prompt_kv,) * L, v=(prompt_kv,) * L, start=start_abs, tail_k=(no_tail,) * L,
-                               tail_v=(no_tail,) * L, length=jax.ShapeDtypeStruct((), jnp.int32, sharding=on_device))
-
-    def scalar(dt, shape=()):
-        return jax.ShapeDtypeStruct(shape, dt, sharding=on_device)
-
-    key = jax.random.PRNGKey(0)
-    decode_args = (params_abs, cache_abs, logits_abs, scalar(key.dtype, key.shape), scalar(jnp.float32), 0,
-                   scalar(jnp.float32), scalar(jnp.int32, (8,)), scalar(jnp.int32))
-    decode = G.decode_fn.lower(*decode_args, cfg=cfg, policy=policy, max_new_tokens=N).compile()
     compile_s = time.perf_counter() - t0
 
     params = _random_params(cfg, dtype)
@@ -196,11 +184,11 @@ def worker_momjax(spec: dict) -> dict:
     t0 = time.perf_counter()
     cache = jax.block_until_ready(place_for_decode(cache, policy))  # mom: the one copy back to the device
     copy_back_s = time.perf_counter() - t0
-    stop_ids = jnp.full((8,), -1, jnp.int32)  # never stop early: every run decodes N tokens
-    t0 = time.perf_counter()
-    out, _ = decode(params, cache, logits, key, jnp.float32(0), jnp.float32(1), stop_ids, jnp.int32(0))
-    out = np.asarray(out)
-    decode_s = time.perf_counter() - t0
+    decoding = DecodeStats()  # momjax's one decode loop, in one chunk; Sampling(): greedy, never stops early
+    out = np.concatenate(list(decode_stream(params, cache, logits, Sampling(), cfg, policy, N, stats=decoding,
+                                            streamed=False)), axis=1)
+    decode_s = decoding.decode_s
+    compile_s += decoding.decode_compile_s
     stats = dev.memory_stats()
 
     result = {"ttft_s": ttft, "decode_s": decode_s, "decode_tokens_per_s": (N - 1) / decode_s if N > 1 else None,
@@ -500,7 +488,8 @@ def main(argv=None) -> int:
         "transformers_setup": "LlamaForCausalLM random init, sdpa, logits_to_keep=1 in prefill, "
                               "DynamicCache(offloading=True) = generate(cache_implementation='offloaded'); "
                               "no offloading on CPU",
-        "momjax_setup": "prefill programs and decode_fn compiled ahead of time at the same shape before the weights exist; "
+        "momjax_setup": "prefill programs compiled ahead of time at the same shape before the weights exist, the decode "
+                        "loop before it runs (compile time apart); "
                         "weights init_random on one layer, repeated over the layers"
                         + (f"; tiny: mini-sequence {TINY_MINISEQUENCE}" if tiny else ""),
     })

@@ -13,7 +13,7 @@ own initialisation (seed 0): hidden 1024, 8 layers, 16 query / 4 KV heads of 64,
 float32. All random weights: the figures describe the quantiser on these activations, not a trained model.
 
 A trained model on real text (--models smollm2, opt-in: downloads 93 MB once): SmolLM2-135M-Instruct from its
-Q4_1 GGUF file (momjax.gguf.fetch_smollm2), dequantized to float32, reading a real document (default: this
+Q4_1 GGUF file (momjax.gguf.fetch.fetch_smollm2), dequantized to float32, reading a real document (default: this
 project's README.md). The first --text-prompt tokens of the document are prefilled, then the next
 --text-steps tokens of the document itself are fed one at a time (teacher-forced with the text, not with
 greedy choices), with the exact cache and with the int8 one. Besides the relative logit error and the
@@ -158,9 +158,9 @@ def run_smollm2(args, log) -> dict:
     """{name: measure_text result} for SmolLM2-135M-Instruct on the document args.text."""
     import hashlib
 
-    from momjax import gguf
+    from momjax.gguf.fetch import SMOLLM2, fetch_smollm2
 
-    path = gguf.fetch_smollm2(log=log)
+    path = fetch_smollm2(log=log)
     model = momjax.load(path, progress=False)
     tok = momjax.load_tokenizer(path)
     with open(args.text, encoding="utf-8") as f:
@@ -170,7 +170,7 @@ def run_smollm2(args, log) -> dict:
     if len(tokens) < need:
         raise SystemExit(f"error: {args.text} is {len(tokens)} tokens; --text-prompt + --text-steps needs {need}")
     r = measure_text(model, tokens, args.text_prompt, args.text_steps)
-    r["model"] = f"SmolLM2-135M-Instruct ({gguf.SMOLLM2['file']}, dequantized to float32)"
+    r["model"] = f"SmolLM2-135M-Instruct ({SMOLLM2['file']}, dequantized to float32)"
     r["text"] = dict(path=os.path.relpath(os.path.abspath(args.text), os.path.dirname(HERE)), tokens=len(tokens),
                      sha256=hashlib.sha256(text.encode()).hexdigest())
     return {"smollm2-135m-instruct": r}

@@ -86,7 +86,7 @@ def main():
     for c in CHUNKS:
         t = f"{secs[c]:.3f}" if c in secs else "-"
         print(f"{c:>7} {mem[c] / 2**30:>32.2f} GiB {t:>20}")
-    print(f"rule: {RULE}\nchosen: {chosen}; default in momjax: {momjax.config.DEFAULT_MINISEQUENCE}")
+    print(f"rule: {RULE}\nchosen: {chosen}; default in momjax: {momjax.policy.DEFAULT_MINISEQUENCE}")
     result = {
         "command": "python benchmarks/minisequence_size.py",
         "machine": f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} {jax.default_backend()}",
@@ -94,7 +94,7 @@ def main():
         "prefill_median_s_8192_tokens_hidden512_4layers": {str(c): v for c, v in secs.items()},
         "rule": RULE,
         "chosen": chosen,
-        "default": momjax.config.DEFAULT_MINISEQUENCE,
+        "default": momjax.policy.DEFAULT_MINISEQUENCE,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -98,7 +98,7 @@ def gpu_prediction(preset="llama-3.1-8b", contexts=(131072, 524288), targets=("h
 
     cfg = momjax.preset(preset)
     weights = param_bytes(cfg, "bfloat16")
-    per_token = cfg.kv_bytes_per_token * 2  # bfloat16
+    per_token = cfg.kv_bytes_per_token("bfloat16")
     out = {}
     for name in targets:
         t = T.get(name)

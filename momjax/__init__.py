@@ -5,18 +5,30 @@ from momjax import no_gpu as _no_gpu
 
 _no_gpu.prepare()  # before jax is first imported: quiet on machines with the CUDA plugin and no GPU
 
-from momjax.api import Generation, InputError, Model, forward, generate, load, prefill
+from momjax.api import Generation, forward, generate, prefill
 from momjax.cache import KVCache
-from momjax.config import POLICIES, PRESETS, Config, ConfigError, MemoryPolicy, get_policy, preset
+from momjax.config import PRESETS, Config, preset
+from momjax.errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    MomjaxError,
+    SessionError,
+    TargetError,
+    TokenizerError,
+)
+from momjax.loading import Model, load
 from momjax.memory import estimate, memory_report, plan
-from momjax.session import Session, SessionError
-from momjax.targets import TARGETS, TargetError
-from momjax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from momjax.policy import POLICIES, MemoryPolicy, get_policy
+from momjax.session import Session
+from momjax.targets import TARGETS
+from momjax.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "POLICIES",
     "PRESETS",
     "TARGETS",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "Generation",
@@ -24,6 +36,7 @@ __all__ = [
     "KVCache",
     "MemoryPolicy",
     "Model",
+    "MomjaxError",
     "Session",
     "SessionError",
     "TargetError",

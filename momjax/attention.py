@@ -9,6 +9,19 @@ Letters: B batch, S queries, T keys, K kv heads, G query heads per kv head, E he
 Masking: query at sequence index i sees key j iff  start[b] <= j <= i  and  i - j < window.
 `start[b]` is the row's left padding. Masked scores use a finite -1e30 (not -inf) so a fully masked
 row (a padding query) gives finite values, never NaN.
+
+Prefill layout: the G query heads that share a KV head are stacked into the rows of one matrix, so a query
+block is [B, K, G*qb, E] (rows ordered head, then query) and each tile is two plain batched matmuls over
+(B, K): scores = rows x key block^T, then probabilities x value block. The queries are put in that layout
+once, before the loops, and the output is put back once per query block; nothing inside the key loop
+transposes.
+
+Each query block walks the key blocks it can see in order, in three runs: blocks that hold some padding or
+cross the window edge, blocks every query of the block sees whole, and blocks crossing the diagonal. Only the
+first and last runs build a mask, and apply it once (to the scores): a masked score of -1e30 gives
+probability 0 once a row has seen a visible key, and whatever a row accumulated before that (from keys it
+cannot see) is scaled by exp(-1e30 - m) = 0 when its first visible key arrives. Every real query sees at
+least itself; padding queries get finite values nobody reads.
 """
 
 from __future__ import annotations
@@ -26,6 +39,20 @@ def _divisor_block(n: int, block: int) -> int:
     return n if n <= block else math.gcd(n, block)
 
 
+def _key_block_runs(first_q, qb: int, kb: int, T: int, window, padded_to):
+    """(lo, full_lo, full_hi, hi): the key blocks a query block (queries first_q + [0, qb)) can see are [lo, hi);
+    those in [full_lo, full_hi) are seen whole by every query of the block, so they need no mask."""
+    last_q = first_q + qb - 1
+    hi = jnp.minimum(last_q // kb + 1, T // kb)  # up to its last query (causal)
+    lo = 0 if window is None else jnp.maximum(first_q - window + 1, 0) // kb  # from its window's start
+    full_lo = -(-padded_to // kb)
+    if window is not None:
+        full_lo = jnp.maximum(full_lo, (last_q - window) // kb + 1)
+    full_hi = (first_q + 1) // kb
+    full_lo = jnp.clip(full_lo, lo, hi)
+    return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
+
+
 def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, kv_block=512, k_scale=None,
                         v_scale=None):
     """Causal attention of queries q at sequence indices q_offset + [0, S) over keys k, v at [0, T).
@@ -36,18 +63,7 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
     q's dtype (exact: |int8| <= 127) and its scale multiplies the scores; the value scale multiplies the
     probabilities. Only one block is converted at a time, never the layer's K/V.
 
-    Layout: the G query heads that share a KV head are stacked into the rows of one matrix, so a query
-    block is [B, K, G*qb, E] (rows ordered head, then query) and each tile is two plain batched matmuls
-    over (B, K): scores = rows x key block^T, then probabilities x value block. The queries are put in
-    that layout once, before the loops, and the output is put back once per query block; nothing inside
-    the key loop transposes.
-
-    Each query block walks the key blocks it can see in order, in three runs: blocks that hold some
-    padding or cross the window edge, blocks every query of the block sees whole, and blocks crossing
-    the diagonal. Only the first and last runs build a mask, and apply it once (to the scores): a masked
-    score of -1e30 gives probability 0 once a row has seen a visible key, and whatever a row accumulated
-    before that (from keys it cannot see) is scaled by exp(-1e30 - m) = 0 when its first visible key
-    arrives. Every real query sees at least itself; padding queries get finite values nobody reads.
+    Layout and masking: see the module docstring.
     """
     B, S, H, E = q.shape
     K, T = k.shape[1], k.shape[2]
@@ -67,17 +83,7 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
     def one_query_block(args):
         qblk, i = args  # [B, K, M, E], block index
         first_q = q_offset + i * qb
-        last_q = first_q + qb - 1
-        # Key blocks this query block can see: up to its last query (causal), from its window start.
-        hi = jnp.minimum(last_q // kb + 1, T // kb)
-        lo = 0 if window is None else jnp.maximum(first_q - window + 1, 0) // kb
-        # Blocks in [full_lo, full_hi) are seen whole by every query of the block: no mask needed.
-        full_lo = -(-padded_to // kb)
-        if window is not None:
-            full_lo = jnp.maximum(full_lo, (last_q - window) // kb + 1)
-        full_hi = (first_q + 1) // kb
-        full_lo = jnp.clip(full_lo, lo, hi)
-        full_hi = jnp.clip(full_hi, full_lo, hi)
+        lo, full_lo, full_hi, hi = _key_block_runs(first_q, qb, kb, T, window, padded_to)
         q_idx = jnp.tile(first_q + jnp.arange(qb), G)[:, None]  # [M, 1]: each row's sequence index
 
         def visible(j):  # [B, 1, M, kb] bool: key j*kb + t is visible to row r

@@ -15,13 +15,11 @@
 Both libraries get the same two threads (torch.set_num_threads; XLA's CPU client uses the machine's
 cores), each in its own process: transformers runs in a spawned worker that answers timing requests, so
 the two thread pools never share a process. Needs torch and transformers (`pip install momjax[test]`),
-which momjax itself never imports.
+which momjax itself never imports. The command line (`momjax bench`) is momjax.cli.bench.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -308,7 +306,7 @@ def decode_bytes(model, context: int) -> dict:
     cfg, params = model.config, model.params
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params.embed.nbytes
     embed_bytes = params.embed.nbytes if params.lm_head is None else params.embed.nbytes // params.embed.shape[0]
-    kv_bytes = cfg.kv_bytes_per_token * np.dtype(model.dtype).itemsize * context
+    kv_bytes = cfg.kv_bytes_per_token(model.dtype) * context
     return {"bytes_per_token": int(weight_bytes + embed_bytes + kv_bytes), "weight_bytes": int(weight_bytes),
             "embedding_bytes": int(embed_bytes), "kv_bytes": int(kv_bytes), "context": context}
 
@@ -357,26 +355,12 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="momjax bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 repetitions instead of 5")
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--out", default=None,
-                        help="JSON results file (default: benchmarks/results/cpu_vs_transformers.json in a checkout)")
-    args = parser.parse_args(argv)
-    for name in ("torch", "transformers"):
-        if not available(name):
-            print(f"momjax bench: needs {name}; run `pip install momjax[test]` (on CPU machines install "
-                  "torch==2.13.0 first)", file=sys.stderr)
-            return 2
+def run(reps: int, log) -> dict:
+    """The whole benchmark (see the module docstring): its result, as `table` prints it and the JSON holds it."""
     import jax
 
     import momjax
 
-    def log(*a):
-        print(*a, file=sys.stderr, flush=True)
-
-    reps = args.reps or (2 if args.quick else 5)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
         log(f"building a random Llama ({MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
@@ -392,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             torch_side.close()
     fraction = gen["decode_vs_bandwidth"]["roofline_fraction"]
-    result = {
+    return {
         "benchmark": "cpu_vs_transformers", "model": MODEL, "parameters": info["parameters"], "dtype": "float32",
         "threads": THREADS, "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "jax": jax.__version__, "torch": info["torch"], "transformers": info["transformers"],
@@ -407,11 +391,3 @@ def main(argv: list[str] | None = None) -> int:
                     "prefill_vs_transformers_met": long["ratio_mom_over_transformers"] <= TARGET_PREFILL_VS_TORCH,
                     "roofline_met": fraction >= TARGET_ROOFLINE},
     }
-    print(table(result))
-    out = args.out or (os.path.join(RESULTS, "cpu_vs_transformers.json") if os.path.isdir(RESULTS) else None)
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {out}")
-    return 0

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from momjax.errors import InputError
+
 
 @struct.dataclass
 class KVCache:
@@ -118,7 +120,7 @@ def to_memory_kind(x, memory_kind: str):
     deviceless, for a GPU target (momjax.targets), where a sharding of this machine's device would not fit.
     """
     if memory_kind not in _SPACES:
-        raise ValueError(f"memory_kind must be 'device' or 'pinned_host', got {memory_kind!r}")
+        raise InputError(f"memory_kind must be 'device' or 'pinned_host', got {memory_kind!r}")
     return jax.device_put(x, _SPACES[memory_kind])
 
 

@@ -7,8 +7,9 @@ each layer's K/V is its own array (offloaded as the layer finishes), and progres
 `prefill_stages` lists these programs with their abstract arguments, so memory reports and the CLI can
 compile exactly what `prefill_fn` runs.
 
-Decode runs inside `lax.while_loop`; each step walks the layers with a Python loop (model.decode_step);
-each row stops on its own stop token and the loop ends when every row has stopped. Prompt lengths are
+Decode runs inside `lax.while_loop` (`decode_chunk_fn`, resumable, run in chunks by momjax.decoding); each step
+walks the layers with a Python loop (model.decode_step); each row stops on its own stop token and the loop ends
+when every row has stopped. Prompt lengths are
 padded (on the left) to a small set of buckets so that many prompt lengths share one compiled prefill.
 """
 
@@ -24,7 +25,8 @@ import numpy as np
 
 from momjax import model as M
 from momjax.cache import KVCache
-from momjax.config import Config, MemoryPolicy
+from momjax.config import Config
+from momjax.policy import MemoryPolicy
 
 MIN_BUCKET = 16
 # Above this length prompts are padded to a multiple of it instead of the next power of two.
@@ -267,28 +269,10 @@ def decode_loop(params, cache: KVCache, tail_k, tail_v, token, t, done, limit, k
     return out, i, t, done, tail_k, tail_v, token
 
 
-# Decoding in resumable chunks (streaming): `limit` is traced, so any chunk length up to `steps` shares one program.
+# Decoding in resumable chunks: `limit` is traced, so any chunk length up to `steps` shares one program. The one
+# decode loop of momjax.decoding runs it, for generate and for every streamed answer.
 decode_chunk_fn = jax.jit(decode_loop, static_argnames=("cfg", "policy", "steps", "top_k"),
                           donate_argnames=("tail_k", "tail_v"))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "max_new_tokens", "top_k"))
-def decode_fn(params, cache: KVCache, first_logits, key, temperature, top_k, top_p, stop_ids, pad_id,
-              cfg: Config, policy: MemoryPolicy, max_new_tokens: int):
-    """Sample the first token from the prefill logits, then decode the rest in one while_loop.
-
-    Returns (tokens [B, max_new_tokens], lengths [B]): row b's tokens after lengths[b] are pad_id.
-    """
-    cache = cache.with_tail(max(max_new_tokens - 1, 1))
-    first, done = first_token_fn(first_logits, key, temperature, top_k, top_p, stop_ids)
-    rest, *_ = decode_loop(params, cache, *cache.tails, first, jnp.int32(1), done,
-                           jnp.int32(max_new_tokens), key, temperature, top_k, top_p, stop_ids, pad_id, cfg, policy,
-                           max(max_new_tokens - 1, 1))
-    out = jnp.concatenate([first[:, None], rest], axis=1)[:, :max_new_tokens]  # [B, max_new_tokens]
-    stops = is_stop(out.reshape(-1), stop_ids).reshape(out.shape)
-    first_stop = jnp.argmax(stops, axis=1)
-    lengths = jnp.where(stops.any(axis=1), first_stop + 1, max_new_tokens).astype(jnp.int32)
-    return out, lengths
 
 
 # ---------------------------------------------------------------------- session feeds
@@ -346,21 +330,31 @@ def feed_stages(params, tokens, k_cache, v_cache, cfg: Config, policy: MemoryPol
     return stages
 
 
-def feed_fn(params, tokens, ks, vs, offset: int, count: int, cfg: Config, policy: MemoryPolicy, on_layer=None):
+def compile_feed(params, tokens, k_cache, v_cache, cfg: Config, policy: MemoryPolicy) -> dict:
+    """Compile a session feed's programs ahead of time: {stage name: compiled program}, for `feed_fn`. k_cache,
+    v_cache: one layer's buffer (as feed_stages takes them)."""
+    return {s.name: s.lower().compile() for s in feed_stages(params, tokens, k_cache, v_cache, cfg, policy)}
+
+
+def feed_fn(params, tokens, ks, vs, offset: int, count: int, cfg: Config, policy: MemoryPolicy, on_layer=None,
+            compiled=None):
     """Run a session feed layer by layer: tokens [B, W] (count real ones, then right padding) at key index
     offset, into the per-layer buffers ks, vs (donated; pass them on only through the result).
-    Returns (logits [B, V] at the last real token, new ks, new vs). on_layer(i) as in `prefill_fn`."""
+    Returns (logits [B, V] at the last real token, new ks, new vs). on_layer(i) as in `prefill_fn`; compiled:
+    programs from `compile_feed` (otherwise each is compiled on first use by jax.jit)."""
+    compiled = compiled or {}
+    call = lambda name, fn, *args, **static: compiled[name](*args) if name in compiled else fn(*args, **static)
     chunk = M.chunk_length(tokens.shape[1], policy)
     offset, count = jnp.int32(offset), jnp.int32(count)
-    x, pos = feed_embed_fn(params.embed, tokens, offset, chunk=chunk)
+    x, pos = call("embed", feed_embed_fn, params.embed, tokens, offset, chunk=chunk)
     L, last = cfg.num_layers, policy.last_position_only
     new_k, new_v = [], []
     for i, lp in enumerate(params.layers):
-        fn = feed_last_fn if last and i == L - 1 else feed_layer_fn
-        x, k, v = fn(lp, x, pos, ks[i], vs[i], offset, count, cfg=cfg, policy=policy)
+        name, fn = ("last", feed_last_fn) if last and i == L - 1 else ("layer", feed_layer_fn)
+        x, k, v = call(name, fn, lp, x, pos, ks[i], vs[i], offset, count, cfg=cfg, policy=policy)
         new_k.append(k)
         new_v.append(v)
         if on_layer is not None:
             x.block_until_ready()
             on_layer(i)
-    return feed_logits_fn(head_params(params), x, count, cfg=cfg), tuple(new_k), tuple(new_v)
+    return call("logits", feed_logits_fn, head_params(params), x, count, cfg=cfg), tuple(new_k), tuple(new_v)

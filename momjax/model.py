@@ -8,7 +8,9 @@ Weights and KV caches are per-layer arrays (params.py, cache.py). Prefill is wri
 (`prefill_layer`); generation.py runs that one compiled program for every layer in turn, so compile time
 is flat in depth and each layer's K/V leaves as its own array, offloaded as soon as the layer is done.
 Decode walks the layers with a Python loop inside one jitted step, reading each weight and each cached
-K/V byte where it lies. Norms, rope angles and softmax run in float32.
+K/V byte where it lies. Norms, rope angles and softmax run in float32. Rope frequencies are constants of the
+config, except dynamic NTK's, which depend on the length each program reaches: a traced scalar computed
+inside the program (`rope_frequencies`), so one compiled program serves every length.
 
 Prefill keeps the residual stream chunk-major, x: [N, B, C, D] (N mini-sequences of C tokens), so the
 mini-sequence maps need no transposes; `baseline` is the same code with one chunk of the whole sequence.
@@ -26,9 +28,11 @@ import numpy as np
 
 from momjax.attention import blockwise_attention, decode_attention
 from momjax.cache import KVCache, quantize_kv, to_memory_kind
-from momjax.config import Config, MemoryPolicy
+from momjax.config import Config
 from momjax.minisequence import chunk_map, last_position
 from momjax.params import LayerParams, Params
+from momjax.policy import MemoryPolicy
+from momjax.rope import rope, rope_frequencies
 
 # ---------------------------------------------------------------------- building blocks
 
@@ -38,33 +42,6 @@ def rms_norm(x, weight, eps):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * y.astype(x.dtype)
-
-
-def rope_inv_freq(cfg: Config) -> np.ndarray:
-    """Inverse rotary frequencies [E/2] in float32, with linear or llama3 scaling applied."""
-    E = cfg.head_dim
-    inv = (1.0 / cfg.rope_theta ** (np.arange(0, E, 2, dtype=np.float32) / np.float32(E))).astype(np.float32)
-    if cfg.rope_type == "linear":
-        inv = inv / np.float32(cfg.rope_factor)
-    elif cfg.rope_type == "llama3":
-        old = cfg.rope_original_max_position
-        low_wavelen = old / cfg.rope_low_freq_factor
-        high_wavelen = old / cfg.rope_high_freq_factor
-        wavelen = 2 * np.pi / inv
-        scaled = np.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
-        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
-        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv = np.where(medium, smoothed, scaled).astype(np.float32)
-    return inv
-
-
-def rope(x, positions, inv_freq):
-    """Rotate halves of the head dim by position x angle (transformers' layout). x: [B, S, *, E]."""
-    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, S, E/2], f32 for long positions
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 # A product with at most this many rows (decode: one token per batch row) is a matrix-vector product, bound by
@@ -105,12 +82,12 @@ def mlp(lp: LayerParams, x):
     return linear(jax.nn.silu(linear(x, lp.w_gate)) * linear(x, lp.w_up), lp.w_down)
 
 
-def project_q(lp: LayerParams, h, positions, inv_freq):
+def project_q(lp: LayerParams, h, positions, inv_freq, rope_scale: float = 1.0):
     D, H, E = lp.wq.shape
     q = linear(h, lp.wq.reshape(D, H * E)).reshape(*h.shape[:-1], H, E)  # [B, S, H, E]
     if lp.bq is not None:
         q = q + lp.bq
-    return rope(q, positions, inv_freq)
+    return rope(q, positions, inv_freq, rope_scale)
 
 
 def project_o(lp: LayerParams, o):
@@ -120,13 +97,13 @@ def project_o(lp: LayerParams, o):
     return linear(o.reshape(B, S, H * E), lp.wo.reshape(H * E, -1))
 
 
-def project_kv(lp: LayerParams, h, positions, inv_freq):
+def project_kv(lp: LayerParams, h, positions, inv_freq, rope_scale: float = 1.0):
     D, K, E = lp.wk.shape
     k = linear(h, lp.wk.reshape(D, K * E)).reshape(*h.shape[:-1], K, E)  # [B, S, K, E]
     v = linear(h, lp.wv.reshape(D, K * E)).reshape(*h.shape[:-1], K, E)
     if lp.bk is not None:
         k, v = k + lp.bk, v + lp.bv
-    return rope(k, positions, inv_freq), v
+    return rope(k, positions, inv_freq, rope_scale), v
 
 
 def lm_head(params: Params, x):
@@ -149,7 +126,8 @@ def _kv_pass(lp, x, pos, cfg, inv_freq, quantized=False):
     N, B, C, _ = x.shape
 
     def kv_of(c):  # [B, K, C, E] each, or (int8, scale) pairs
-        k, v = project_kv(lp, rms_norm(x[c], lp.attn_norm, cfg.rms_norm_eps), pos[c], inv_freq)  # [B, C, K, E]
+        h = rms_norm(x[c], lp.attn_norm, cfg.rms_norm_eps)
+        k, v = project_kv(lp, h, pos[c], inv_freq, cfg.rope_attention_factor)  # [B, C, K, E]
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         return (quantize_kv(k), quantize_kv(v)) if quantized else (k, v)
 
@@ -181,7 +159,7 @@ def _unpair(kv):
 def _attend_and_mlp(lp, x_c, pos_c, q_offset, k, v, start, cfg, policy, inv_freq, with_mlp=True):
     """The rest of a layer for one mini-sequence x_c [B, C, D] whose first token sits at q_offset."""
     h = rms_norm(x_c, lp.attn_norm, cfg.rms_norm_eps)
-    q = project_q(lp, h, pos_c, inv_freq)
+    q = project_q(lp, h, pos_c, inv_freq, cfg.rope_attention_factor)
     (k, k_scale), (v, v_scale) = _unpair(k), _unpair(v)  # int8 K/V carry their scales
     o = blockwise_attention(
         q, k, v, q_offset, start, window=cfg.sliding_window, q_block=policy.q_block, kv_block=policy.kv_block,
@@ -231,7 +209,7 @@ def prefill_layer(lp: LayerParams, x, pos, start, cfg: Config, policy: MemoryPol
     last: this is the final layer and only its last position is read: compute that position only and
     return it as x [1, B, 1, D].
     """
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    inv_freq = rope_frequencies(cfg, jnp.max(pos) + 1)  # the whole prompt's length, for every mini-sequence
     k, v = _kv_pass(lp, x, pos, cfg, inv_freq, policy.quantized_kv)
     if last:
         x = _rest_last_position(lp, x, pos, k, v, start, cfg, policy, inv_freq)[None]
@@ -254,7 +232,7 @@ def feed_layer(lp: LayerParams, x, pos, k_cache, v_cache, offset, count, cfg: Co
     token's output is read; compute it alone ([1, B, 1, D]). With policy.quantized_kv the buffers are
     (int8 [B, K, cap, E], float32 scale [B, K, cap]) pairs, and the new K/V are quantised as prefill does.
     """
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    inv_freq = rope_frequencies(cfg, offset + count)  # the session's length at the end of this feed
     k_new, v_new = _kv_pass(lp, x, pos, cfg, inv_freq, policy.quantized_kv)  # [B, K, W, E] (or pairs)
     write = lambda buf, new: write_kv(to_memory_kind(buf, "device"), new.astype(buf.dtype), offset)
     k, v = jax.tree.map(write, k_cache, k_new), jax.tree.map(write, v_cache, v_new)
@@ -342,11 +320,11 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
     K/V at a time, never all of them. With policy.kv_device_layers = R the first R layers' K/V are already
     on the device (cache.place_for_decode) and only layers R.. stream.
     """
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
     step = cache.length
     L = cache.num_layers
     q_index = cache.prompt_end + step
     positions = (q_index - cache.start)[:, None]  # [B, 1]
+    inv_freq = rope_frequencies(cfg, jnp.max(positions) + 1)  # the longest row's length with this token
     x = params.embed[token][:, None, :]  # [B, 1, D]
     # Layers below `resident` have their prompt K/V on the device (all of them unless the policy streams);
     # the others are fetched from the host one at a time: the first streamed layer's copy is issued before
@@ -363,8 +341,8 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
     for l, lp in enumerate(params.layers):
         k, v, k_scale, v_scale = kv if l >= resident else cache.layer(l)
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-        q = project_q(lp, h, positions, inv_freq)  # [B, 1, H, E]
-        k_new, v_new = project_kv(lp, h, positions, inv_freq)  # [B, 1, K, E]
+        q = project_q(lp, h, positions, inv_freq, cfg.rope_attention_factor)  # [B, 1, H, E]
+        k_new, v_new = project_kv(lp, h, positions, inv_freq, cfg.rope_attention_factor)  # [B, 1, K, E]
         scales = None
         if cache.quantized:  # the new token's K/V as a prefill would store them, before anything reads them
             (k_new, k_new_scale), (v_new, v_new_scale) = quantize_kv(k_new), quantize_kv(v_new)  # scales [B, 1, K]

@@ -1,6 +1,6 @@
 """Keep a CUDA-enabled JAX quiet on a machine without a GPU, before jax is imported.
 
-With `momjax[gpu-plan]` (or `jax[cuda12]`) installed and no NVIDIA driver, importing jax prints absl
+With `momjax[gpu-plan]` (or `jax[cuda12]`, or jax's CUDA 13 plugin) installed and no NVIDIA driver, importing jax prints absl
 lines such as "Could not find cuda drivers on your machine", and the first use of jax prints a
 traceback ("Unable to load CUDA. Is it installed?") before falling back to the CPU. Neither means
 anything is wrong for momjax: the CUDA plugin is there to compile for a GPU target without a GPU
@@ -28,12 +28,23 @@ _NO_DRIVER_NOISE = re.compile(
 )
 
 
+CUDA_PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+
+
+def cuda_plugin() -> str | None:
+    """The module name of JAX's CUDA plugin (CUDA 12 or 13) when one is installed, found without importing it."""
+    for name in CUDA_PLUGINS:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except (ImportError, ValueError):
+            continue
+    return None
+
+
 def cuda_plugin_installed() -> bool:
-    """Whether JAX's CUDA 12 plugin is importable (checked without importing it)."""
-    try:
-        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-    except (ImportError, ValueError):
-        return False
+    """Whether a JAX CUDA plugin is importable."""
+    return cuda_plugin() is not None
 
 
 def gpu_driver_present() -> bool:

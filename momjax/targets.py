@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from momjax import no_gpu
+from momjax.errors import TargetError
 
 INSTALL_HINT = "pip install 'momjax[gpu-plan]'"
 # What the GPU compiler logs when a program needs more than the target's memory: expected while `plan`
@@ -36,10 +37,6 @@ INSTALL_HINT = "pip install 'momjax[gpu-plan]'"
 _OVER_MEMORY_LOG = re.compile(r"(hlo_rematerialization\.cc.*Can't reduce memory use below)|"
                               r"(gpu_hlo_schedule\.cc.*exceeds the base limit)")
 GIB = 2**30
-
-
-class TargetError(ValueError):
-    """An unknown target name, or a GPU target without the compiler it needs installed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +112,7 @@ _DEVICE_KINDS = (
     (("a100", "80gb"), "a100-80gb"),
     (("a100", "40gb"), "a100-40gb"),
     (("h100", "80gb", "hbm3"), "h100"),
+    (("h200", "nvl"), None),  # the H200 NVL is a PCIe card with other clocks and power: not the SXM part
     (("h200",), "h200"),
     (("rtx", "4090"), "rtx4090"),
     (("l4",), "l4"),
@@ -144,16 +142,32 @@ def source_name(target) -> str:
 
 def check_compiler() -> None:
     """Raise TargetError naming the extra to install when the GPU compiler or ptxas is missing."""
-    if not no_gpu.cuda_plugin_installed():
+    plugin = no_gpu.cuda_plugin()
+    if plugin is None:
         raise TargetError(f"compiling for a GPU target needs JAX's CUDA plugin, which is not installed; run "
                           f"`{INSTALL_HINT}` (or leave the target out to use this machine's compiler)")
-    if importlib.util.find_spec("nvidia.cuda_nvcc") is None:
-        raise TargetError(f"compiling for a GPU target needs ptxas (the nvidia-cuda-nvcc-cu12 package), which is "
-                          f"not installed; run `{INSTALL_HINT}`")
-    plugin, jaxlib = _version("jax-cuda12-plugin"), _version("jaxlib")
-    if plugin and jaxlib and plugin != jaxlib:
-        raise TargetError(f"jax-cuda12-plugin {plugin} does not match jaxlib {jaxlib}; run `{INSTALL_HINT}` "
+    if not any(_has_ptxas(package) for package in ("nvidia.cuda_nvcc", "nvidia.cu13")):
+        raise TargetError(f"compiling for a GPU target needs ptxas (the nvidia-cuda-nvcc-cu12 package, or CUDA 13's "
+                          f"nvidia-cuda-nvcc), which is not installed; run `{INSTALL_HINT}`")
+    dist = "jax-cuda13-plugin" if plugin.endswith("cuda13") else "jax-cuda12-plugin"
+    version, jaxlib = _version(dist), _version("jaxlib")
+    if version and jaxlib and version != jaxlib:
+        raise TargetError(f"{dist} {version} does not match jaxlib {jaxlib}; run `{INSTALL_HINT}` "
                           "to install the matching version")
+
+
+def _has_ptxas(package: str) -> bool:
+    """Whether the pip package `package` (nvidia.cuda_nvcc for CUDA 12, nvidia.cu13 for CUDA 13) is installed
+    with a ptxas binary in it, as jaxlib looks for one."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    import os
+
+    return any(os.path.isfile(os.path.join(folder, "bin", "ptxas")) for folder in spec.submodule_search_locations or ())
 
 
 def _version(dist: str) -> str | None:

@@ -39,9 +39,6 @@ def _fresh_compiled_programs():
     yield
     import jax
 
-    from momjax import cli
-
-    cli._COMPILED.clear()
     jax.clear_caches()
 
 
@@ -66,6 +63,23 @@ SHARDED = {"llama-gqa": "40KB", "qwen2": "60KB", "mistral-window": "30KB"}
 def load_model(folder: str, dtype: str | None = None) -> momjax.Model:
     """momjax.load on a checkpoint folder, without the progress bar."""
     return momjax.load(folder, dtype=dtype, progress=False)
+
+
+def load_hf_params(path: str, cfg, dtype=None, memory_kind: str = "device", progress: bool = False):
+    """A HF folder's weights placed in memory_kind (pinned_host too, which momjax.load refuses for running)."""
+    from momjax.hf.tensors import stream_hf_leaves
+    from momjax.loading import place
+
+    return place(stream_hf_leaves(path, cfg, dtype, progress), memory_kind)
+
+
+def load_orbax(path: str, dtype=None, memory_kind: str = "device"):
+    """(Config, params) of an Orbax folder, placed in memory_kind."""
+    from momjax.loading import place
+    from momjax.store.orbax import read_leaves
+
+    cfg, leaves = read_leaves(path, dtype)
+    return cfg, place(leaves, memory_kind)
 
 
 class Zoo:
@@ -172,3 +186,35 @@ def rel_err(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def lower_decode_loop(params, cache, cfg, policy, steps: int, batch: int = 1):
+    """The resumable decode loop (what momjax.decoding runs) lowered for abstract inputs: params, a cache with its
+    tail, greedy settings as traced arguments (top_k 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    from momjax.decoding import decode_program
+
+    sds = jax.ShapeDtypeStruct
+    sampling = (sds((2,), jnp.uint32), sds((), jnp.float32), 0, sds((), jnp.float32), sds((8,), jnp.int32),
+                sds((), jnp.int32))
+    fn, args, static = decode_program(params, cache, sds((batch,), jnp.int32), sds((batch,), jnp.bool_), sampling,
+                                      cfg, policy, steps)
+    return fn.lower(*args, **static)
+
+
+@pytest.fixture(scope="session")
+def cli_model(tmp_path_factory) -> str:
+    """A HF checkpoint with a tokenizer (the demo's, built without torch)."""
+    from cli_helpers import make_cli_model
+
+    return make_cli_model(tmp_path_factory)
+
+
+@pytest.fixture
+def model_copy(cli_model, tmp_path) -> str:
+    """A private copy of cli_model, to break on purpose."""
+    from cli_helpers import copy_model
+
+    return copy_model(cli_model, tmp_path)

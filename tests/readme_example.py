@@ -49,7 +49,7 @@ def run(folder: str) -> dict:
 
 
 def demo_checkpoint(parent: str) -> str:
-    from momjax import demo
+    from momjax import demo_model as demo
 
     return demo.write_checkpoint(os.path.join(parent, "demo-hf"))
 

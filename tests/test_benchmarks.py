@@ -51,6 +51,30 @@ def test_search_starts_from_known_lengths_and_stops_on_timeout_or_ceiling():
     assert (found["max_context"], found["first_miss"]) == (512, 768)
 
 
+def test_gpu_check_tiny_runs_every_stage(tmp_path):
+    """benchmarks/gpu_check.py --tiny: every stage in its own process on this CPU with tiny shapes, each recorded
+    in the JSON with its figures (so the script that a GPU run depends on never rots without a GPU)."""
+    cmd = [sys.executable, os.path.join(BENCH, "gpu_check.py"), "--tiny", "--budget-s", "240", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(tmp_path / "gpu_check.json") as f:
+        result = json.load(f)
+    stages = result["stages"]
+    assert set(stages) == {"env", "exact", "programs", "long", "transformers", "cudnn"}, stages.keys()
+    assert result["ok"], json.dumps(result)[:3000]
+    assert stages["env"]["backend"] == "cpu" and "pinned_host" in stages["env"]["memory_kinds"]
+    family = stages["exact"]["families"]["llama-gqa"]
+    assert all(family["exact_equal_transformers"].values()) and family["memory_kinds_as_expected"]
+    assert all(all(v for k, v in s.items() if k != "buffer_memory_kind") for s in family["session"].values())
+    stream = stages["long"]["mom-stream"]["runs"][0]
+    assert stream["prompt_kv_memory_kind"] == "pinned_host"
+    assert [d["kv_device_layers"] for d in stream["decode"]] == [0, 2]  # every layer streamed, then the plan's
+    assert all(d["decode_tokens_per_s"] > 0 for d in stream["decode"])
+    assert stages["cudnn"]["cudnn"]["runs"] is False  # no cuDNN on a CPU: recorded, not raised
+    assert stages["cudnn"]["xla"]["rel_err_vs_momjax"] < 1e-5
+    assert (tmp_path / "decode_step_mom_stream.hlo.txt.gz").stat().st_size > 1000
+
+
 def test_memory_vs_context_lengths_are_log_spaced_up_to_the_limit():
     assert memory_vs_context.lengths_up_to(110_592) == [8192, 16384, 32768, 65536, 110_592]
     assert memory_vs_context.lengths_up_to(65536) == [8192, 16384, 32768, 65536]

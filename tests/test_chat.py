@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import momjax
-from momjax import demo
+from momjax import demo_model as demo
 from momjax.cli import main
 from momjax.tokenizer import load_tokenizer
 
@@ -76,7 +76,7 @@ def test_generate_prompt_cache_reuses_the_prefix(folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [(["--document", "/no/such/file"], "does not exist"),
                                            (["--max-new-tokens", "0"], "at least 1"),
-                                           (["--session", "/no/such/dir/s.session"], "folder does not exist")])
+                                           (["--session", "/no/such/dir/s.session"], "folder /no/such/dir does not exist")])
 def test_chat_bad_input_is_one_line(folder, capsys, monkeypatch, extra, message):
     code, _, err = chat(["--model", folder, *extra], [], capsys, monkeypatch)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -6,12 +6,22 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import jax
 import pytest
+from cli_helpers import (
+    assert_one_line_error,
+    edit_json,
+    momjax_cli,
+    rewrite_header,
+    tree,
+)
 
 import momjax
-from momjax import demo
+import momjax.cli
+import momjax.convert
+from momjax import demo_model as demo
 from momjax.cli import main
 from momjax.tokenizer import StreamDecoder, load_tokenizer
 
@@ -89,7 +99,7 @@ def test_generate_streams_text_and_summarizes(folder, capsys, monkeypatch):
 
 
 def test_stream_records_the_stop_token(folder):
-    from momjax.cli import StreamStats, stream_tokens
+    from momjax.cli.generate import StreamStats, stream_tokens
 
     model = momjax.load(folder, progress=False)
     ids = load_tokenizer(folder).encode(SHORT)
@@ -260,7 +270,7 @@ def test_convert_then_generate_from_the_orbax_folder(folder, tmp_path, capsys, m
 
 @pytest.mark.parametrize("policy", ["baseline", "mom"])
 def test_long_prefill_progress_callback(folder, capsys, policy):
-    from momjax.cli import stream_tokens
+    from momjax.cli.generate import stream_tokens
 
     model = momjax.load(folder, progress=False)
     ids = load_tokenizer(folder).encode(SHORT)
@@ -283,7 +293,7 @@ def test_prefill_progress_shows_finished_layers():
     """on_layer(i) arrives once layer i (0-based) has finished: the line shows i + 1 layers done."""
     import io
 
-    from momjax.cli import PrefillProgress
+    from momjax.cli.common import PrefillProgress
 
     out = io.StringIO()
     progress = PrefillProgress(stream=out)
@@ -315,3 +325,44 @@ def test_bench_without_torch_says_what_to_install(capsys, monkeypatch):
     code, _, err = run(["bench", "--quick"], capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "pip install momjax[test]" in err
+
+
+
+# ---------------------------------------------------------------------- CLI: a real process, exit 2, one line
+CLI_CASES = {  # name -> (arguments, words in the one line), "{m}" is a copy of a checkpoint with a tokenizer
+    "top-k in scientific notation": (["generate", "--model", "{m}", "--prompt", "hi", "--top-k", "1e12"], "--top-k"),
+    "seed beyond 64 bits": (["generate", "--model", "{m}", "--prompt", "hi", "--seed", str(2**70)], "--seed"),
+    "temperature nan": (["generate", "--model", "{m}", "--prompt", "hi", "--temperature", "nan"], "--temperature"),
+    "top-p inf": (["generate", "--model", "{m}", "--prompt", "hi", "--top-p", "inf"], "--top-p"),
+    "cannot fit in memory": (["generate", "--model", "{m}", "--prompt", "hi", "--max-new-tokens", "100000000",
+                              "--allow-long-context"], "cannot fit"),
+    "compile cache is a file": (["generate", "--model", "{m}", "--prompt", "hi", "--compile-cache", "{m}/config.json"],
+                                "compile cache"),
+    "convert compile cache is a file": (["--compile-cache", "{m}/config.json", "convert", "{m}", "{m}-out"],
+                                        "compile cache"),
+    "string offsets in a header": (["convert", "{m}", "{m}-out", "--quiet"], "malformed header"),
+    "tie as a string": (["generate", "--model", "{m}", "--prompt", "hi"], "tie_word_embeddings"),
+    "bad generation config": (["generate", "--model", "{m}", "--prompt", "hi"], "generation_config.json"),
+    "plan negative size": (["plan", "--model", "llama-3.1-8b", "--hbm=-5GB"], "size"),
+    "plan negative hidden size": (["plan", "--model", "{m}", "--hbm", "8GiB"], "hidden_size"),
+}
+CLI_SETUP = {
+    "string offsets in a header": lambda m: rewrite_header(
+        os.path.join(m, "model.safetensors"),
+        lambda h: h[next(k for k in h if k != "__metadata__")].update(data_offsets=["0", "8"])),
+    "tie as a string": lambda m: edit_json(m, tie_word_embeddings="false"),
+    "bad generation config": lambda m: Path(m, "generation_config.json").write_text('{"eos_token_id": [1, 99999]}'),
+    "plan negative hidden size": lambda m: edit_json(m, hidden_size=-64),
+}
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(model_copy, tmp_path, case):
+    CLI_SETUP.get(case, lambda m: None)(model_copy)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = tree(tmp_path)
+    args, words = CLI_CASES[case]
+    run = momjax_cli(*[a.format(m=model_copy) for a in args], cwd=cwd)
+    assert_one_line_error(run, words)
+    assert tree(tmp_path) == before

@@ -60,7 +60,7 @@ def test_repeated_generate_compiles_nothing(model, compile_log):
     args = {"policy": "mom-stream", "temperature": 0.7, "top_k": 5, "top_p": 0.9, "seed": 3, "stop_tokens": []}
     first = momjax.generate(model, [prompt(21)], 6, **args)
     n_logged = len(compile_log())
-    programs = (G.embed_fn, G.layer_fn, G.last_layer_fn, G.logits_fn, G.decode_fn)
+    programs = (G.embed_fn, G.layer_fn, G.last_layer_fn, G.logits_fn, G.first_token_fn, G.decode_chunk_fn)
     sizes = [f._cache_size() for f in programs]
     again = momjax.generate(model, [prompt(21)], 6, **args)
     assert [f._cache_size() for f in programs] == sizes
@@ -69,7 +69,7 @@ def test_repeated_generate_compiles_nothing(model, compile_log):
 
 
 def test_streaming_compiles_once_per_bucket(model, compile_log):
-    from momjax.cli import stream_tokens
+    from momjax.cli.generate import stream_tokens
 
     def streamed(n):
         return [t for piece in stream_tokens(model, prompt(n), 9, policy="mom", stop_tokens=[]) for t in piece]

@@ -15,10 +15,10 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import lower_decode_loop
 
 import momjax
-from momjax import generation as G
-from momjax.memory import _abstract_cache
+from momjax.memory import abstract_cache as _abstract_cache
 from momjax.params import abstract_params
 
 CFG = momjax.Config(vocab_size=503, hidden_size=96, intermediate_size=232, num_layers=3, num_heads=3,
@@ -51,12 +51,8 @@ def test_decode_loop_copies_no_weight_and_no_prompt_kv(policy):
     # mom-stream-1: one layer's K/V resident on the device, the others streamed
     policy = momjax.get_policy("mom-stream").replace(kv_device_layers=1) if policy == "mom-stream-1" else \
         momjax.get_policy(policy)
-    sds = jax.ShapeDtypeStruct
     cache = _abstract_cache(CFG, PROMPT, NEW, jnp.float32, policy, 1)
-    settings = (sds((1, CFG.vocab_size), jnp.float32), sds((2,), jnp.uint32), sds((), jnp.float32), 0,
-                sds((), jnp.float32), sds((8,), jnp.int32), sds((), jnp.int32))
-    hlo = G.decode_fn.lower(abstract_params(CFG, "float32"), cache, *settings, cfg=CFG, policy=policy,
-                            max_new_tokens=NEW).compile().as_text()
+    hlo = lower_decode_loop(abstract_params(CFG, "float32"), cache, CFG, policy, NEW - 1).compile().as_text()
     moved = moved_shapes(hlo)
     assert any(op == "copy" for _, op in moved)  # the pattern does read this HLO (the tail is copied, small)
     bad = [(shape, op) for shape, op in moved if shape in forbidden_shapes(CFG, policy)]
@@ -118,13 +114,9 @@ def test_int8_decode_loop_builds_no_float_copy_of_the_prompt_kv(policy):
     """The int8 decode loop reads the int8 cache in place: no float buffer of a layer's prompt K/V shape (a
     dequantised copy, e.g. a conversion hoisted out of the loop), and still no weight or K/V copies."""
     policy = momjax.get_policy(policy).replace(kv_dtype="int8")
-    sds = jax.ShapeDtypeStruct
     cache = _abstract_cache(CFG, PROMPT, NEW, jnp.float32, policy, 1)
     assert cache.quantized and cache.k[0].dtype == jnp.int8
-    settings = (sds((1, CFG.vocab_size), jnp.float32), sds((2,), jnp.uint32), sds((), jnp.float32), 0,
-                sds((), jnp.float32), sds((8,), jnp.int32), sds((), jnp.int32))
-    hlo = G.decode_fn.lower(abstract_params(CFG, "float32"), cache, *settings, cfg=CFG, policy=policy,
-                            max_new_tokens=NEW).compile().as_text()
+    hlo = lower_decode_loop(abstract_params(CFG, "float32"), cache, CFG, policy, NEW - 1).compile().as_text()
     assert float_buffers(hlo)  # the parser does read this HLO
     bad = [b for b in float_buffers(hlo) if b[1] in prompt_kv_shapes(CFG)]
     assert not bad, f"the int8 decode loop materialises float K/V-sized arrays: {bad}"

@@ -1,4 +1,4 @@
-"""GGUF files (momjax/gguf.py): loading, converting, the tokenizer from metadata, and a real trained model.
+"""GGUF files (momjax/gguf/): loading, converting, the tokenizer from metadata, and a real trained model.
 
 Tiny GGUF files are written here (tests/tiny_gguf.py) from the tiny random transformers models of three
 families, as llama.cpp's converter writes them: float tensors and Q8_0/Q4_0-quantized ones. momjax's params must
@@ -22,16 +22,18 @@ import tiny
 import tiny_gguf
 import torch
 import transformers
-from conftest import hf_greedy, prompt_tokens, rel_err
-from test_checkpoint import assert_bitwise, expected_params
+from conftest import hf_greedy, load_orbax, prompt_tokens, rel_err
+from test_hf_tensors import assert_bitwise, expected_params
 from tiny_gguf import Q, write_gguf
 
 import momjax
-from momjax import gguf
-from momjax.checkpoint import CheckpointError, load_orbax
-from momjax.config import ConfigError
+from momjax import demo_real, gguf
+from momjax.cli import main
+from momjax.errors import CheckpointError, ConfigError, TokenizerError
+from momjax.gguf.fetch import SMOLLM2, fetch_smollm2, sha256
+from momjax.gguf.file import TYPES as DEQUANTIZED
+from momjax.hf import config as hf_config
 from momjax.params import flatten
-from momjax.tokenizer import TokenizerError
 
 RTOL = 1e-5
 NEW = 12
@@ -119,6 +121,11 @@ def test_every_type_dequantizes_as_transformers_does(k256, folder, qtype):
         assert rel_err(momjax.forward(model, toks), tiny.hf_logits(ref, toks).numpy()) < RTOL
 
 
+def test_the_type_table_is_llama_cpps():
+    for name, (type_id, block, block_bytes) in DEQUANTIZED.items():
+        assert Q[name] == type_id and tiny_gguf.gguf.GGML_QUANT_SIZES[Q[name]] == (block, block_bytes), name
+
+
 def test_loading_in_another_dtype_casts_the_dequantized_values(zoo, folder):
     path = write_gguf(zoo.hf("qwen2"), str(folder / "qwen2-q8-cast.gguf"), Q.Q8_0)
     f32 = flatten(momjax.load(path, progress=False).params)
@@ -158,6 +165,27 @@ def test_llama3_rope_freqs_and_linear_scaling_load_as_the_original_model(zoo, fo
     assert rel_err(momjax.forward(model, toks), tiny.hf_logits(zoo.hf("llama-linear-mqa"), toks).numpy()) < RTOL
 
 
+# Qwen2.5's long-context setting (yarn, from the model card) with other betas: what llama.cpp's converter keeps.
+YARN = {"qwen2-yarn": (transformers.Qwen2Config, dict(
+    vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+    num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+                     "beta_fast": 16.0, "beta_slow": 2.0}))}
+
+
+def test_yarn_loads_as_the_original_model(folder, tmp_path):
+    # transformers' GGUF loader drops rope scaling: compare with the original model and its config.json reading.
+    hf = tiny.build_hf_model("qwen2-yarn", families=YARN)
+    model = momjax.load(write_gguf(hf, str(folder / "yarn.gguf")), progress=False)
+    cfg, want = model.config, hf_config.from_folder(tiny.save_checkpoint(hf, str(tmp_path / "hf")))
+    rope = [f for f in vars(cfg) if f.startswith("rope_")]
+    assert {f: getattr(cfg, f) for f in rope} == {f: getattr(want, f) for f in rope}
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position, cfg.rope_beta_fast) == ("yarn", 4.0, 32, 16.0)
+    assert cfg.context_length == 128 and math.isclose(cfg.rope_attention_factor, 0.1 * math.log(4.0) + 1)
+    toks = prompt_tokens(model)  # 75 tokens: past the original 32
+    assert rel_err(momjax.forward(model, toks), tiny.hf_logits(hf, toks).numpy()) < RTOL
+
+
 def test_llama3_factors_are_fitted_or_refused(folder):
     hf = llama3_model(head_dim=128, hidden=256, heads=2)  # several ramp frequencies: the ramp is fitted
     for (factor, low, high, old) in ((8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (4.0, 1.0, 2.0, 4096)):
@@ -195,8 +223,6 @@ def test_tokenizer_and_chat_template_come_from_the_metadata_only(zoo, folder):
 
 
 def test_convert_writes_params_and_tokenizer(zoo, folder, tmp_path, capsys):
-    from momjax.cli import main
-
     path = write_gguf(zoo.hf("qwen2"), str(folder / "conv.gguf"), Q.Q8_0)
     dst = str(tmp_path / "orbax")
     assert main(["convert", path, dst, "--verify", "--quiet"]) == 0
@@ -216,8 +242,6 @@ def test_convert_writes_params_and_tokenizer(zoo, folder, tmp_path, capsys):
 
 
 def test_demo_real_refuses_bad_arguments_before_downloading(tmp_path, monkeypatch, capsys):
-    from momjax.cli import main
-
     monkeypatch.setenv("MOMJAX_CACHE", str(tmp_path / "cache"))
     for argv, words in ((["demo", "--document", "x.txt"], "--document and --question go with --real"),
                         (["demo", "--real", "--prompt", "hi"], "--prompt is for the random demo"),
@@ -242,8 +266,6 @@ def cut(src: str, dst: str, n: int) -> str:
 
 
 def test_truncated_and_foreign_files_fail_in_one_line(zoo, folder, capsys):
-    from momjax.cli import main
-
     good = write_gguf(zoo.hf("llama-gqa"), str(folder / "good.gguf"), Q.Q4_0)
     g = gguf.read_gguf(good)
     cases = {
@@ -265,6 +287,11 @@ def test_truncated_and_foreign_files_fail_in_one_line(zoo, folder, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err and "Traceback" not in err, why
         assert not os.path.exists(folder / "never")
+        for command in (["generate", "--model", path, "--prompt", "hi"], ["chat", "--model", path],
+                        ["plan", "--model", path, "--hbm", "1GiB"]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and words in err and "Traceback" not in err, (why, command)
     assert "download it again" in str(e.value) or "pass a .gguf file" in str(e.value)
 
 
@@ -273,8 +300,13 @@ def test_truncated_and_foreign_files_fail_in_one_line(zoo, folder, capsys):
     ({"drop": ("arch.block_count",)}, ConfigError, "has no llama.block_count"),
     ({"drop": ("arch.attention.layer_norm_rms_epsilon",)}, ConfigError, "layer_norm_rms_epsilon"),
     ({"metadata": {"arch.expert_count": 8}}, ConfigError, "llama.expert_count=8 is not supported: mixture-of-experts"),
-    ({"metadata": {"arch.rope.scaling.type": "yarn", "arch.rope.scaling.factor": 4.0}}, ConfigError,
-     "llama.rope.scaling.type='yarn' is not supported"),
+    ({"metadata": {"arch.rope.scaling.type": "longrope", "arch.rope.scaling.factor": 4.0}}, ConfigError,
+     "llama.rope.scaling.type='longrope' is not supported"),
+    ({"metadata": {"arch.rope.scaling.type": "yarn", "arch.rope.scaling.factor": 4.0,
+                   "arch.rope.scaling.yarn_attn_factor": 2.0}}, ConfigError,
+     "llama.rope.scaling.yarn_attn_factor=2.0 is not supported: momjax takes YaRN's attention factor"),
+    ({"metadata": {"arch.rope.scaling.yarn_beta_fast": 32.0}}, ConfigError,
+     "a YaRN setting in a file whose rope scaling is none"),
     ({"metadata": {"arch.attention.sliding_window": 4096}}, ConfigError, "llama.attention.sliding_window=4096"),
     ({"metadata": {"arch.attention.logit_softcapping": 30.0}}, ConfigError, "does not know what this key changes"),
     ({"metadata": {"arch.rope.dimension_count": 8}}, ConfigError, "rotary embeddings over the whole head"),
@@ -288,7 +320,7 @@ def test_truncated_and_foreign_files_fail_in_one_line(zoo, folder, capsys):
      "stored in a type momjax does not dequantize: blk.0.ffn_up.weight (IQ4_NL); requantize"),
     ({"tensors": {"blk.0.attn_norm.weight": (np.full(64, np.nan, np.float32), None)}}, CheckpointError,
      "blk.0.attn_norm.weight (F32) holds NaN or inf"),
-], ids=["architecture", "block_count", "eps", "moe", "yarn", "window", "unknown key", "partial rotary", "missing",
+], ids=["architecture", "block_count", "eps", "moe", "longrope", "yarn attention factor", "yarn key", "window", "unknown key", "partial rotary", "missing",
         "unexpected", "misshapen", "type", "nan"])
 def test_bad_metadata_and_tensors_fail_in_one_line(zoo, folder, change, error, words):
     kwargs = dict(change)
@@ -312,36 +344,43 @@ def test_float16_overflow_says_to_load_in_another_dtype(zoo, folder):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return gguf.fetch_smollm2()
+    return fetch_smollm2()
 
 
-def test_smollm2_download_demo_real_answers_equal_transformers_for_every_policy(smollm2, capsys):
+def test_smollm2_download_demo_real_answers_equal_transformers_for_every_policy(smollm2, monkeypatch, capsys):
     """`momjax demo --real` on a shorter document (to keep the test quick): every policy gives the same answers
     to both questions, and they are transformers' greedy answers from its own loading of the file."""
-    from momjax import demo
+    from momjax.cli import demo
 
     g = gguf.read_gguf(smollm2)
     cfg = gguf.config_from_gguf(g)
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert cfg.tie_embeddings and cfg.max_position_embeddings == 8192 and cfg.eos_token_ids == (2,)
     assert {t.type_name for t in g.tensors.values()} == {"Q4_1", "Q8_0", "F32"}
-    source, text = demo.real_document()
+    source, text = demo_real.default_document()
     assert "Apache License" in text and "jax" in source
-    record = {}
-    code = demo.run_real(text[:1500], demo.REAL_QUESTIONS, max_new_tokens=NEW, source="its first lines",
-                         record=record)
+    results, ask = [], demo_real.ask_every_policy  # what the command printed from, kept to check against transformers
+
+    def recorded(*args, **kwargs):
+        results.append(ask(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(demo_real, "ask_every_policy", recorded)
+    code = demo.real(text[:1500], demo_real.QUESTIONS, max_new_tokens=NEW, source="its first lines")
     out = capsys.readouterr().out
     assert code == 0 and "✓ all 3 policies gave the same answers, token for token" in out
     assert out.count("\nQ: ") == 2 and out.count("\nA: ") == 2 and "mom-stream  decode" in out
-    answers = record["answers"]["baseline"]
-    assert all(record["answers"][p] == answers for p in momjax.POLICIES)
+    (result,) = results
+    assert set(result.runs) == set(momjax.POLICIES) and not result.differing
+    run = result.runs["baseline"]
+    assert all(r.answers == run.answers and r.prompts == run.prompts for r in result.runs.values())
 
     # transformers: the same prompt tokens from its tokenizer and chat template, the same greedy answers.
     hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2))
     tok = momjax.load_tokenizer(smollm2)
     messages = [{"role": "system", "content": text[:1500]}]
     ref = reference(smollm2)
-    for question, prompt, answer in zip(demo.REAL_QUESTIONS, record["prompts"], answers):
+    for question, prompt, answer in zip(demo_real.QUESTIONS, run.prompts, run.answers):
         messages.append({"role": "user", "content": question})
         rendered = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert prompt == hf_tok.encode(rendered, add_special_tokens=False)
@@ -352,10 +391,10 @@ def test_smollm2_download_demo_real_answers_equal_transformers_for_every_policy(
 
 
 def test_smollm2_download_fetch_replaces_a_damaged_cache(smollm2, tmp_path):
-    copy = tmp_path / gguf.SMOLLM2["file"]
+    copy = tmp_path / SMOLLM2["file"]
     shutil.copyfile(smollm2, copy)
-    assert gguf.fetch_smollm2(str(tmp_path)) == str(copy)  # a good cached file is used as it is
+    assert fetch_smollm2(str(tmp_path)) == str(copy)  # a good cached file is used as it is
     with open(copy, "r+b") as f:
         f.seek(12345)
         f.write(b"\x00\x01\x02")
-    assert gguf.fetch_smollm2(str(tmp_path)) == str(copy) and gguf._sha256(str(copy)) == gguf.SMOLLM2["sha256"]
+    assert fetch_smollm2(str(tmp_path)) == str(copy) and sha256(str(copy)) == SMOLLM2["sha256"]

@@ -8,6 +8,7 @@ compilation of test_golden / test_policies (temperature, top_k, top_p, seed and 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,9 @@ import pytest
 from conftest import NEW_TOKENS, PROMPT_LENS, mixed_prompts, prompt_tokens
 
 import momjax
-from momjax import InputError
+import momjax.cli
+import momjax.convert
+from momjax import InputError, memory
 
 FAMILY = "llama-gqa"
 
@@ -211,3 +214,121 @@ def test_top_k_and_top_p_restrict_the_first_token(model):
             seen_k[b].add(int(first_k[b]))
             seen_p[b].add(int(first_p[b]))
     assert any(len(s) > 1 for s in seen_k), "top_k=5 at temperature 2 never sampled more than one token"
+
+
+# ---------------------------------------------------------------------- API inputs
+PROMPT = [[1, 5, 9, 4]]
+BAD_CALLS = {  # name -> (keyword arguments of generate, words)
+    "temperature nan": ({"temperature": float("nan")}, "temperature"),
+    "temperature inf": ({"temperature": float("inf")}, "temperature"),
+    "temperature string": ({"temperature": "0.5"}, "temperature"),
+    "temperature bool": ({"temperature": True}, "temperature"),
+    "top_k float": ({"top_k": 2.7}, "top_k"),
+    "top_k integral float": ({"top_k": 3.0}, "top_k"),
+    "top_k bool": ({"top_k": True}, "top_k"),
+    "top_k string": ({"top_k": "5"}, "top_k"),
+    "top_p nan": ({"top_p": float("nan")}, "top_p"),
+    "top_p string": ({"top_p": "0.9"}, "top_p"),
+    "seed float": ({"seed": 1.5}, "seed"),
+    "seed huge": ({"seed": 2**70}, "seed"),
+    "seed string": ({"seed": "1"}, "seed"),
+    "seed bool": ({"seed": True}, "seed"),
+    "stop_tokens int": ({"stop_tokens": 5}, "stop_tokens"),
+    "stop_tokens string": ({"stop_tokens": "2"}, "stop_tokens"),
+    "stop_tokens floats": ({"stop_tokens": [2.0]}, "stop_tokens"),
+    "stop_tokens bools": ({"stop_tokens": [True]}, "stop_tokens"),
+    "stop_tokens huge": ({"stop_tokens": [2**70]}, "stop_tokens"),
+    "tokens None": ({"tokens": None}, "tokens"),
+    "tokens int": ({"tokens": 5}, "tokens"),
+    "tokens string": ({"tokens": "hello"}, "tokenize"),
+    "tokens bools": ({"tokens": [[True, False]]}, "tokens"),
+    "tokens flat bools": ({"tokens": [True, False]}, "tokens"),
+    "tokens bool array": ({"tokens": np.array([[True, False]])}, "tokens"),
+    "tokens floats": ({"tokens": [[1.0, 2.0]]}, "tokens"),
+    "tokens nested": ({"tokens": [[1, [2]]]}, "tokens"),
+    "tokens a set": ({"tokens": {1, 2}}, "tokens"),
+    "tokens a dict": ({"tokens": {"input_ids": [1, 2]}}, "tokens"),
+    "tokens huge id": ({"tokens": [[1, 2**70]]}, "vocabulary"),
+    "max_new_tokens bool": ({"max_new_tokens": True}, "max_new_tokens"),
+    "max_new_tokens float": ({"max_new_tokens": 2.0}, "max_new_tokens"),
+    "max_new_tokens numpy zero": ({"max_new_tokens": np.int64(0)}, "max_new_tokens"),
+    "on_layer not callable": ({"on_layer": 5}, "on_layer"),
+    "policy a list": ({"policy": ["mom"]}, "policy"),
+    "policy None": ({"policy": None}, "policy"),
+    "model a path": ({"model": "some/folder"}, "momjax.Model"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_bad_generate_arguments_raise_input_error(model, case):
+    kwargs, words = BAD_CALLS[case]
+    kwargs = {"model": model, "tokens": PROMPT, "max_new_tokens": 2, **kwargs}
+    with pytest.raises(InputError, match=words):
+        momjax.generate(**kwargs)
+
+
+@pytest.mark.parametrize("call", ["forward", "prefill"])
+@pytest.mark.parametrize("tokens", [None, 5, [[True]], "hi"])
+def test_bad_tokens_in_forward_and_prefill(model, call, tokens):
+    with pytest.raises(InputError, match="tokens"):
+        getattr(momjax, call)(model, tokens)
+
+
+def test_bad_max_context_is_an_input_error(model):
+    import dataclasses
+
+    for bad in (-5, 2.5, "8"):  # 0 and None mean the config's max_position_embeddings
+        with pytest.raises(InputError, match="max_context"):
+            momjax.forward(dataclasses.replace(model, max_context=bad), PROMPT)
+
+
+def test_top_k_beyond_the_vocabulary_means_no_top_k(model):
+    run = lambda top_k: momjax.generate(model, PROMPT, 3, temperature=1.0, top_k=top_k, seed=3, stop_tokens=[])
+    np.testing.assert_array_equal(run(np.int64(10**12)).tokens, run(None).tokens)
+
+
+def test_token_forms_with_numpy_and_jax_scalars_agree(model):
+    import jax.numpy as jnp
+
+    ids = [1, 5, 9, 4]
+    expected = momjax.forward(model, [ids])
+    for form in ([np.int64(t) for t in ids], [jnp.int32(t) for t in ids], [jnp.asarray(ids)], [np.asarray(ids)],
+                 (tuple(ids),), jnp.asarray([ids])):
+        np.testing.assert_array_equal(momjax.forward(model, form), expected)
+    for bad in ([jnp.asarray([1.0, 2.0])], [np.ones((2, 2), int)], [jnp.asarray([True])], [np.float32(1.0)]):
+        with pytest.raises(InputError, match="token ids"):
+            momjax.forward(model, bad)
+
+
+def test_numpy_scalars_are_accepted(model):
+    a = momjax.generate(model, PROMPT, 3, temperature=np.float32(0.7), top_k=np.int32(5), top_p=np.float64(0.9),
+                        seed=np.int64(4), stop_tokens=np.array([2]))
+    b = momjax.generate(model, PROMPT, 3, temperature=0.7, top_k=5, top_p=0.9, seed=4, stop_tokens=[2])
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_a_request_that_cannot_fit_is_refused_before_allocating(model):
+    import dataclasses
+
+    huge = dataclasses.replace(model, max_context=10**12)
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="cannot fit") as e:
+        momjax.generate(huge, PROMPT, 10**10)
+    assert time.perf_counter() - t0 < 5  # refused from the closed-form estimate, nothing allocated or compiled
+    assert "GiB" in str(e.value) or "TiB" in str(e.value)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: memory.memory_report("llama-3.2-1b", -1), "seq_len"),
+    (lambda: memory.memory_report("llama-3.2-1b", 1024, batch=0), "batch"),
+    (lambda: memory.memory_report("llama-3.2-1b", 1024, dtype="int8"), "dtype"),
+    (lambda: memory.memory_report("llama-3.2-1b", 1024, phase="train"), "phase"),
+    (lambda: memory.plan("llama-3.1-8b", "80GiB", dtype="int8"), "dtype"),
+    (lambda: memory.plan("llama-3.1-8b", -5), "hbm_bytes"),
+    (lambda: memory.plan("llama-3.1-8b", float("nan")), "hbm_bytes"),
+    (lambda: memory.plan("llama-3.1-8b", "80GiB", -1), "host_bytes"),
+    (lambda: memory.plan("llama-3.1-8b", "80GiB", new_tokens=0), "new_tokens"),
+])
+def test_memory_arguments(call, words):
+    with pytest.raises(InputError, match=words):
+        call()

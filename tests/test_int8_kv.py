@@ -17,7 +17,7 @@ from conftest import NEW_TOKENS, mixed_prompts, prompt_tokens, random_tokens
 import momjax
 from momjax import generation as G
 from momjax.cache import dequantize_kv, quantize_kv
-from momjax.memory import _nbytes
+from momjax.memory.shapes import nbytes as _nbytes
 from momjax.params import abstract_params
 
 P = momjax.POLICIES
@@ -147,7 +147,7 @@ def test_forward_stays_exact(zoo):
 def test_int8_cache_bytes_are_at_most_052_of_bf16():
     """Llama-3.1-8B (head_dim 128), bfloat16: the K/V (scales included) the per-layer prefill program
     returns (its lowered output shapes, no compilation), and the decode cache memory reports compile."""
-    from momjax.memory import _abstract_cache
+    from momjax.memory import abstract_cache as _abstract_cache
 
     cfg = momjax.preset("llama-3.1-8b")
     sds = jax.ShapeDtypeStruct

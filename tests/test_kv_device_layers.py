@@ -17,8 +17,8 @@ from conftest import NEW_TOKENS, mixed_prompts
 
 import momjax
 from momjax import memory
-from momjax.api import InputError
 from momjax.cache import place_for_decode
+from momjax.errors import InputError
 
 STREAM = momjax.POLICIES["mom-stream"]
 FAMILY = "llama31-mha"  # 3 layers: N = 0, 1, 2, 3 cover none, some and all resident
@@ -127,7 +127,7 @@ def test_plan_refuses_what_cannot_be_answered():
 
 @pytest.fixture(scope="module")
 def demo_folder(tmp_path_factory) -> str:
-    from momjax import demo
+    from momjax import demo_model as demo
 
     return demo.write_checkpoint(str(tmp_path_factory.mktemp("kv-layers-cli")))
 

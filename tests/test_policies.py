@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import NEW_TOKENS, PROMPT_LENS, mixed_prompts, prompt_tokens, rel_err
+from conftest import NEW_TOKENS, PROMPT_LENS, lower_decode_loop, mixed_prompts, prompt_tokens, rel_err
 
 import momjax
 from momjax import generation as G
@@ -133,16 +133,12 @@ def test_the_programs_not_run_above_are_the_ones_that_are(zoo):
     def prefill(policy):
         return stages(policy, False)
 
-    L, K, E, V = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    L, K, E = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     prompt, tail = sds((2, K, 128, E), jnp.float32), sds((2, K, 1, E), jnp.float32)
     cache = momjax.KVCache(k=(prompt,) * L, v=(prompt,) * L, start=start, tail_k=(tail,) * L, tail_v=(tail,) * L,
                            length=sds((), jnp.int32))
-    settings = (sds((2, V), jnp.float32), sds((2,), jnp.uint32), sds((), jnp.float32), 0,
-                sds((), jnp.float32), sds((8,), jnp.int32), sds((), jnp.int32))
-
     def decode(policy):
-        return G.decode_fn.lower(params, cache, *settings, cfg=cfg, policy=POLICIES[policy],
-                                 max_new_tokens=NEW_TOKENS).as_text()
+        return lower_decode_loop(params, cache, cfg, POLICIES[policy], NEW_TOKENS - 1, batch=2).as_text()
 
     assert forward("mom") == forward("baseline") == forward("mom-stream")
     assert forward("mom-stream-small") == forward("mom-small") != forward("mom")

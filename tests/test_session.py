@@ -22,7 +22,8 @@ from conftest import FAMILY_NAMES, NEW_TOKENS, PROMPT_LENS, hf_greedy, mixed_pro
 
 import momjax
 from momjax import generation as G
-from momjax.session import SessionError, feed_memory_report
+from momjax.errors import SessionError
+from momjax.memory import feed_memory_report
 
 P = momjax.POLICIES
 SMALL = P["mom"].replace(name="mom-small", minisequence=8, q_block=4, kv_block=8)

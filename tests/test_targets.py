@@ -22,16 +22,16 @@ def test_target_names_and_cpu():
     assert targets.get("H100").name == "h100"
     assert {"h100", "a100-80gb"} <= set(momjax.TARGETS)
     with pytest.raises(targets.TargetError, match="a100-80gb"):
-        targets.get("h200")
+        targets.get("b200")
     assert targets.source_name(None) == "xla" and targets.source_name("a100-80gb") == "xla-gpu:a100-80gb"
 
 
 @pytest.mark.parametrize("kind, name", [
     ("Tesla T4", "t4"), ("NVIDIA L4", "l4"), ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
     ("NVIDIA A100 80GB PCIe", "a100-80gb"), ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
-    ("NVIDIA A100-PCIE-40GB", "a100-40gb"), ("NVIDIA H100 80GB HBM3", "h100"),
+    ("NVIDIA A100-PCIE-40GB", "a100-40gb"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
     ("NVIDIA GeForce RTX 4090", "rtx4090"),
-    ("NVIDIA H100 PCIe", None), ("NVIDIA L40S", None), ("NVIDIA GeForce RTX 3090", None), ("cpu", None), ("", None),
+    ("NVIDIA H100 PCIe", None), ("NVIDIA H200 NVL", None), ("NVIDIA L40S", None), ("NVIDIA GeForce RTX 3090", None), ("cpu", None), ("", None),
 ])
 def test_target_from_device_kind(kind, name):
     assert targets.from_device_kind(kind) == name
@@ -49,7 +49,7 @@ def test_target_descriptions_ship_and_agree_with_the_table(name):
 
 
 def test_missing_gpu_compiler_names_the_extra(monkeypatch):
-    monkeypatch.setattr(no_gpu, "cuda_plugin_installed", lambda: False)
+    monkeypatch.setattr(no_gpu, "cuda_plugin", lambda: None)
     with pytest.raises(targets.TargetError, match=re.escape("momjax[gpu-plan]")):
         momjax.memory_report("llama-3.2-1b", 1024, "mom", dtype="bfloat16", target="h100")
     with pytest.raises(targets.TargetError, match=re.escape("momjax[gpu-plan]")):
@@ -57,10 +57,10 @@ def test_missing_gpu_compiler_names_the_extra(monkeypatch):
 
 
 def test_missing_ptxas_names_the_extra(monkeypatch):
-    monkeypatch.setattr(no_gpu, "cuda_plugin_installed", lambda: True)
+    monkeypatch.setattr(no_gpu, "cuda_plugin", lambda: "jax_plugins.xla_cuda12")
     real = targets.importlib.util.find_spec
     monkeypatch.setattr(targets.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "nvidia.cuda_nvcc" else real(name, *a))
+                        lambda name, *a: None if name in ("nvidia.cuda_nvcc", "nvidia.cu13") else real(name, *a))
     with pytest.raises(targets.TargetError, match="ptxas.*momjax\\[gpu-plan\\]"):
         targets.check_compiler()
 
@@ -69,11 +69,11 @@ def test_plan_needs_a_budget_or_a_target():
     with pytest.raises(ValueError, match="hbm"):
         memory.plan("llama-3.2-1b")
     with pytest.raises(targets.TargetError, match="unknown target"):
-        memory.plan("llama-3.2-1b", "24GiB", target="h200")
+        memory.plan("llama-3.2-1b", "24GiB", target="b200")
 
 
 def test_plan_command_line_errors_are_one_line():
-    for extra, message in ((["--target", "h200"], "unknown target 'h200'"), ([], "give --hbm")):
+    for extra, message in ((["--target", "b200"], "unknown target 'b200'"), ([], "give --hbm")):
         out = subprocess.run([sys.executable, "-m", "momjax.cli", "plan", "--model", "llama-3.2-1b", *extra],
                              capture_output=True, text=True, check=False)
         assert out.returncode == 2 and message in out.stderr, out.stderr

@@ -55,9 +55,9 @@ FAMILIES = {
 }
 
 
-def build_hf_model(family: str, seed: int = 0):
-    """A random transformers model of the family in float32, eval mode, eager attention."""
-    cls, kwargs = FAMILIES[family]
+def build_hf_model(family: str, seed: int = 0, families: dict = FAMILIES):
+    """A random transformers model of the family (a name in `families`) in float32, eval mode, eager attention."""
+    cls, kwargs = families[family]
     config = cls(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

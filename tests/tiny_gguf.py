@@ -14,7 +14,7 @@ import math
 import gguf
 import numpy as np
 
-from momjax.demo import byte_to_unicode
+from momjax.demo_model import byte_to_unicode
 
 Q = gguf.GGMLQuantizationType
 CHAT_TEMPLATE = ("{% for m in messages %}<|s256|>{{ m['role'] }}\n{{ m['content'] }}<|s257|>\n{% endfor %}"
@@ -122,6 +122,13 @@ def write_gguf(model, path: str, qtype=Q.F32, arch: str | None = None, name: str
     if rope.get("rope_type") == "linear":
         values["arch.rope.scaling.type"] = "linear"
         values["arch.rope.scaling.factor"] = float(rope["factor"])
+    if rope.get("rope_type") == "yarn":  # as convert_hf_to_gguf.py writes it (the betas only when config.json has them)
+        values["arch.rope.scaling.type"] = "yarn"
+        values["arch.rope.scaling.factor"] = float(rope["factor"])
+        values["arch.rope.scaling.original_context_length"] = rope["original_max_position_embeddings"]
+        for beta in ("beta_fast", "beta_slow"):
+            if rope.get(beta) is not None:
+                values[f"arch.rope.scaling.yarn_{beta}"] = float(rope[beta])
     if tokenizer:
         tokens, types, merges = tokens_for(c.vocab_size)
         eos = c.eos_token_id[0] if isinstance(c.eos_token_id, list) else c.eos_token_id

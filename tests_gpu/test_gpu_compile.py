@@ -1,4 +1,5 @@
-"""The GPU tier: every program momjax runs, compiled by XLA's GPU compiler for an A100 80GB and an H100, no GPU.
+"""The GPU tier: every program momjax runs, compiled by XLA's GPU compiler for an A100 80GB, an H100 and an H200,
+no GPU.
 
 Needs `pip install 'momjax[gpu-plan]'`; run by .ci/gpu_tier, not by `pytest tests`. Any failure of the GPU
 compiler (host offload, layouts, a fusion it cannot emit) fails a test here, since nothing is caught.
@@ -17,9 +18,10 @@ import pytest
 import momjax
 from momjax import generation as G
 from momjax import memory, targets
+from momjax.decoding import decode_program
 from momjax.params import abstract_params
 
-GPUS = ("a100-80gb", "h100")
+GPUS = ("a100-80gb", "h100", "h200")
 POLICIES = tuple(momjax.POLICIES)
 GiB = 2**30
 TINY = momjax.Config(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
@@ -54,14 +56,15 @@ def test_tiny_generate_programs_compile_for_the_gpu(gpu, policy):
         _, analysis = targets.compile(stage.fn, *stage.args, target=gpu, **stage.static)
         assert analysis["source"] == f"xla-gpu:{gpu}" and analysis["device_bytes"] > 0, stage.name
 
-    cache = memory._abstract_cache(TINY, TINY_LEN, 16, jnp.bfloat16, policy, 2)
+    cache = memory.abstract_cache(TINY, TINY_LEN, 16, jnp.bfloat16, policy, 2)  # its tail: 15 new tokens
     scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=dev)
     key = jax.random.PRNGKey(0)
-    logits = scalar(jnp.float32, (2, TINY.vocab_size))
     top_k = 40  # static
-    args = (params, cache, logits, scalar(key.dtype, key.shape), scalar(jnp.float32), top_k, scalar(jnp.float32),
-            scalar(jnp.int32, (8,)), scalar(jnp.int32))
-    _, decode = targets.compile(G.decode_fn, *args, target=gpu, cfg=TINY, policy=policy, max_new_tokens=16)
+    sampling = (scalar(key.dtype, key.shape), scalar(jnp.float32), top_k, scalar(jnp.float32), scalar(jnp.int32, (8,)),
+                scalar(jnp.int32))
+    fn, args, static = decode_program(params, cache, scalar(jnp.int32, (2,)), scalar(jnp.bool_, (2,)), sampling,
+                                      TINY, policy, 15)
+    _, decode = targets.compile(fn, *args, target=gpu, **static)
     prompt_kv = 2 * TINY.num_layers * 2 * TINY.num_kv_heads * TINY_LEN * TINY.head_dim * 2
     assert decode["host_bytes"] == (prompt_kv if policy.kv_decode == "pinned_host" else 0)
 
@@ -117,3 +120,47 @@ def test_plan_on_an_a100_is_confirmed_by_compiled_programs():
         r = memory.memory_report("llama-3.1-8b", ctx["mom-stream"], "mom-stream", dtype="bfloat16", phase=phase,
                                  target="a100-80gb")
         assert r["device_bytes"] <= 80 * GiB
+
+
+def _streamed(cache, to_host):
+    """The cache with every layer's prompt K/V (and int8 scales) put in pinned host memory inside the program: a
+    deviceless compile cannot be given host-resident arguments, but it compiles this placement as a GPU does."""
+    fields = ("k", "v", "k_scale", "v_scale")
+    return cache.replace(**{f: tuple(to_host(a) for a in getattr(cache, f)) for f in fields})
+
+
+@pytest.mark.parametrize("kv_dtype", (None, "int8"))
+def test_streamed_decode_holds_one_layer_of_the_cache_at_a_time(kv_dtype):
+    """mom-stream decoding must bring one layer's K/V to the device at a time. On an H200 the step once started
+    every layer's copy at its top (XLA had dropped the barrier's unused tie to the previous layer's attention),
+    holding the whole cache on the device: the step's temporaries were the whole cache. Read from the step and
+    from the decode loop compiled for the H200, with the cache placed on the host inside the program."""
+    from momjax.cache import to_memory_kind
+
+    cfg = TINY.replace(num_layers=6, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64)
+    S = 8192
+    policy = momjax.get_policy("mom-stream").replace(kv_device_layers=0, kv_dtype=kv_dtype)
+    dev = momjax.cache.sharding("device")
+    params = abstract_params(cfg, jnp.bfloat16, sharding=dev)
+    on_device = policy.replace(kv_prefill="device", kv_decode="device", kv_device_layers=None)
+    cache = memory.abstract_cache(cfg, S, 8, jnp.bfloat16, on_device, 1)
+    layer = sum(memory.shapes.nbytes(a) for a in cache.layer(0) if a is not None)
+    to_host = lambda a: to_memory_kind(a, "pinned_host")
+    token = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=dev)
+
+    def step(params, token, cache):
+        return momjax.model.decode_step(params, token, _streamed(cache, to_host), cfg, policy)
+
+    _, analysis = targets.compile(jax.jit(step), params, token, cache, target="h200")
+    # One streamed layer in flight, plus the step's small temporaries; the whole cache would be 6 layers.
+    assert analysis["temp_bytes"] < 1.6 * layer, (analysis["temp_bytes"] / layer)
+
+    def loop(params, cache, token):
+        sampling = (jax.random.PRNGKey(0), jnp.float32(0), 0, jnp.float32(1), jnp.full((8,), -1, jnp.int32),
+                    jnp.int32(0))
+        fn, args, static = decode_program(params, _streamed(cache, to_host), token, jnp.zeros((1,), bool), sampling,
+                                          cfg, policy, 8)
+        return fn(*args, **static)
+
+    _, analysis = targets.compile(jax.jit(loop), params, cache, token, target="h200")
+    assert analysis["temp_bytes"] < 2.2 * layer, (analysis["temp_bytes"] / layer)

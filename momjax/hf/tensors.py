@@ -1,53 +1,37 @@
-"""Checkpoints: a streaming safetensors loader for Hugging Face folders, and Orbax save/restore.
+"""Hugging Face safetensors weights: the one table of tensor names, header and index reading, and a streaming
+loader that yields one leaf at a time.
 
-Hugging Face side. `NAME_TABLE` is the one place that maps HF tensor names to our flat param names
-(params.py), with the layout change each needs written as a small pattern, e.g. "(H E) D -> D H E":
-split the HF axis of size H*E into H and E, then move D to the front. The expected HF shape of every
-tensor follows from the same pattern, so it is checked from the file headers before any data is read,
-and every missing, unexpected or misshapen tensor is reported in one `CheckpointError`.
-The safetensors header (8-byte little-endian length, then JSON) is parsed here, and tensor bytes are
-read one tensor at a time: straight into their place in the stacked leaf when no transpose or cast is
-needed, otherwise in blocks of a few MB. Leaves are assembled one at a time ([L, ...] stacked over
-layers, split into per-layer arrays when placed) and handed on as soon as they are complete, so a loader or converter holds at most one leaf on
-the host besides what it keeps. Pickled weights (*.bin, *.pt) are never loaded.
-
-Orbax side. A converted folder holds `momjax_config.json` (`Config.to_json`) and `params/<leaf>/`, one
-Orbax checkpoint per flat leaf ("embed", "layers.wq", ...). One checkpoint per leaf is what lets the
-converter write a model piece by piece: Orbax writes a whole pytree in one call, so a single checkpoint
-would need the whole model in memory at once. Arrays are stored as zarr chunks of `CHUNK_BYTES`
-(uncompressed, no OCDBT: that keeps Orbax's own write buffers small; weights barely compress).
-Layer weights are stored stacked ("layers.wq" is [L, D, H, E]), as the converter assembles them; a restore
-reads one stacked leaf into host memory in the requested dtype and places it layer by layer, as the
-model's per-layer arrays (params.py). Folders written before the per-layer layout load unchanged.
+`NAME_TABLE` is the one place that maps HF tensor names to our flat param names (params.py), with the layout
+change each needs written as a small pattern, e.g. "(H E) D -> D H E": split the HF axis of size H*E into H
+and E, then move D to the front. The expected HF shape of every tensor follows from the same pattern, so it is
+checked from the file headers before any data is read, and every missing, unexpected or misshapen tensor is
+reported in one `CheckpointError`. The safetensors header (8-byte little-endian length, then JSON) is parsed
+here, and tensor bytes are read one tensor at a time: straight into their place in the stacked leaf when no
+transpose or cast is needed, otherwise in blocks of a few MB. Leaves are assembled one at a time ([L, ...]
+stacked over layers) and handed on as soon as they are complete, so a loader or converter holds at most one
+leaf on the host besides what it keeps. Pickled weights (*.bin, *.pt) are never loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import glob
 import json
-import logging
 import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import jax
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from momjax.arrays import count_nonfinite
 from momjax.config import SUPPORTED_DTYPES, Config
-from momjax.params import Params, param_shapes, stacked_leaves, unflatten
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that momjax cannot load as it is; the message says what to do."""
-
+from momjax.errors import CheckpointError
+from momjax.params import param_shapes
 
 # ---------------------------------------------------------------------- the name table
 # HF tensor name ("{i}" = layer index)                 our leaf           HF layout -> our layout
@@ -71,12 +55,10 @@ NAME_TABLE = (
 # Buffers some exporters write that carry no weights (rope frequencies are recomputed from the config).
 IGNORED = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 
-NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit: a larger "header" is not one, and is not read
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _READ_BYTES = 8 << 20  # bytes per read() call, and per block transposed/cast at a time
-RELEASE_BYTES = 64 << 20  # leaves at least this large are freed eagerly (see _release_memory)
 
 
 def _axis_sizes(cfg: Config) -> dict[str, int]:
@@ -328,7 +310,8 @@ def _copy_tensor(f, ref: TensorRef, slot: Slot, dest: np.ndarray, scratch: np.nd
         dest[tuple(index)] = block.transpose(slot.perm)
 
 
-def _check_dtype(dtype) -> str:
+def check_dtype(dtype) -> str:
+    """dtype, a name momjax loads weights in; ValueError otherwise."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)} or None, got {dtype!r}")
     return dtype
@@ -340,24 +323,12 @@ def stream_hf_leaves(path: str, cfg: Config, dtype=None, progress: bool = True,
 
     All checks (names, shapes, dtypes, file sizes) run here, before the iterator is returned.
     """
-    dtype = _check_dtype(dtype or cfg.dtype)
+    dtype = check_dtype(dtype or cfg.dtype)
     plan = plan_hf_load(path, cfg)
     return _finite_leaves(_assemble_leaves(plan, param_shapes(cfg), dtype, progress, desc), plan, path, dtype)
 
 
 # dtype -> (unsigned view, mask of everything but the sign, the bits of +inf): |x| >= inf means inf or NaN.
-_INF_BITS = {np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000), np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
-             np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7FFF, 0x7F80)}
-_FINITE_BLOCK = 1 << 22  # elements checked per step (a few MB of temporaries)
-
-
-def _count_nonfinite(x: np.ndarray) -> int:
-    """NaN and inf values in x, by integer compares on the bits (fast for every float dtype, bfloat16 too)."""
-    utype, mask, inf = _INF_BITS[x.dtype]
-    flat = np.ascontiguousarray(x).reshape(-1).view(utype)
-    return sum(int(np.count_nonzero((flat[i:i + _FINITE_BLOCK] & mask) >= inf))
-               for i in range(0, flat.size, _FINITE_BLOCK))
-
 
 def _finite_leaves(leaves, plan, path: str, dtype: str):
     """Pass leaves through, refusing one with NaN or inf: generating from such weights gives token 0 forever."""
@@ -368,13 +339,13 @@ def _finite_leaves(leaves, plan, path: str, dtype: str):
         if item is None:
             return
         leaf, x = item
-        bad = _count_nonfinite(x)
+        bad = count_nonfinite(x)
         if bad:
             names = [slot.hf_name for slot, _ in plan[leaf]][:3] + (["..."] if len(plan[leaf]) > 3 else [])
             sources = {ref.dtype for _, ref in plan[leaf]}
             what = f"{bad} of {x.size} values of {leaf} ({', '.join(names)}) in {path}"
             if dtype == "float16" and sources != {"F16"} and not any(
-                    _count_nonfinite(np.fromfile(ref.file, SAFETENSORS_DTYPES[ref.dtype], ref.nbytes //
+                    count_nonfinite(np.fromfile(ref.file, SAFETENSORS_DTYPES[ref.dtype], ref.nbytes //
                                                  np.dtype(SAFETENSORS_DTYPES[ref.dtype]).itemsize, offset=ref.start)
                                      .astype(np.float32)) for _, ref in plan[leaf]):
                 raise CheckpointError(f"{what} overflow float16 (beyond +-65504); load or convert in bfloat16 or "
@@ -400,188 +371,3 @@ def _assemble_leaves(plan, shapes, dtype, progress, desc):
                 bar.update()
             yield leaf, out
             del out
-
-
-def _release_memory(nbytes: int) -> None:
-    """After a large leaf (nbytes) is done, free its buffers now: collect the reference cycles Orbax leaves
-    them in, and hand memory freed by tensorstore's threads back to the OS (glibc keeps it otherwise).
-
-    Without this, resident memory grows by a leaf or two over a model (measured by
-    benchmarks/convert_rss.py). Small leaves skip it: a full gc pass can take a few tenths of a second.
-    malloc_trim is glibc only; elsewhere that step is skipped.
-    """
-    if nbytes < RELEASE_BYTES:
-        return
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _sharding(memory_kind: str):
-    if memory_kind not in ("device", "pinned_host"):
-        raise ValueError(f"memory_kind must be 'device' or 'pinned_host', got {memory_kind!r}")
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=memory_kind)
-
-
-def _placed(name: str, x: jax.Array, sharding) -> jax.Array:
-    """x on the requested memory kind (moved there if a restore put it elsewhere), transfer finished.
-
-    Waiting for the transfer lets the host buffer it came from be freed before the next leaf is read.
-    """
-    if x.sharding.memory_kind != sharding.memory_kind:
-        x = jax.device_put(x, sharding)
-    x.block_until_ready()
-    if x.sharding.memory_kind != sharding.memory_kind:
-        raise RuntimeError(f"{name} landed in {x.sharding.memory_kind!r} memory, not {sharding.memory_kind!r}; "
-                           "this backend does not support that memory kind (jax >= 0.10.2 is required on CPU)")
-    return x
-
-
-def _place_leaf(name: str, x: np.ndarray, sharding):
-    """A host leaf on the device (or pinned host): a stacked "layers.*" leaf becomes one array per layer,
-    each placed from a view of x, so no stacked copy ever exists where the model runs."""
-    if not name.startswith("layers."):
-        return _placed(name, jax.device_put(x, sharding), sharding)
-    return [_placed(f"{name}[{i}]", jax.device_put(x[i], sharding), sharding) for i in range(x.shape[0])]
-
-
-def load_hf_params(path: str, cfg: Config, dtype=None, memory_kind: str = "device", progress: bool = True) -> Params:
-    """Load a HF safetensors checkpoint folder (single file or sharded) into Params.
-
-    dtype: "float32" | "bfloat16" | "float16" | None (cfg.dtype). memory_kind: "device" | "pinned_host".
-    Each leaf is put in place as soon as it is assembled, so the host holds at most one leaf in flight.
-    """
-    sharding = _sharding(memory_kind)
-    flat = {}
-    for name, x in stream_hf_leaves(path, cfg, dtype, progress):
-        flat[name] = _place_leaf(name, x, sharding)
-        del x
-        _release_memory(param_nbytes(flat[name]))
-    return unflatten(flat, lambda _, pieces: pieces)
-
-
-def param_nbytes(leaf) -> int:
-    return sum(x.nbytes for x in (leaf if isinstance(leaf, list) else [leaf]))
-
-
-# ---------------------------------------------------------------------- Orbax
-CONFIG_FILE = "momjax_config.json"
-PARAMS_DIR = "params"
-CHUNK_BYTES = 4 << 20  # zarr chunk: tensorstore encodes chunks concurrently, so its write buffers scale with it
-
-
-class _QuietNonOcdbtMerge(logging.Filter):
-    """Orbax warns after every non-OCDBT save that it found no OCDBT files to merge: expected here."""
-
-    def filter(self, record):
-        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
-
-
-def _checkpointer():
-    import orbax.checkpoint as ocp
-
-    # deepcopy_host_arrays=False: numpy leaves are written as they are, not copied first (half the peak memory).
-    registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-        (jax.Array, ocp.type_handlers.ArrayHandler()),
-    )
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False, type_handler_registry=registry)
-    return ocp.Checkpointer(handler)
-
-
-def is_orbax_folder(path: str) -> bool:
-    """True for a folder written by save_orbax or convert/hf_to_orbax.py."""
-    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
-
-
-def write_orbax(folder: str, cfg: Config, leaves: Iterable[tuple[str, np.ndarray]]) -> None:
-    """Write momjax_config.json and one Orbax checkpoint per leaf into an existing empty folder.
-
-    leaves: (flat name, host array) pairs, consumed one at a time so only one needs to exist at once.
-    cfg.dtype should be the dtype the leaves are stored in.
-    """
-    import orbax.checkpoint as ocp
-
-    ckptr = _checkpointer()
-    quiet = _QuietNonOcdbtMerge()
-    logging.getLogger("absl").addFilter(quiet)
-    try:
-        os.makedirs(os.path.join(folder, PARAMS_DIR))
-        for name, x in leaves:
-            item = {name: x}
-            ckptr.save(os.path.join(folder, PARAMS_DIR, name),
-                       args=ocp.args.PyTreeSave(item, save_args={name: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES)}))
-            nbytes = x.nbytes
-            del item, x
-            _release_memory(nbytes)
-    finally:
-        logging.getLogger("absl").removeFilter(quiet)
-    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        json.dump(cfg.to_json(), f, indent=2)
-
-
-@contextlib.contextmanager
-def atomic_folder(dst: str, force: bool = False) -> Iterator[str]:
-    """Yield a fresh temp folder beside dst; move it to dst when the block succeeds, delete it if not.
-
-    An existing dst is refused unless force, and then replaced (only once the new folder is complete) only
-    when it is a previous momjax output: the converter's rules (momjax.convert.staged_folder).
-    """
-    from momjax.convert import staged_folder
-
-    with staged_folder(dst, force) as tmp:
-        yield tmp
-
-
-def save_orbax(params: Params, cfg: Config, dst: str, force: bool = False) -> None:
-    """Save params (any memory kind) and cfg as an Orbax folder, one stacked leaf at a time, atomically."""
-    stored = cfg.replace(dtype=str(np.dtype(params.embed.dtype)))
-    with atomic_folder(dst, force) as tmp:
-        write_orbax(tmp, stored, stacked_leaves(params))
-
-
-def load_orbax(path: str, dtype=None, memory_kind: str = "device") -> tuple[Config, Params]:
-    """Restore an Orbax folder straight into dtype (None = as stored) and memory_kind, one leaf at a time."""
-    import orbax.checkpoint as ocp
-
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path} is not a folder; pass a folder written by convert/hf_to_orbax.py")
-    if not is_orbax_folder(path):
-        raise CheckpointError(f"{path} is not a momjax Orbax folder (no {CONFIG_FILE} and {PARAMS_DIR}/); write one "
-                              "with convert/hf_to_orbax.py")
-    try:
-        with open(os.path.join(path, CONFIG_FILE)) as f:
-            cfg = Config.from_json(json.load(f))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path}/{CONFIG_FILE} is unreadable ({e}); convert the checkpoint again") from None
-    sharding = _sharding(memory_kind)
-    dtype = np.dtype(NUMPY_DTYPES[_check_dtype(dtype or cfg.dtype)])
-    shapes = param_shapes(cfg)
-    absent = [n for n in shapes if not os.path.isdir(os.path.join(path, PARAMS_DIR, n))]
-    if absent:
-        raise CheckpointError(f"{path} lacks the params {', '.join(absent)}; the conversion did not finish, "
-                              "convert the checkpoint again")
-    ckptr = _checkpointer()
-    flat = {}
-    for name, shape in shapes.items():
-        # Restored to host numpy in the stored dtype, then cast and placed (per layer for stacked leaves).
-        item = {name: np.zeros((), dtype)}
-        try:
-            restored = ckptr.restore(os.path.join(path, PARAMS_DIR, name), args=ocp.args.PyTreeRestore(
-                item=item, restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)}))[name]
-        except Exception as e:  # Orbax/tensorstore raise many types; name the leaf and say what to do
-            raise CheckpointError(f"{path}: cannot restore {name} ({type(e).__name__}: {e}); convert the "
-                                  "checkpoint again") from e
-        if restored.shape != shape:
-            raise CheckpointError(f"{path}: {name} has shape {list(restored.shape)}, its config needs "
-                                  f"{list(shape)}; convert the checkpoint again")
-        if dtype in _INF_BITS and _count_nonfinite(restored):
-            overflow = " (or overflow float16: load it in bfloat16 or float32)" if dtype == np.float16 else ""
-            raise CheckpointError(f"{path}: {_count_nonfinite(restored)} values of {name} are NaN or inf{overflow}; "
-                                  "convert the checkpoint again from a healthy source")
-        flat[name] = _place_leaf(name, restored.astype(dtype, copy=False), sharding)
-        del restored
-        _release_memory(param_nbytes(flat[name]))
-    return cfg, unflatten(flat, lambda _, pieces: pieces)

@@ -4,12 +4,21 @@ the presets, and MemoryPolicy validation. No JAX compilation here: these tests t
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import transformers
+from cli_helpers import (
+    BASE,
+    DELETE,
+)
 
 import momjax
-from momjax import Config, ConfigError, MemoryPolicy
+import momjax.cli
+import momjax.convert
+from momjax import Config, ConfigError
+from momjax.hf import config as hf_config
 
 # config.json files as they are on the Hugging Face hub (transformers 4.x spelling: top-level rope_theta,
 # rope_scaling and torch_dtype).
@@ -83,21 +92,21 @@ def small(**changes) -> dict:
 @pytest.mark.parametrize("name", list(HUB_CONFIGS))
 def test_hub_and_transformers5_spellings_agree(name):
     hub = HUB_CONFIGS[name]
-    cfg = Config.from_hf(hub)
-    assert Config.from_hf(to_transformers5(hub)) == cfg
+    cfg = hf_config.from_hf(hub)
+    assert hf_config.from_hf(to_transformers5(hub)) == cfg
     # And transformers' own rewrite of the hub file (what save_pretrained writes with transformers 5).
     written = CONFIG_CLASSES[hub["model_type"]](**hub).to_dict()
     assert "rope_parameters" in written and "rope_theta" not in written and "torch_dtype" not in written
-    assert Config.from_hf(written) == cfg
+    assert hf_config.from_hf(written) == cfg
 
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.2-1b", "mistral-nemo-12b"])
 def test_hub_config_reads_as_its_preset(name):
-    assert Config.from_hf(HUB_CONFIGS[name]) == momjax.preset(name)
+    assert hf_config.from_hf(HUB_CONFIGS[name]) == momjax.preset(name)
 
 
 def test_qwen25_reads_as_its_preset_with_generation_config():
-    cfg = Config.from_hf(QWEN25_7B_INSTRUCT, QWEN25_GENERATION)
+    cfg = hf_config.from_hf(QWEN25_7B_INSTRUCT, QWEN25_GENERATION)
     assert cfg.replace(bos_token_id=None) == momjax.preset("qwen2.5-7b")
     assert cfg.eos_token_ids == (151645, 151643)  # generation_config.json wins over config.json
     assert cfg.qkv_bias and not cfg.tie_embeddings
@@ -106,13 +115,13 @@ def test_qwen25_reads_as_its_preset_with_generation_config():
 
 
 def test_llama3_rope_scaling_read():
-    cfg = Config.from_hf(LLAMA_31_8B)
+    cfg = hf_config.from_hf(LLAMA_31_8B)
     assert (cfg.rope_type, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor) == (
         "llama3", 8.0, 1.0, 4.0)
     assert cfg.rope_original_max_position == 8192 and cfg.rope_theta == 500000.0
     assert cfg.dtype == "bfloat16" and cfg.eos_token_ids == (128001, 128008, 128009) and cfg.bos_token_id == 128000
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.group, cfg.head_dim) == (32, 8, 4, 128)
-    assert cfg.kv_bytes_per_token == 2 * 32 * 8 * 128
+    assert cfg.kv_bytes_per_token("bfloat16") == 2 * 32 * 8 * 128 * 2  # bytes, not elements
 
 
 @pytest.mark.parametrize("spelling", ["rope_type", "type", "rope_parameters"])
@@ -121,71 +130,71 @@ def test_linear_rope_scaling_read(spelling):
         hf = small(rope_theta=None, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0})
     else:  # "type" is the older key that some hub files still use
         hf = small(rope_theta=5000.0, rope_scaling={spelling: "linear", "factor": 2.0})
-    cfg = Config.from_hf(hf)
+    cfg = hf_config.from_hf(hf)
     assert (cfg.rope_type, cfg.rope_factor, cfg.rope_theta) == ("linear", 2.0, 5000.0)
 
 
 def test_default_rope_and_defaults():
-    cfg = Config.from_hf(small(num_key_value_heads=None, torch_dtype=None))
+    cfg = hf_config.from_hf(small(num_key_value_heads=None, torch_dtype=None))
     assert cfg.rope_type == "default" and cfg.rope_factor == 1.0
     assert cfg.num_kv_heads == cfg.num_heads == 4 and cfg.group == 1  # MHA when num_key_value_heads is missing
     assert cfg.head_dim == 16 and cfg.dtype == "float32"
     assert cfg.eos_token_ids == (2,) and cfg.bos_token_id == 1 and cfg.sliding_window is None
-    assert Config.from_hf(small(eos_token_id=None)).eos_token_ids == ()
+    assert hf_config.from_hf(small(eos_token_id=None)).eos_token_ids == ()
 
 
 def test_explicit_head_dim():
-    cfg = Config.from_hf(MISTRAL_NEMO)
+    cfg = hf_config.from_hf(MISTRAL_NEMO)
     assert cfg.head_dim == 128 and cfg.hidden_size == 5120  # not 5120 // 32 = 160
-    assert Config.from_hf(small(head_dim=32)).head_dim == 32
-    assert Config.from_hf(small(head_dim=None)).head_dim == 16
+    assert hf_config.from_hf(small(head_dim=32)).head_dim == 32
+    assert hf_config.from_hf(small(head_dim=None)).head_dim == 16
 
 
 def test_mqa():
-    cfg = Config.from_hf(small(num_key_value_heads=1))
+    cfg = hf_config.from_hf(small(num_key_value_heads=1))
     assert (cfg.num_kv_heads, cfg.group) == (1, 4)
 
 
 def test_qwen2_qkv_bias():
     hf = small(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
                sliding_window=4096)
-    cfg = Config.from_hf(hf)
+    cfg = hf_config.from_hf(hf)
     assert cfg.qkv_bias and cfg.model_type == "qwen2" and cfg.sliding_window is None
-    assert not Config.from_hf(small()).qkv_bias
-    assert not Config.from_hf(small(architectures=["MistralForCausalLM"], model_type="mistral")).qkv_bias
+    assert not hf_config.from_hf(small()).qkv_bias
+    assert not hf_config.from_hf(small(architectures=["MistralForCausalLM"], model_type="mistral")).qkv_bias
 
 
 def test_mistral_sliding_window():
-    assert Config.from_hf(MISTRAL_7B_V01).sliding_window == 4096
-    assert Config.from_hf(MISTRAL_NEMO).sliding_window is None
-    assert Config.from_hf(to_transformers5(MISTRAL_7B_V01)).sliding_window == 4096
+    assert hf_config.from_hf(MISTRAL_7B_V01).sliding_window == 4096
+    assert hf_config.from_hf(MISTRAL_NEMO).sliding_window is None
+    assert hf_config.from_hf(to_transformers5(MISTRAL_7B_V01)).sliding_window == 4096
 
 
 def test_generation_config_eos_wins():
-    assert Config.from_hf(small(eos_token_id=2), {"eos_token_id": [5, 6]}).eos_token_ids == (5, 6)
-    assert Config.from_hf(small(eos_token_id=[2, 3]), {"do_sample": False}).eos_token_ids == (2, 3)
+    assert hf_config.from_hf(small(eos_token_id=2), {"eos_token_id": [5, 6]}).eos_token_ids == (5, 6)
+    assert hf_config.from_hf(small(eos_token_id=[2, 3]), {"do_sample": False}).eos_token_ids == (2, 3)
 
 
 def test_from_folder_reads_saved_checkpoint_configs(tmp_path):
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in small().items() if k != "torch_dtype"})
     hf_cfg.save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
-    cfg = Config.from_folder(str(tmp_path))
-    assert cfg.replace(eos_token_ids=(2,)) == Config.from_hf(small())
+    cfg = hf_config.from_folder(str(tmp_path))
+    assert cfg.replace(eos_token_ids=(2,)) == hf_config.from_hf(small())
     assert cfg.eos_token_ids == (2, 7)
 
 
 def test_from_folder_errors(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
-        Config.from_folder(str(tmp_path))
+        hf_config.from_folder(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        Config.from_folder(str(tmp_path))
+        hf_config.from_folder(str(tmp_path))
 
 
 def test_config_is_hashable_and_round_trips_json():
-    cfg = Config.from_hf(LLAMA_31_8B)
-    assert hash(cfg) == hash(Config.from_hf(to_transformers5(LLAMA_31_8B)))
+    cfg = hf_config.from_hf(LLAMA_31_8B)
+    assert hash(cfg) == hash(hf_config.from_hf(to_transformers5(LLAMA_31_8B)))
     assert Config.from_json(cfg.to_json()) == cfg
     assert {cfg: 1}[momjax.preset("llama-3.1-8b")] == 1
 
@@ -195,20 +204,20 @@ def test_config_is_hashable_and_round_trips_json():
 
 def test_unknown_architecture_lists_supported():
     with pytest.raises(ConfigError) as e:
-        Config.from_hf(small(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
+        hf_config.from_hf(small(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
     msg = str(e.value)
     assert "architecture" in msg and "GPT2LMHeadModel" in msg
     for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"):
         assert arch in msg
     with pytest.raises(ConfigError) as e:
-        Config.from_hf(small(architectures=None, model_type="gpt2"))
+        hf_config.from_hf(small(architectures=None, model_type="gpt2"))
     msg = str(e.value)
     assert "model_type" in msg and "gpt2" in msg
     for model_type in ("llama", "qwen2", "mistral"):
         assert model_type in msg
 
 
-@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope"])
+@pytest.mark.parametrize("rope_type", ["longrope", "proportional"])  # yarn and dynamic: test_rope_scaling.py
 @pytest.mark.parametrize("spelling", ["rope_scaling", "rope_scaling_type", "rope_parameters"])
 def test_unsupported_rope_types_rejected(rope_type, spelling):
     fields = {"factor": 4.0, "original_max_position_embeddings": 4096}
@@ -219,7 +228,7 @@ def test_unsupported_rope_types_rejected(rope_type, spelling):
     else:
         hf = small(rope_theta=None, rope_parameters={"rope_type": rope_type, "rope_theta": 1e4, **fields})
     with pytest.raises(ConfigError, match="rope") as e:
-        Config.from_hf(hf)
+        hf_config.from_hf(hf)
     assert rope_type in str(e.value)
 
 
@@ -230,7 +239,7 @@ def test_unsupported_rope_types_rejected(rope_type, spelling):
 ])
 def test_incomplete_or_unknown_rope_fields_rejected(rope):
     with pytest.raises(ConfigError, match="rope_scaling"):
-        Config.from_hf(small(rope_scaling=rope))
+        hf_config.from_hf(small(rope_scaling=rope))
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -251,18 +260,18 @@ def test_incomplete_or_unknown_rope_fields_rejected(rope):
 ])
 def test_unsupported_fields_rejected_naming_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):
-        Config.from_hf(small(**changes))
+        hf_config.from_hf(small(**changes))
 
 
 def test_accepted_no_op_fields():
     # False/1.0 values of the rejected fields are the supported case and must not raise.
-    cfg = Config.from_hf(small(mlp_bias=False, attention_bias=False, partial_rotary_factor=1.0, pretraining_tp=1))
-    assert cfg == Config.from_hf(small())
+    cfg = hf_config.from_hf(small(mlp_bias=False, attention_bias=False, partial_rotary_factor=1.0, pretraining_tp=1))
+    assert cfg == hf_config.from_hf(small())
 
 
 def test_heads_must_be_a_multiple_of_kv_heads():
     with pytest.raises(ConfigError, match="num_key_value_heads"):
-        Config.from_hf(small(num_attention_heads=4, num_key_value_heads=3))
+        hf_config.from_hf(small(num_attention_heads=4, num_key_value_heads=3))
 
 
 # ---------------------------------------------------------------------- presets
@@ -288,42 +297,92 @@ def test_unknown_preset():
         momjax.preset("llama-4")
 
 
-# ---------------------------------------------------------------------- memory policies
+# ---------------------------------------------------------------------- config.json read strictly
+MISTRAL = {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+BAD_CONFIGS = {  # name -> (changes, words the message must hold)
+    "tie as a string": ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),
+    "tie as a number": ({"tie_word_embeddings": 0}, "tie_word_embeddings"),
+    "window true": ({**MISTRAL, "sliding_window": True}, "sliding_window"),
+    "window as a string": ({**MISTRAL, "sliding_window": "4096"}, "sliding_window"),
+    "window negative": ({**MISTRAL, "sliding_window": -4}, "sliding_window"),
+    "size as a string": ({"hidden_size": "96"}, "hidden_size"),
+    "size as a float": ({"hidden_size": 96.7}, "hidden_size"),
+    "integral float": ({"num_hidden_layers": 2.0}, "num_hidden_layers"),
+    "size as a bool": ({"intermediate_size": True}, "intermediate_size"),
+    "zero layers": ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    "negative vocab": ({"vocab_size": -100}, "vocab_size"),
+    "null required": ({"vocab_size": None}, "vocab_size"),
+    "missing required": ({"hidden_size": DELETE}, "hidden_size"),
+    "zero heads": ({"num_attention_heads": 0}, "num_attention_heads"),
+    "kv heads do not divide": ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    "heads do not divide hidden": ({"num_attention_heads": 5, "num_key_value_heads": 5}, "hidden_size"),
+    "head_dim as a string": ({"head_dim": "16"}, "head_dim"),
+    "eps zero": ({"rms_norm_eps": 0}, "rms_norm_eps"),
+    "eps as a string": ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+    "theta negative": ({"rope_theta": -1.0}, "rope_theta"),
+    "rope factor zero": ({"rope_scaling": {**LLAMA3, "factor": 0}}, "factor"),
+    "rope factor string": ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "factor"),
+    "llama3 high <= low": ({"rope_scaling": {**LLAMA3, "high_freq_factor": 1.0}}, "high_freq_factor"),
+    "llama3 original max float": ({"rope_scaling": {**LLAMA3, "original_max_position_embeddings": 64.5}},
+                                  "original_max_position_embeddings"),
+    "rope_scaling a string": ({"rope_scaling": "linear"}, "rope_scaling"),
+    "unknown dtype": ({"torch_dtype": "int8"}, "int8"),
+    "dtype not a string": ({"torch_dtype": 32}, "torch_dtype"),
+    "max positions negative": ({"max_position_embeddings": -1}, "max_position_embeddings"),
+    "eos outside vocab": ({"eos_token_id": 100}, "eos_token_id"),
+    "eos as floats": ({"eos_token_id": [2.0]}, "eos_token_id"),
+    "eos as a string": ({"eos_token_id": "2"}, "eos_token_id"),
+    "bos as a string": ({"bos_token_id": "1"}, "bos_token_id"),
+    "mlp_bias as a string": ({"mlp_bias": "false"}, "mlp_bias"),
+    "act not a string": ({"hidden_act": ["silu"]}, "hidden_act"),
+    "architectures a string": ({"architectures": "LlamaForCausalLM"}, "architectures"),
+}
 
 
-def test_named_policies():
-    P = momjax.POLICIES
-    assert set(P) == {"baseline", "mom", "mom-stream"}
-    assert P["baseline"].minisequence is None and not P["baseline"].last_position_only
-    assert (P["baseline"].kv_prefill, P["baseline"].kv_decode) == ("device", "device")
-    assert P["mom"].minisequence and P["mom"].last_position_only
-    assert (P["mom"].kv_prefill, P["mom"].kv_decode) == ("pinned_host", "device")
-    assert (P["mom-stream"].kv_prefill, P["mom-stream"].kv_decode) == ("pinned_host", "pinned_host")
-    for name, policy in P.items():
-        assert policy.name == name and momjax.get_policy(name) is policy
-        hash(policy)
-    custom = P["mom"].replace(minisequence=8)
-    assert momjax.get_policy(custom) is custom and custom.kv_prefill == "pinned_host"
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_fields_are_refused_by_name(case):
+    changes, words = BAD_CONFIGS[case]
+    hf = {**BASE, **changes}
+    hf = {k: v for k, v in hf.items() if v is not DELETE}
+    with pytest.raises(ConfigError, match=words) as e:
+        hf_config.from_hf(hf)
+    assert "config.json" in str(e.value)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"minisequence": 0}, "minisequence"),
-    ({"minisequence": -4}, "minisequence"),
-    ({"minisequence_scope": "attention"}, "minisequence_scope"),
-    ({"kv_prefill": "gpu"}, "KV placement"),
-    ({"kv_prefill": "pinned_host", "kv_decode": "unpinned_host"}, "KV placement"),
-    ({"kv_prefill": "device", "kv_decode": "pinned_host"}, "kv_decode"),
-    ({"q_block": 0}, "blocks"),
-    ({"kv_block": -1}, "blocks"),
+def test_tie_false_is_still_read_as_false():
+    assert hf_config.from_hf(BASE).tie_embeddings is False
+    assert hf_config.from_hf({**BASE, "tie_word_embeddings": True}).tie_embeddings is True
+
+
+@pytest.mark.parametrize("hf", [[BASE], "llama", None, 5])
+def test_config_that_is_not_an_object(hf):
+    with pytest.raises(ConfigError, match="JSON object"):
+        hf_config.from_hf(hf)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{not json", "not valid JSON"),
+    ('{"eos_token_id": NaN}', "not valid JSON"),
+    ('[1, 2]', "JSON object"),
+    ('{"eos_token_id": [2, 1000]}', "eos_token_id"),
+    ('{"eos_token_id": "2"}', "eos_token_id"),
+    ('{"eos_token_id": true}', "eos_token_id"),
 ])
-def test_policy_validation(kwargs, words):
-    with pytest.raises(ValueError, match=words):
-        MemoryPolicy(**kwargs)
-    with pytest.raises(ValueError, match=words):
-        momjax.POLICIES["baseline"].replace(**kwargs)
+def test_bad_generation_config_names_the_file(tmp_path, text, words):
+    Path(tmp_path, "config.json").write_text(json.dumps(BASE))
+    Path(tmp_path, "generation_config.json").write_text(text)
+    with pytest.raises(ConfigError, match=words) as e:
+        hf_config.from_folder(str(tmp_path))
+    assert "generation_config.json" in str(e.value)
 
 
-def test_unknown_policy_name():
-    with pytest.raises(ValueError, match="unknown policy") as e:
-        momjax.get_policy("nope")
-    assert all(name in str(e.value) for name in ("baseline", "mom", "mom-stream"))
+def test_config_json_with_nan_or_binary(tmp_path):
+    Path(tmp_path, "config.json").write_text(json.dumps(BASE).replace("1e-05", "NaN"))
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        hf_config.from_folder(str(tmp_path))
+    Path(tmp_path, "config.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        hf_config.from_folder(str(tmp_path))

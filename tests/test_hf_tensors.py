@@ -1,8 +1,8 @@
-"""The safetensors loader and Orbax save/restore (momjax/checkpoint.py).
+"""Hugging Face safetensors weights (momjax.hf.tensors).
 
 Loaded params are compared bit for bit against transformers' state_dict, transformed here independently
 of the loader's name table; broken checkpoints must fail with one CheckpointError that names everything
-wrong; Orbax round trips must be exact in every dtype and land in the requested memory kind.
+wrong.
 """
 
 from __future__ import annotations
@@ -10,18 +10,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
-from conftest import FAMILY_NAMES, SHARDED
+from cli_helpers import (
+    rewrite_header,
+)
+from conftest import FAMILY_NAMES, SHARDED, load_hf_params, load_orbax
 from safetensors.numpy import load_file, save_file
 
-from momjax.checkpoint import CheckpointError, is_orbax_folder, load_hf_params, load_orbax, save_orbax
+import momjax
+import momjax.cli
+import momjax.convert
 from momjax.config import Config
+from momjax.convert import convert
+from momjax.errors import CheckpointError
+from momjax.hf import config as hf_config
+from momjax.hf.tensors import read_safetensors_header
 from momjax.params import flatten
 
 
@@ -66,7 +75,7 @@ def assert_bitwise(params, expected: dict, dtype) -> None:
 
 
 def load(folder, dtype=None, memory_kind="device"):
-    return load_hf_params(folder, Config.from_folder(folder), dtype=dtype, memory_kind=memory_kind, progress=False)
+    return load_hf_params(folder, hf_config.from_folder(folder), dtype=dtype, memory_kind=memory_kind, progress=False)
 
 
 def editable_copy(zoo, family, tmp_path) -> tuple[str, dict[str, np.ndarray]]:
@@ -87,18 +96,18 @@ def editable_copy(zoo, family, tmp_path) -> tuple[str, dict[str, np.ndarray]]:
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_every_family_loads_bit_exact(zoo, family):
     folder = zoo.folder(family)
-    cfg = Config.from_folder(folder)
+    cfg = hf_config.from_folder(folder)
     assert_bitwise(load(folder), expected_params(zoo.hf(family), cfg), np.float32)
 
 
 def test_blockwise_reads_are_exact(zoo, monkeypatch):
     # Tiny reads: every tensor is read and transposed in many row blocks, with reads split mid-row too.
-    import momjax.checkpoint
+    import momjax.hf.tensors
 
-    monkeypatch.setattr(momjax.checkpoint, "_READ_BYTES", 100)
+    monkeypatch.setattr(momjax.hf.tensors, "_READ_BYTES", 100)
     for checkpoint_dtype, dtype in (("float32", None), ("bfloat16", "float32")):
         folder = zoo.folder("qwen2", checkpoint_dtype)
-        cfg = Config.from_folder(folder)
+        cfg = hf_config.from_folder(folder)
         expected = expected_params(zoo.hf("qwen2"), cfg)
         if checkpoint_dtype == "bfloat16":
             expected = {k: v.astype(ml_dtypes.bfloat16) for k, v in expected.items()}
@@ -120,7 +129,7 @@ def test_sharded_checkpoint_loads_like_single_file(zoo, tmp_path):
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
 def test_bfloat16_checkpoint(zoo, family):
     folder = zoo.folder(family, "bfloat16")
-    cfg = Config.from_folder(folder)
+    cfg = hf_config.from_folder(folder)
     assert cfg.dtype == "bfloat16"
     bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in expected_params(zoo.hf(family), cfg).items()}
     assert_bitwise(load(folder), bf16, ml_dtypes.bfloat16)  # dtype None = the checkpoint's
@@ -134,7 +143,7 @@ def test_pinned_host_load(zoo):
 
 def test_ignores_rotary_buffers_and_a_tied_lm_head(zoo, tmp_path):
     folder, tensors = editable_copy(zoo, "qwen2", tmp_path)  # tied embeddings
-    cfg = Config.from_folder(folder)
+    cfg = hf_config.from_folder(folder)
     assert cfg.tie_embeddings
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(cfg.head_dim // 2, np.float32)
@@ -200,7 +209,7 @@ def test_pickle_only_folder_is_refused(zoo, tmp_path):
 
 
 def test_not_a_folder(zoo, tmp_path):
-    cfg = Config.from_folder(zoo.folder("llama-gqa"))
+    cfg = hf_config.from_folder(zoo.folder("llama-gqa"))
     for path in (tmp_path / "nothing-here", os.path.join(zoo.folder("llama-gqa"), "config.json")):
         with pytest.raises(CheckpointError, match="is not a folder"):
             load_hf_params(str(path), cfg, progress=False)
@@ -208,50 +217,114 @@ def test_not_a_folder(zoo, tmp_path):
             load_orbax(str(path))
 
 
-# ---------------------------------------------------------------------- Orbax
-@pytest.mark.parametrize(("stored", "restored"), [("float32", "float32"), ("bfloat16", "float32"),
-                                                  ("float32", "bfloat16"), ("bfloat16", None)])
-def test_orbax_round_trip_is_exact(zoo, tmp_path, stored, restored):
-    folder = zoo.folder("qwen2")
-    cfg = Config.from_folder(folder)
-    params = load(folder, stored)
-    dst = str(tmp_path / "orbax")
-    save_orbax(params, cfg, dst)
-    assert is_orbax_folder(dst) and not is_orbax_folder(folder)
-    cfg2, params2 = load_orbax(dst, dtype=restored)
-    assert cfg2 == cfg.replace(dtype=stored)
-    expected = {k: np.asarray(v) for k, v in flatten(params).items()}
-    assert_bitwise(params2, expected, restored or stored)
+# ---------------------------------------------------------------------- checkpoints read strictly
+def _sharded(zoo, tmp_path) -> tuple[str, dict]:
+    folder = str(tmp_path / "sharded")
+    shutil.copytree(zoo.folder("llama-gqa"), folder)
+    index = json.loads(Path(folder, "model.safetensors.index.json").read_text())
+    return folder, index
 
 
-def test_orbax_pinned_host_restore(zoo, tmp_path):
-    folder = zoo.folder("llama-gqa")
-    dst = str(tmp_path / "orbax")
-    save_orbax(load(folder, memory_kind="pinned_host"), Config.from_folder(folder), dst)  # saved from host memory
-    _, params = load_orbax(dst, memory_kind="pinned_host")
-    assert {x.sharding.memory_kind for x in jax.tree.leaves(params)} == {"pinned_host"}
-    _, params = load_orbax(dst, dtype="bfloat16", memory_kind="device")
-    assert {x.sharding.memory_kind for x in jax.tree.leaves(params)} == {"device"}
+def test_a_tensor_in_a_shard_the_index_does_not_assign_is_refused(zoo, tmp_path):
+    folder, index = _sharded(zoo, tmp_path)
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(n for n, s in index["weight_map"].items() if s == shards[0])
+    other = os.path.join(folder, shards[-1])
+    tensors = load_file(other)
+    tensors[name] = np.zeros_like(load_file(os.path.join(folder, shards[0]))[name])  # a stale copy, sorted last
+    save_file(tensors, other)
+    with pytest.raises(CheckpointError, match="the index assigns it to") as e:
+        momjax.load(folder, progress=False)
+    assert name in str(e.value)
 
 
-def test_orbax_save_refuses_existing_and_incomplete_folders_fail_clearly(zoo, tmp_path):
-    folder = zoo.folder("llama-gqa")
-    cfg, params = Config.from_folder(folder), load(folder)
-    dst = str(tmp_path / "orbax")
-    save_orbax(params, cfg, dst)
-    with pytest.raises(CheckpointError, match="already exists"):
-        save_orbax(params, cfg, dst)
-    save_orbax(jax.tree.map(lambda x: x * 2, params), cfg, dst, force=True)
-    np.testing.assert_array_equal(np.asarray(load_orbax(dst)[1].embed), 2 * np.asarray(params.embed))
-    assert sorted(os.listdir(tmp_path)) == ["orbax"]  # no temp folders left beside it
-    shutil.rmtree(os.path.join(dst, "params", "layers.wq"))
-    with pytest.raises(CheckpointError, match="layers.wq"):
-        load_orbax(dst)
+def test_a_tensor_missing_from_the_index_is_refused(zoo, tmp_path):
+    folder, index = _sharded(zoo, tmp_path)
+    shards = list(index["weight_map"].values())
+    name = next(n for n, s in index["weight_map"].items() if shards.count(s) > 1)  # its shard is still read
+    del index["weight_map"][name]
+    Path(folder, "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not in the index"):
+        momjax.load(folder, progress=False)
 
 
-def test_float16_cast_matches_torch(zoo):
-    # dtype="float16" goes through the same numpy cast as bfloat16; it must agree with torch's cast.
-    folder = zoo.folder("llama-gqa")
-    params = load(folder, "float16")
-    want = zoo.hf("llama-gqa").model.embed_tokens.weight.detach().to(torch.float16).numpy()
-    np.testing.assert_array_equal(np.asarray(params.embed), want)
+def test_duplicate_tensors_without_an_index_are_refused(zoo, tmp_path):
+    folder, _ = _sharded(zoo, tmp_path)
+    os.remove(os.path.join(folder, "model.safetensors.index.json"))
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    first = load_file(os.path.join(folder, files[0]))
+    name = next(iter(first))
+    last = load_file(os.path.join(folder, files[-1]))
+    last[name] = first[name]
+    save_file(last, os.path.join(folder, files[-1]))
+    with pytest.raises(CheckpointError, match="also in"):
+        momjax.load(folder, progress=False)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", 5, ""])
+def test_index_entries_outside_the_folder_are_refused(zoo, tmp_path, shard):
+    folder, index = _sharded(zoo, tmp_path)
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = shard
+    Path(folder, "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder|weight_map must map"):
+        momjax.load(folder, progress=False)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("data_offsets", lambda o: [str(o[0]), str(o[1])]),
+    ("data_offsets", lambda o: [float(o[0]), float(o[1])]),
+    ("data_offsets", lambda o: [o[0]]),
+    ("data_offsets", lambda o: [True, o[1]]),
+    ("shape", lambda s: [str(x) for x in s]),
+    ("shape", lambda s: [-1, *s[1:]]),
+    ("dtype", lambda d: 32),
+])
+def test_malformed_safetensors_headers(tmp_path, field, value):
+    path = str(tmp_path / "model.safetensors")
+    save_file({"a": np.ones((2, 3), np.float32)}, path)
+    rewrite_header(path, lambda h: h["a"].update({field: value(h["a"][field])}))
+    with pytest.raises(CheckpointError, match="malformed header"):
+        read_safetensors_header(path)
+
+
+def test_huge_header_length_is_not_read(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    with pytest.raises(CheckpointError, match="header length"):
+        read_safetensors_header(str(path))
+
+
+def _poison(zoo, tmp_path, value, dtype=np.float32) -> tuple[str, str]:
+    folder = str(tmp_path / "poisoned")
+    shutil.copytree(zoo.folder("llama31-mha"), folder)  # one file
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = tensors[name].astype(dtype)
+    tensors[name].flat[7] = value
+    save_file(tensors, path)
+    return folder, name
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_weights_are_refused_on_load_and_convert(zoo, tmp_path, value):
+    folder, _ = _poison(zoo, tmp_path, value)
+    for call in (lambda: momjax.load(folder, progress=False),
+                 lambda: convert(folder, str(tmp_path / "out"), progress=False)):
+        with pytest.raises(CheckpointError, match="NaN or inf") as e:
+            call()
+        assert "layers.w_up" in str(e.value) or "up_proj" in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["poisoned"]
+
+
+def test_float16_overflow_is_refused_and_bfloat16_works(zoo, tmp_path):
+    folder, _ = _poison(zoo, tmp_path, 1e6)
+    with pytest.raises(CheckpointError, match="overflow float16"):
+        momjax.load(folder, dtype="float16", progress=False)
+    assert momjax.load(folder, dtype="bfloat16", progress=False).dtype == "bfloat16"
+    dst = str(tmp_path / "orbax")  # a float32 conversion is fine; restoring it in float16 is refused the same way
+    convert(folder, dst, progress=False)
+    with pytest.raises(CheckpointError, match="overflow float16"):
+        momjax.load(dst, dtype="float16")
+    assert momjax.load(dst, dtype="bfloat16").dtype == "bfloat16"

@@ -1,0 +1,1 @@
+"""Reading Hugging Face checkpoints: config.json (config.py) and safetensors weights (tensors.py)."""

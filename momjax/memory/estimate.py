@@ -1,0 +1,81 @@
+"""A closed-form model of the same programs memory_report compiles (formulas in `estimate`'s docstring), checked
+against the compiled figures in tests/test_memory.py: instant, at any length."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from momjax import generation as G
+from momjax.errors import InputError
+from momjax.memory.shapes import DEFAULT_NEW_TOKENS, resolve
+from momjax.params import param_bytes
+from momjax.policy import get_policy
+
+
+def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
+             new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
+    """Closed-form estimate of `memory_report` (same keys, source="estimate"). b = bytes per element,
+    S = padded prompt length, C = mini-sequence length (S when the policy has none), N = new_tokens - 1,
+    W = all weights, e = bytes of one token's K (or V) of one KV head: E b, or E + 4 with int8 K/V (int8
+    values and a float32 scale), R = layers whose prompt K/V are on the device while decoding (L unless
+    the policy streams; then its kv_device_layers). Prefill runs one program per layer; its peak is the
+    last run of that program:
+
+    KV (prompt)         = 2 L B K S e                       (device or pinned host, as the policy says)
+    prefill temporaries = B b C (3F + D)                      (whole-layer mini-sequences)
+                          B b [ S (2D + HE + 2KE) + C 3F ]    (MLP-only mini-sequences)
+                          B b S (3F + D)                      (baseline: one chunk of S)
+      3F + D: the MLP's gate, up and product and the layer's output for one mini-sequence (the residual
+      stream and the layer's K/V are updated in place, chunk by chunk).
+    prefill device      = W + B b S D (the residual stream, donated to the output) + temporaries
+                          + the prompt KV when the policy keeps it on the device (all L layers' by then),
+                          or else one layer's K/V on its way to the host (2 B K S e; the CPU compiler
+                          writes it to host memory directly, so CPU figures come out that much lower)
+    decode temporaries  = 8 B H (S + N) (one layer's float32 scores and probabilities), plus, when
+                          streaming from the host, one layer's prompt K/V (the step fetches layer l+1 once
+                          layer l's attention has read its own)
+    decode device       = W + temporaries + R layers' prompt KV + tail KV (2 L B K N e) + logits (4 B V)
+    host                = the prompt KV the policy places in pinned host memory (L - R layers' in decode).
+    Per decode step: host_to_device_bytes = (L - R) layers' prompt K/V; device_read_bytes = W + R layers'
+    prompt K/V + tail (every argument of the step is read once).
+    Weights and K/V are read in place (per-layer arrays): no slice of either is copied.
+    """
+    cfg = resolve(model_or_config)
+    policy = get_policy(policy)
+    b = jnp.dtype(dtype).itemsize
+    L, D, H, K, E, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.intermediate_size, cfg.vocab_size)
+    B = batch
+    W = param_bytes(cfg, dtype)
+    e = E + 4 if policy.quantized_kv else E * b
+    S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
+    C = min(policy.minisequence or S, S)
+    layer_kv = 2 * B * K * S * e
+    kv_prompt = L * layer_kv
+    logits = 4 * B * V
+    extra = {}
+    if phase == "prefill":
+        if policy.minisequence is None or C == S:
+            temp = B * b * S * (3 * F + D)
+        elif policy.minisequence_scope == "mlp":
+            temp = B * b * (S * (2 * D + H * E + 2 * K * E) + C * 3 * F)
+        else:
+            temp = B * b * C * (3 * F + D)
+        on_device = policy.kv_prefill == "device"
+        kv_bytes = kv_prompt
+        device = W + B * b * S * D + temp + (kv_prompt if on_device else layer_kv)
+        host = 0 if on_device else kv_prompt
+    elif phase == "decode":
+        N = max(new_tokens - 1, 1)
+        tail = 2 * L * B * K * N * e
+        R = policy.device_layers(L)
+        temp = 8 * B * H * (S + N) + min(1, L - R) * layer_kv
+        kv_bytes = kv_prompt + tail
+        device = W + temp + logits + tail + R * layer_kv
+        host = (L - R) * layer_kv
+        extra = dict(host_to_device_bytes=int(host), device_read_bytes=int(W + R * layer_kv + tail))
+    else:
+        raise InputError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    return dict(device_bytes=int(device), host_bytes=int(host), weight_bytes=int(W), kv_bytes=int(kv_bytes),
+                temp_bytes=int(temp), source="estimate", seq_len=int(seq_len), phase=phase, policy=policy.name,
+                dtype=str(jnp.dtype(dtype)), **extra)

@@ -1,0 +1,228 @@
+"""Planning: the longest context each policy fits in a device (and host) budget, counting prefill and decode, and
+at a given context the predicted decode speed of each policy and the one to use.
+
+`max_context` bisects over the length with a measure (the closed-form estimate, or the compiled programs);
+`plan` does it for every policy, refining the estimate's answer with compiled programs when asked to (on a GPU
+or for a GPU target), and `decode_speed` turns a decode step's bytes into a roofline on a target.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from momjax import checks
+from momjax import targets as T
+from momjax.config import Config
+from momjax.errors import InputError
+from momjax.memory.estimate import estimate
+from momjax.memory.measure import memory_report
+from momjax.memory.shapes import DEFAULT_NEW_TOKENS, resolve
+from momjax.params import param_bytes
+from momjax.policy import get_policy
+from momjax.units import format_bytes, parse_bytes
+
+
+def _fits(cfg, seq_len, policy, dtype, hbm, host, new_tokens, measure) -> bool:
+    for phase in ("prefill", "decode"):
+        r = measure(cfg, seq_len, policy, dtype=dtype, phase=phase, new_tokens=new_tokens)
+        if r["device_bytes"] > hbm or (host is not None and r["host_bytes"] > host):
+            return False
+    return True
+
+
+def _measure(source: str, target=None):
+    return estimate if source == "estimate" else functools.partial(memory_report, target=target)
+
+
+def max_context(cfg: Config, policy, hbm_bytes: int, host_bytes: int | None = None, dtype="bfloat16",
+                new_tokens: int = DEFAULT_NEW_TOKENS, source: str = "estimate", resolution: int = 1024,
+                target=None) -> int:
+    """The longest prompt (to `resolution` tokens) whose prefill and decode both fit; 0 if none does.
+
+    source="estimate" uses `estimate` (instant); source="xla" compiles the programs at each step (for
+    `target`, see memory_report).
+    """
+    policy = get_policy(policy)
+    measure = _measure(source, target)
+    fits = lambda n: _fits(cfg, n, policy, dtype, hbm_bytes, host_bytes, new_tokens, measure)
+    if not fits(resolution):
+        return 0
+    lo, hi = resolution, 2 * resolution
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 2**34:
+            return lo
+    while hi - lo > resolution:  # invariant: fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2 // resolution * resolution
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new_tokens: int = DEFAULT_NEW_TOKENS,
+         source: str = "auto", target=None, kv_dtype=None, context: int | None = None) -> dict:
+    """Maximum context per policy for a device budget (and optional host budget), and at `context` tokens the
+    predicted decode speed of each policy and the one to use.
+
+    hbm_bytes: the device budget; None = the target's memory size (momjax.targets.TARGETS).
+    target: None / "cpu" = this machine; a GPU name ("h100", "a100-80gb", ...) = the answer is confirmed by
+    XLA's GPU compiler for that GPU, deviceless (needs `pip install 'momjax[gpu-plan]'`, see memory_report).
+    source: "xla" compiles the real programs, bisecting around the estimate (float32 on a CPU, any dtype on
+    a GPU or for a GPU target); "estimate" uses the closed-form `estimate`, validated against XLA in float32
+    (tests/test_memory.py); "auto" compiles on a GPU backend or for a GPU target, and uses the estimate on a
+    CPU: the CPU compiler inflates bfloat16 figures, and compiles at millions of tokens take minutes there.
+    kv_dtype: None plans the exact K/V cache (the model's dtype); "int8" plans every policy with int8 K/V
+    (approximate: logits change slightly), and the recommendation may then pick int8 or exact K/V.
+    context: a prompt length to decode at. Adds result["decode"] (per policy: whether it fits, the
+    kv_device_layers chosen for mom-stream, bytes per step and predicted tokens/s) and result["recommended"]
+    (the fastest policy that fits; exact policies only unless kv_dtype is given). Predicted speed is a
+    roofline of the decode step's bytes on the target (see `decode_speed`); without a target there is no
+    speed, and policies are ranked by bytes across the host link, then bytes read.
+    Raises InputError when the budget cannot hold even the weights (TargetError for an unknown target),
+    InputError when no policy fits `context`.
+    """
+    checks.memory_request(dtype=dtype, new_tokens=new_tokens, hbm_bytes=hbm_bytes, host_bytes=host_bytes, source=source,
+                   kv_dtype=kv_dtype, context=context)
+    cfg = resolve(model_or_config)
+    t = T.get(target)
+    if hbm_bytes is None:
+        if t is None:
+            raise InputError("give the device budget (hbm_bytes, e.g. '80GiB') or a GPU target such as 'h100'")
+        hbm_bytes = t.memory_bytes
+    if t is not None and source != "estimate":
+        T.check_compiler()
+    hbm, host = parse_bytes(hbm_bytes), (None if host_bytes is None else parse_bytes(host_bytes))
+    weights = param_bytes(cfg, dtype)
+    if weights >= hbm:
+        raise InputError(
+            f"the weights alone need {format_bytes(weights)} in {jnp.dtype(dtype)}, more than the "
+            f"{format_bytes(hbm)} device budget; use a smaller dtype or a larger device"
+        )
+    if source == "auto":
+        source = "xla" if _on_gpu() or t is not None else "estimate"
+    result = {"max_context": {}, "source": {}, "weight_bytes": weights, "hbm_bytes": hbm, "host_bytes": host,
+              "dtype": str(jnp.dtype(dtype)), "kv_dtype": kv_dtype, "new_tokens": new_tokens, "limits": {},
+              "target": None if t is None else dict(
+                  name=t.name, description=t.description, memory_bytes=t.memory_bytes,
+                  memory_bandwidth=t.memory_bandwidth, host_link=t.host_link,
+                  host_link_bandwidth=t.host_link_bandwidth)}
+    for name in ("baseline", "mom", "mom-stream"):
+        policy = get_policy(name).replace(kv_dtype=kv_dtype)
+        n = max_context(cfg, policy, hbm, host, dtype, new_tokens, source="estimate")
+        if source == "xla" and n:
+            # Refine around the estimate with the compiled programs (a few compiles, not a full search).
+            n = _refine_with_xla(cfg, policy, n, hbm, host, dtype, new_tokens, target=t)
+        result["max_context"][name] = n
+        result["source"][name] = T.source_name(t) if source == "xla" else source
+        result["limits"][name] = _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source, target=t)
+    if context is not None:
+        _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype)
+    return result
+
+
+def decode_speed(step: dict, target) -> dict:
+    """Predicted decode speed of a decode-step report (memory_report or estimate, phase="decode") on target:
+    a roofline from the bytes the step moves. device seconds = (device_read_bytes + host_to_device_bytes) /
+    memory bandwidth (streamed K/V are read again from device memory once they arrive); link seconds =
+    host_to_device_bytes / host link bandwidth. The step brings each streamed layer over while the layer
+    before it finishes (model.decode_step), so copies overlap the reads of weights and resident K/V, but a
+    streamed layer's attention waits for its copy: a step takes max(device seconds, link seconds + the
+    streamed K/V's read time) ("overlapped"); the plain sum is given too, as the bound if nothing
+    overlapped. Compute is not counted: one token's matmuls are far below either limit. Returns {} without
+    a target (no bandwidths known)."""
+    t = T.get(target)
+    if t is None:
+        return {}
+    streamed = step["host_to_device_bytes"]
+    device_s = (step["device_read_bytes"] + streamed) / t.memory_bandwidth
+    link_s = streamed / t.host_link_bandwidth
+    overlapped = max(device_s, link_s + streamed / t.memory_bandwidth)
+    return dict(decode_tokens_per_s=1 / overlapped, decode_tokens_per_s_serial=1 / (device_s + link_s),
+                device_s=device_s, link_s=link_s, bound="host link" if overlapped > device_s else "device memory",
+                overlap="overlapped")
+
+
+def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype) -> None:
+    """result["decode"] and result["recommended"] for a prompt of `context` tokens (see plan)."""
+    measure = _measure(source, t)
+    candidates = {}
+    for kv in (None,) if kv_dtype is None else (None, "int8"):
+        for name in ("baseline", "mom", "mom-stream"):
+            policy = get_policy(name).replace(kv_dtype=kv)
+            if name == "mom-stream":
+                policy = _most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t)
+            fits = policy is not None and _fits(cfg, context, policy, dtype, hbm, host, new_tokens, measure)
+            entry = dict(policy=name, kv_dtype=kv, fits=bool(fits),
+                         kv_device_layers=None if not fits or name != "mom-stream" else policy.kv_device_layers or 0)
+            if fits:
+                step = measure(cfg, context, policy, dtype=dtype, phase="decode", new_tokens=new_tokens)
+                entry.update(host_to_device_bytes=step["host_to_device_bytes"],
+                             device_read_bytes=step["device_read_bytes"], **decode_speed(step, t))
+            candidates[name if kv is None else f"{name} int8"] = entry
+    result["context"] = int(context)
+    result["decode"] = candidates
+    fitting = [c for c in candidates.values() if c["fits"]]
+    if not fitting:
+        longest = max(result["max_context"].values())
+        raise InputError(
+            f"context {context:,} tokens fits no policy in a {format_bytes(hbm)} device budget"
+            + (f" and {format_bytes(host)} of host memory" if host is not None else "")
+            + f" with {'int8' if kv_dtype else jnp.dtype(dtype).name} K/V; the longest that fits is {longest:,} "
+            "tokens" + ("" if kv_dtype else " (kv_dtype='int8' fits about twice as many)"))
+    if t is not None:
+        best = max(fitting, key=lambda c: c["decode_tokens_per_s"])
+    else:  # no bandwidths: fewest bytes across the host link, then fewest read from device memory
+        best = min(fitting, key=lambda c: (c["host_to_device_bytes"], c["device_read_bytes"]))
+    result["recommended"] = dict(best)
+
+
+def _most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t):
+    """mom-stream with the most layers' prompt K/V kept on the device that still fits at `context` (the
+    estimate chooses, the compiled programs confirm when source is "xla"); None when even 0 does not fit."""
+    L = cfg.num_layers
+    fits_estimate = lambda r: _fits(cfg, context, policy.replace(kv_device_layers=r), dtype, hbm, host, new_tokens,
+                                    estimate)
+    r = next((r for r in range(L, -1, -1) if fits_estimate(r)), None)
+    if r is None:
+        r = 0
+    if source == "xla":
+        confirm = lambda r: _fits(cfg, context, policy.replace(kv_device_layers=r), dtype, hbm, host, new_tokens,
+                                  _measure("xla", t))
+        while r > 0 and not confirm(r):
+            r -= 1
+    return policy.replace(kv_device_layers=r)
+
+
+def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, target=None) -> int:
+    """Bisect with the compiled programs within +-30% of the estimate (about ten compiles per policy)."""
+    fits = lambda n: _fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens, _measure("xla", target))
+    resolution = max(1024, guess // 200 // 1024 * 1024)
+    lo, hi = max(int(guess * 0.7) // 1024 * 1024, 1024), int(guess * 1.3) // 1024 * 1024 + 1024
+    if not fits(lo):
+        return max_context(cfg, policy, hbm, host, dtype, new_tokens, source="xla", resolution=resolution,
+                           target=target)
+    if fits(hi):
+        return hi
+    while hi - lo > resolution:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source, target=None) -> str:
+    """Which budget stops a longer context: 'prefill', 'decode' or 'host'."""
+    measure = _measure(source, target)
+    step = max(n // 50, 1024)
+    for phase in ("prefill", "decode"):
+        r = measure(cfg, n + step, policy, dtype=dtype, phase=phase, new_tokens=new_tokens)
+        if host is not None and r["host_bytes"] > host:
+            return "host"
+        if r["device_bytes"] > hbm:
+            return phase
+    return "?"

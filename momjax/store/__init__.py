@@ -1,0 +1,1 @@
+"""Writing and reading momjax's own folders: Orbax checkpoints (orbax.py) and safe staging (staging.py)."""
