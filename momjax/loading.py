@@ -2,8 +2,9 @@
 device.
 
 Each reader yields the weights one stacked leaf at a time in host memory (momjax.hf.tensors,
-momjax.store.orbax, momjax.gguf.tensors); each leaf is placed as soon as it arrives, a "layers.*" leaf as one array per layer
-(params.py), so the host holds at most one leaf in flight and no stacked copy exists where the model runs.
+momjax.store.orbax, momjax.gguf.tensors); each leaf is placed as soon as it arrives, a "layers.*" leaf as one
+array per layer (params.py), so the host holds at most one leaf in flight and no stacked copy exists where the
+model runs.
 """
 
 from __future__ import annotations

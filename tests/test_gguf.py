@@ -169,8 +169,8 @@ def test_llama3_rope_freqs_and_linear_scaling_load_as_the_original_model(zoo, fo
 YARN = {"qwen2-yarn": (transformers.Qwen2Config, dict(
     vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
     num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
-    rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32,
-                     "beta_fast": 16.0, "beta_slow": 2.0}))}
+    rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                     "original_max_position_embeddings": 32, "beta_fast": 16.0, "beta_slow": 2.0}))}
 
 
 def test_yarn_loads_as_the_original_model(folder, tmp_path):
@@ -180,7 +180,8 @@ def test_yarn_loads_as_the_original_model(folder, tmp_path):
     cfg, want = model.config, hf_config.from_folder(tiny.save_checkpoint(hf, str(tmp_path / "hf")))
     rope = [f for f in vars(cfg) if f.startswith("rope_")]
     assert {f: getattr(cfg, f) for f in rope} == {f: getattr(want, f) for f in rope}
-    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position, cfg.rope_beta_fast) == ("yarn", 4.0, 32, 16.0)
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position) == ("yarn", 4.0, 32)
+    assert (cfg.rope_beta_fast, cfg.rope_beta_slow) == (16.0, 2.0)
     assert cfg.context_length == 128 and math.isclose(cfg.rope_attention_factor, 0.1 * math.log(4.0) + 1)
     toks = prompt_tokens(model)  # 75 tokens: past the original 32
     assert rel_err(momjax.forward(model, toks), tiny.hf_logits(hf, toks).numpy()) < RTOL
@@ -320,8 +321,8 @@ def test_truncated_and_foreign_files_fail_in_one_line(zoo, folder, capsys):
      "stored in a type momjax does not dequantize: blk.0.ffn_up.weight (IQ4_NL); requantize"),
     ({"tensors": {"blk.0.attn_norm.weight": (np.full(64, np.nan, np.float32), None)}}, CheckpointError,
      "blk.0.attn_norm.weight (F32) holds NaN or inf"),
-], ids=["architecture", "block_count", "eps", "moe", "longrope", "yarn attention factor", "yarn key", "window", "unknown key", "partial rotary", "missing",
-        "unexpected", "misshapen", "type", "nan"])
+], ids=["architecture", "block_count", "eps", "moe", "longrope", "yarn attention factor", "yarn key", "window",
+        "unknown key", "partial rotary", "missing", "unexpected", "misshapen", "type", "nan"])
 def test_bad_metadata_and_tensors_fail_in_one_line(zoo, folder, change, error, words):
     kwargs = dict(change)
     path = write_gguf(zoo.hf("llama-gqa"), str(folder / "bad.gguf"), **kwargs)
