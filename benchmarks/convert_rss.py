@@ -15,7 +15,13 @@ in a child too) and records its own peak to show it is below every child's. The 
 figure of merit is (peak - baseline) / checkpoint bytes; the target is below 40%: a converter that held the
 whole model would be at 100% or more. Prints a JSON summary and writes benchmarks/results/convert_rss.json.
 
-    python benchmarks/convert_rss.py [--keep-dir DIR] [--repeats 2]
+--gguf measures the GGUF converter the same way: a GGUF file of the same shapes, every matrix Q8_0 (random
+blocks, 1.3 GB; norms F32; no tokenizer metadata), written tensor by tensor with the gguf package's writer,
+converted to bfloat16 (`hf_to_orbax.py model.gguf DST --dtype bfloat16`), and loaded with momjax.load
+(bfloat16). Its figure of merit is the extra RSS over the bfloat16 model it produces (2.5 GB), and over the
+file. Writes benchmarks/results/convert_rss_gguf.json.
+
+    python benchmarks/convert_rss.py [--keep-dir DIR] [--repeats 2] [--gguf]
 """
 
 from __future__ import annotations
@@ -127,7 +133,8 @@ def run_child(args: list[str]) -> dict:
     return result
 
 
-BASELINE = "import jax, orbax.checkpoint, momjax, momjax.checkpoint, momjax.convert; jax.devices()"
+BASELINE = "import jax, orbax.checkpoint, momjax, momjax.hf.tensors, momjax.convert; jax.devices()"
+BASELINE_GGUF = BASELINE + "; import gguf, momjax.gguf"
 LOAD = """
 import json, sys, time, jax, momjax
 t = time.perf_counter()
@@ -135,17 +142,132 @@ model = momjax.load(sys.argv[1], progress=False)
 jax.block_until_ready(model.params)
 print(json.dumps({"load_s": round(time.perf_counter() - t, 3)}))
 """
+LOAD_BF16 = LOAD.replace("progress=False", "dtype='bfloat16', progress=False")
+
+
+def build_gguf(path: str, seed: int = 0) -> int:
+    """Write a Llama-3.2-1B-shaped GGUF file: matrices Q8_0 (random int8 blocks, float16 scales near 0.01),
+    norms F32, tensor by tensor (only one tensor in memory); return the file's size."""
+    import gguf
+
+    c = HF_CONFIG
+    rng = np.random.default_rng(seed)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    tensors = []
+    for hf, shape in hf_tensor_shapes(c).items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf)
+        tensors.append((names[hf] if m is None else f"blk.{m.group(1)}.{layer[m.group(2)]}.weight", shape))
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_rope_freq_base(c["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_rope_dimension_count(c["head_dim"])
+    w.add_vocab_size(c["vocab_size"])
+    for name, shape in tensors:
+        if len(shape) == 1:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+        else:
+            w.add_tensor_info(name, (shape[0], shape[1] // 32 * 34), np.dtype(np.uint8), shape[0] * shape[1] // 32 * 34,
+                              raw_dtype=q8)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _, shape in tensors:
+        if len(shape) == 1:
+            w.write_tensor_data(np.ones(shape, np.float32))
+            continue
+        blocks = rng.integers(-127, 128, size=(shape[0], shape[1] // 32, 34), dtype=np.int8).view(np.uint8)
+        blocks[..., :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        w.write_tensor_data(blocks.reshape(shape[0], -1))
+        del blocks
+    w.close()
+    return os.path.getsize(path)
+
+
+def main_gguf(args) -> dict:
+    """--gguf: the GGUF converter's peak RSS, and load time and peak from the GGUF file and from its conversion."""
+    work = args.keep_dir or tempfile.mkdtemp(prefix="momjax-convert-rss-gguf-", dir="/tmp")
+    src, dst = os.path.join(work, "model.gguf"), os.path.join(work, "orbax")
+    try:
+        os.makedirs(work, exist_ok=True)
+        build = run_child([sys.executable, __file__, "--build-gguf", src])
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        baseline = run_child([sys.executable, "-c", BASELINE_GGUF])
+        conv = run_child([sys.executable, "convert/hf_to_orbax.py", src, dst, "--dtype", "bfloat16", "--quiet"])
+        loads = {"orbax": [], "gguf": []}
+        for _ in range(args.repeats):
+            loads["orbax"].append(run_child([sys.executable, "-c", LOAD, dst]))
+            loads["gguf"].append(run_child([sys.executable, "-c", LOAD_BF16, src]))
+        model_bytes = sum(int(np.prod(s)) * 2 for s in hf_tensor_shapes(HF_CONFIG).values())
+        leaf_bytes = {}
+        for name, shape in hf_tensor_shapes(HF_CONFIG).items():
+            leaf = re.sub(r"layers\.\d+\.", "layers.", name)
+            leaf_bytes[leaf] = leaf_bytes.get(leaf, 0) + int(np.prod(shape)) * 2
+        extra = conv["peak_rss_bytes"] - baseline["peak_rss_bytes"]
+        summary = {
+            "benchmark": "convert_rss_gguf",
+            "command": "python benchmarks/convert_rss.py --gguf",
+            "model": "random Llama-3.2-1B shapes, GGUF: matrices Q8_0, norms F32, tied embeddings; converted to "
+                     "bfloat16",
+            "gguf_bytes": build["gguf_bytes"],
+            "bfloat16_model_bytes": model_bytes,
+            "largest_leaf_bytes": max(leaf_bytes.values()),
+            "baseline_peak_rss_bytes": baseline["peak_rss_bytes"],
+            "convert_peak_rss_bytes": conv["peak_rss_bytes"],
+            "convert_extra_rss_bytes": extra,
+            "convert_extra_over_bfloat16_model": round(extra / model_bytes, 4),
+            "convert_extra_over_gguf_file": round(extra / build["gguf_bytes"], 4),
+            "largest_leaf_over_bfloat16_model": round(max(leaf_bytes.values()) / model_bytes, 4),
+            "target_ratio": TARGET_RATIO,
+            "meets_target": extra / model_bytes < TARGET_RATIO,
+            "convert_wall_s": conv["wall_s"],
+            "orbax_bytes": sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(dst) for f in fs),
+            "load_s": {fmt: [r["load_s"] for r in runs] for fmt, runs in loads.items()},
+            "load_peak_rss_bytes": {fmt: max(r["peak_rss_bytes"] for r in runs) for fmt, runs in loads.items()},
+            "gguf_build_s": build["wall_s"],
+            "parent_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "jax": version("jax"), "orbax_checkpoint": version("orbax-checkpoint"), "gguf": version("gguf"),
+                        "backend": "cpu", "page_cache": "warm (file just written)",
+                        "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
+        }
+    finally:
+        if not args.keep_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    out = RESULTS.replace("convert_rss.json", "convert_rss_gguf.json")
+    with open(out, "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    print(json.dumps(summary, indent=2))
+    return summary
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep-dir", help="build the checkpoints here and keep them (default: a /tmp folder, deleted)")
     parser.add_argument("--repeats", type=int, default=2, help="load timings per format")
+    parser.add_argument("--gguf", action="store_true", help="measure the GGUF converter (a Q8_0 file) instead")
     parser.add_argument("--build", metavar="DIR", help=argparse.SUPPRESS)  # internal: build the checkpoint only
+    parser.add_argument("--build-gguf", metavar="FILE", help=argparse.SUPPRESS)  # internal: build the GGUF file only
     args = parser.parse_args(argv)
     if args.build:
         print(json.dumps({"checkpoint_bytes": build_checkpoint(args.build)}))
         return {}
+    if args.build_gguf:
+        print(json.dumps({"gguf_bytes": build_gguf(args.build_gguf)}))
+        return {}
+    if args.gguf:
+        return main_gguf(args)
 
     work = args.keep_dir or tempfile.mkdtemp(prefix="momjax-convert-rss-", dir="/tmp")
     src, dst = os.path.join(work, "hf"), os.path.join(work, "orbax")

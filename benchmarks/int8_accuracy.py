@@ -12,9 +12,19 @@ a 7-token sliding window, Mistral NeMo; head dims 16 to 32), and a larger random
 own initialisation (seed 0): hidden 1024, 8 layers, 16 query / 4 KV heads of 64, ffn 2816, vocab 8192,
 float32. All random weights: the figures describe the quantiser on these activations, not a trained model.
 
-    python benchmarks/int8_accuracy.py [--prompt 256] [--steps 256] [--models tiny,large]
+A trained model on real text (--models smollm2, opt-in: downloads 93 MB once): SmolLM2-135M-Instruct from its
+Q4_1 GGUF file (momjax.gguf.fetch.fetch_smollm2), dequantized to float32, reading a real document (default: this
+project's README.md). The first --text-prompt tokens of the document are prefilled, then the next
+--text-steps tokens of the document itself are fed one at a time (teacher-forced with the text, not with
+greedy choices), with the exact cache and with the int8 one. Besides the relative logit error and the
+top-1 agreement of int8 against exact at every position, the perplexity of those document tokens is
+reported for both caches, and its relative change.
 
-Writes benchmarks/results/int8_accuracy.json and int8_accuracy.png.
+    python benchmarks/int8_accuracy.py [--prompt 256] [--steps 256] [--models tiny,large]
+    python benchmarks/int8_accuracy.py --models smollm2 [--text README.md] [--text-prompt 4096] [--text-steps 1024]
+
+Writes benchmarks/results/int8_accuracy.json and int8_accuracy.png (--models smollm2: int8_accuracy_smollm2.json
+and .png, unless --out says otherwise).
 """
 
 from __future__ import annotations
@@ -104,6 +114,68 @@ def measure(model, prompt_len: int, steps: int, seed: int = 0) -> dict:
     )
 
 
+def measure_text(model, tokens: np.ndarray, prompt_len: int, steps: int) -> dict:
+    """int8 against exact on a document: prefill tokens[:prompt_len], then feed the document's own next `steps`
+    tokens; the logits at the prefill's last position and after each fed token but the last predict
+    tokens[prompt_len:prompt_len + steps], whose perplexity is computed under both caches."""
+    exact_policy = momjax.get_policy("mom")
+    int8_policy = exact_policy.replace(kv_dtype="int8")
+    prompt, forced = tokens[:prompt_len], tokens[prompt_len:prompt_len + steps]
+    t0 = time.perf_counter()
+    exact, _ = teacher_forced_logits(model, prompt, steps, exact_policy, forced=forced)
+    int8, _ = teacher_forced_logits(model, prompt, steps, int8_policy, forced=forced)
+    exact, int8 = exact[:steps], int8[:steps]  # the last step's logits predict a token past the window
+
+    def nll(logits):  # per position, in float64
+        z = logits.astype(np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return np.log(np.exp(z).sum(-1)) - z[np.arange(len(forced)), forced]
+
+    nll_exact, nll_int8 = nll(exact), nll(int8)
+    err = np.linalg.norm(int8 - exact, axis=-1) / np.linalg.norm(exact, axis=-1)
+    agree = np.argmax(int8, -1) == np.argmax(exact, -1)
+    ppl_exact, ppl_int8 = float(np.exp(nll_exact.mean())), float(np.exp(nll_int8.mean()))
+    cfg = model.config
+    return dict(
+        config=dict(hidden=cfg.hidden_size, layers=cfg.num_layers, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+                    head_dim=cfg.head_dim, vocab=cfg.vocab_size, dtype=str(model.dtype)),
+        prompt_tokens=int(prompt_len),
+        positions=len(err),
+        max_rel_logit_error=float(err.max()),
+        mean_rel_logit_error=float(err.mean()),
+        top1_agreement=float(agree.mean()),
+        perplexity_exact=ppl_exact,
+        perplexity_int8=ppl_int8,
+        perplexity_rel_change=ppl_int8 / ppl_exact - 1.0,
+        max_abs_nll_change=float(np.abs(nll_int8 - nll_exact).max()),
+        exact_top1_is_next_token=float((np.argmax(exact, -1) == forced).mean()),
+        rel_logit_error_per_position=[round(float(e), 6) for e in err],
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def run_smollm2(args, log) -> dict:
+    """{name: measure_text result} for SmolLM2-135M-Instruct on the document args.text."""
+    import hashlib
+
+    from momjax.gguf.fetch import SMOLLM2, fetch_smollm2
+
+    path = fetch_smollm2(log=log)
+    model = momjax.load(path, progress=False)
+    tok = momjax.load_tokenizer(path)
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    tokens = np.asarray(tok.encode(text), np.int64)
+    need = args.text_prompt + args.text_steps
+    if len(tokens) < need:
+        raise SystemExit(f"error: {args.text} is {len(tokens)} tokens; --text-prompt + --text-steps needs {need}")
+    r = measure_text(model, tokens, args.text_prompt, args.text_steps)
+    r["model"] = f"SmolLM2-135M-Instruct ({SMOLLM2['file']}, dequantized to float32)"
+    r["text"] = dict(path=os.path.relpath(os.path.abspath(args.text), os.path.dirname(HERE)), tokens=len(tokens),
+                     sha256=hashlib.sha256(text.encode()).hexdigest())
+    return {"smollm2-135m-instruct": r}
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -117,7 +189,9 @@ def plot(results: dict, path: str) -> None:
     ax.set_xlabel("position after the prompt (0 = prefill's last position, then decode steps)")
     ax.set_ylabel("||logits_int8 - logits|| / ||logits||")
     ax.set_yscale("log")
-    ax.set_title("int8 KV cache vs unquantised, teacher-forced (random weights)")
+    trained = any("perplexity_exact" in r for r in results.values())
+    ax.set_title("int8 KV cache vs unquantised, teacher-forced (" + ("SmolLM2-135M on real text" if trained
+                                                                     else "random weights") + ")")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -128,30 +202,58 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     parser.add_argument("--steps", type=int, default=256, help="teacher-forced decode steps")
-    parser.add_argument("--models", default="tiny,large", help="comma list of: tiny, large")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "int8_accuracy.json"))
+    parser.add_argument("--models", default="tiny,large", help="comma list of: tiny, large, smollm2 (downloads)")
+    parser.add_argument("--text", default=os.path.join(os.path.dirname(HERE), "README.md"),
+                        help="smollm2: the document to read (default: this project's README.md)")
+    parser.add_argument("--text-prompt", type=int, default=4096, help="smollm2: document tokens prefilled")
+    parser.add_argument("--text-steps", type=int, default=1024, help="smollm2: document tokens then fed one by one")
+    parser.add_argument("--out", default=None, help="default: results/int8_accuracy.json (smollm2: "
+                                                    "results/int8_accuracy_smollm2.json)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     which = args.models.split(",")
-    if not set(which) <= {"tiny", "large"} or args.prompt < 1 or args.steps < 1:
-        print("error: --models takes tiny and/or large; --prompt and --steps must be positive", file=sys.stderr)
+    if not set(which) <= {"tiny", "large", "smollm2"} or min(args.prompt, args.steps, args.text_prompt,
+                                                             args.text_steps) < 1:
+        print("error: --models takes tiny, large and/or smollm2; --prompt, --steps, --text-prompt and --text-steps "
+              "must be positive", file=sys.stderr)
         return 2
+    if "smollm2" in which and len(which) > 1:
+        print("error: run --models smollm2 on its own (its figures are on real text, in their own file)",
+              file=sys.stderr)
+        return 2
+    smollm2 = which == ["smollm2"]
+    args.out = args.out or os.path.join(HERE, "results", "int8_accuracy_smollm2.json" if smollm2 else
+                                        "int8_accuracy.json")
 
     log = lambda *a: print(*a, flush=True)
     results = {}
+    if smollm2:
+        results = run_smollm2(args, log)
+        for name, r in results.items():
+            log(f"{name}: max rel logit error {r['max_rel_logit_error']:.4f}, mean {r['mean_rel_logit_error']:.4f}, "
+                f"top-1 agreement {100 * r['top1_agreement']:.2f}% over {r['positions']} positions; perplexity "
+                f"{r['perplexity_exact']:.4f} exact, {r['perplexity_int8']:.4f} int8 "
+                f"({100 * r['perplexity_rel_change']:+.3f}%)")
     with tempfile.TemporaryDirectory() as folder:
-        for name, path in build_checkpoints(which, folder).items():
+        for name, path in ({} if smollm2 else build_checkpoints(which, folder)).items():
             model = momjax.load(path, progress=False)
             r = measure(model, args.prompt, args.steps)
             results[name] = r
             log(f"{name}: max rel logit error {r['max_rel_logit_error']:.4f}, mean {r['mean_rel_logit_error']:.4f}, "
                 f"top-1 agreement {100 * r['top1_agreement']:.1f}% over {r['positions']} positions")
+    method = ("teacher-forced: both caches fed the unquantised model's greedy tokens; relative logit error "
+              "||l_int8 - l|| / ||l|| per position; policy mom, float32 weights, random prompt (seed 0)")
+    if smollm2:
+        method = ("teacher-forced with the document: its first text_prompt tokens prefilled, its next text_steps "
+                  "tokens fed one at a time to both caches; relative logit error ||l_int8 - l|| / ||l|| and top-1 "
+                  "agreement at each position predicting a document token, and the perplexity of those tokens "
+                  "under each cache; policy mom, weights dequantized from Q4_1 to float32")
     out = dict(
         benchmark="int8_accuracy",
         command=" ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
-        method=("teacher-forced: both caches fed the unquantised model's greedy tokens; relative logit error "
-                "||l_int8 - l|| / ||l|| per position; policy mom, float32 weights, random prompt (seed 0)"),
-        prompt_tokens=args.prompt, decode_steps=args.steps,
+        method=method,
+        **(dict(text_prompt_tokens=args.text_prompt, text_steps=args.text_steps) if smollm2 else
+           dict(prompt_tokens=args.prompt, decode_steps=args.steps)),
         machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
                      backend=jax.default_backend(), jax=jax.__version__),
         git=git_state(),

@@ -1,9 +1,11 @@
-"""Convert a Hugging Face safetensors checkpoint folder into a momjax Orbax folder.
+"""Convert a Hugging Face safetensors checkpoint folder, or a GGUF file, into a momjax Orbax folder.
 
 The conversion streams: tensors are read one at a time, cast, and assembled into one leaf at a time,
 which is written to its own Orbax checkpoint and freed before the next leaf starts. Peak memory is about
 the largest leaf plus Orbax's write buffers, never the whole model (benchmarks/convert_rss.py measures
 it). All names, shapes and file sizes are checked from the safetensors headers before any data is read.
+A GGUF file (momjax.gguf) converts the same way, its tensors dequantized a block of rows at a time, and
+the tokenizer its metadata describes is written beside the params (tokenizer.json, tokenizer_config.json).
 
 The converter never destroys or half-writes anything:
 - DST may not be SRC, lie inside SRC or contain SRC, compared after resolving symbolic links (and by
@@ -28,17 +30,20 @@ import logging
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 
 from momjax.api import forward
 from momjax.config import SUPPORTED_DTYPES
-from momjax.errors import CheckpointError, ConfigError
+from momjax.errors import CheckpointError, ConfigError, TokenizerError
+from momjax.gguf import is_gguf, read_config, stream_gguf_leaves
 from momjax.hf import config as hf_config
 from momjax.hf.tensors import stream_hf_leaves
 from momjax.loading import load
 from momjax.store.orbax import SIDE_FILES, is_previous_output, write_orbax
 from momjax.store.staging import Interrupted, Signals, os_reason, short, staged_output
+from momjax.tokenizer import save_gguf_tokenizer
 
 VERIFY_TOKENS = 8
 __all__ = ["Interrupted", "convert", "verify_conversion"]
@@ -46,9 +51,10 @@ __all__ = ["Interrupted", "convert", "verify_conversion"]
 
 def convert(src: str, dst: str, dtype: str | None = None, force: bool = False, verify: bool = False,
             progress: bool = True, replace_any: bool = False) -> str:
-    """Convert HF folder src into Orbax folder dst; returns dst's absolute path.
+    """Convert HF folder (or GGUF file) src into Orbax folder dst; returns dst's absolute path.
 
-    dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's torch_dtype).
+    dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's torch_dtype; a GGUF file's float type, or
+    float32 for a quantized one).
     force: replace an existing dst that is a previous momjax conversion (only once the new one is complete).
     replace_any: with force, replace any existing dst (a file or a folder of anything).
     verify: compare a short forward pass of src and the converted params; they must be exactly equal.
@@ -65,13 +71,18 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False, v
     src, dst = _check_paths(src, dst)
     with Signals() as signals, contextlib.ExitStack() as stack:
         with signals.allowed():
-            cfg = hf_config.from_folder(src)
+            gguf_src = os.path.isfile(src)
+            if gguf_src:
+                cfg, leaves = stream_gguf_leaves(src, dtype, progress, desc="converting")  # checks the header
+                copies = []
+            else:
+                cfg = hf_config.from_folder(src)
+                leaves = stream_hf_leaves(src, cfg, dtype or cfg.dtype, progress, desc="converting")  # checks headers
+                copies = _files_to_copy(src)
             dtype = dtype or cfg.dtype
-            leaves = stream_hf_leaves(src, cfg, dtype, progress, desc="converting")  # checks every header first
             # Closed on the way out even when interrupted between leaves, so the progress bar ends before any
             # message is printed.
             stack.callback(getattr(leaves, "close", lambda: None))
-            copies = _files_to_copy(src)
         with staged_output(dst, force, replace_any, signals, is_previous_output) as tmp, _quiet_orbax_thread_errors():
             reader = _Reader(leaves, signals)
             try:
@@ -79,6 +90,8 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False, v
                 with signals.allowed():
                     for name, path in copies:
                         shutil.copyfile(path, os.path.join(tmp, name))
+                    if gguf_src:
+                        _write_gguf_tokenizer(src, tmp)
                     if verify:
                         verify_conversion(src, tmp, dtype)
             except (CheckpointError, ConfigError):
@@ -95,9 +108,18 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False, v
     return dst
 
 
+def _write_gguf_tokenizer(src: str, folder: str) -> None:
+    """The tokenizer a GGUF file's metadata describes, written as tokenizer files into folder. A file whose
+    tokenizer transformers cannot build still converts (the weights are fine); that is said on stderr."""
+    try:
+        save_gguf_tokenizer(src, folder, SIDE_FILES)
+    except TokenizerError as e:
+        print(f"momjax: no tokenizer written: {' '.join(str(e).split())}", file=sys.stderr)
+
+
 def verify_conversion(src: str, converted: str, dtype: str) -> None:
     """Exactly equal float32 logits of a short forward pass from src (cast to dtype) and the converted folder."""
-    cfg = hf_config.from_folder(src)
+    cfg = read_config(src) if os.path.isfile(src) else hf_config.from_folder(src)
     tokens = (np.arange(1, VERIFY_TOKENS + 1, dtype=np.int64) * 7919 % cfg.vocab_size)[None]
     model = load(src, dtype=dtype, progress=False)
     expected = np.asarray(forward(model, tokens))
@@ -117,15 +139,20 @@ def _check_paths(src, dst) -> tuple[str, str]:
         if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
             raise CheckpointError(f"{name} must be a folder path, got {value!r}")
     src, dst = (os.path.abspath(os.path.expanduser(os.fspath(p))) for p in (src, dst))
-    if not os.path.isdir(src):
-        raise CheckpointError(f"{src} is not a folder; pass a Hugging Face checkpoint folder (config.json + "
-                              "*.safetensors)")
+    if os.path.isfile(src):
+        if not is_gguf(src):
+            raise CheckpointError(f"{src} is not a folder, and not a GGUF file (it does not start with the bytes "
+                                  "'GGUF'); pass a Hugging Face checkpoint folder (config.json + *.safetensors) or a "
+                                  ".gguf file")
+    elif not os.path.isdir(src):
+        raise CheckpointError(f"{src} is not a folder or a file; pass a Hugging Face checkpoint folder (config.json "
+                              "+ *.safetensors) or a .gguf file")
     src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
-    overlap = None
+    overlap, kind = None, "file" if os.path.isfile(src) else "folder"
     if dst_real == src_real or _same_or_inside(dst, src_real):
-        overlap = "is the source folder" if dst_real == src_real else "is inside the source folder"
+        overlap = f"is the source {kind}" if dst_real == src_real else "is inside the source folder"
     elif _same_or_inside(src_real, dst_real):
-        overlap = "contains the source folder"
+        overlap = f"contains the source {kind}"
     if overlap:
         raise CheckpointError(f"the destination {dst} {overlap} {src} (after resolving links); choose a "
                               "destination outside it. Nothing was changed")

@@ -1,8 +1,10 @@
-"""A loaded model (`Model`) and `load`: a Hugging Face folder or an Orbax folder, placed on the device.
+"""A loaded model (`Model`) and `load`: a Hugging Face folder, an Orbax folder or a GGUF file, placed on the
+device.
 
-Both readers yield the weights one stacked leaf at a time in host memory (momjax.hf.tensors,
-momjax.store.orbax); each leaf is placed as soon as it arrives, a "layers.*" leaf as one array per layer
-(params.py), so the host holds at most one leaf in flight and no stacked copy exists where the model runs.
+Each reader yields the weights one stacked leaf at a time in host memory (momjax.hf.tensors,
+momjax.store.orbax, momjax.gguf.tensors); each leaf is placed as soon as it arrives, a "layers.*" leaf as one
+array per layer (params.py), so the host holds at most one leaf in flight and no stacked copy exists where the
+model runs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from momjax.arrays import release_memory
 from momjax.config import SUPPORTED_DTYPES, Config
 from momjax.errors import CheckpointError, InputError
+from momjax.gguf import read_config, stream_gguf_leaves
 from momjax.hf import config as hf_config
 from momjax.hf.tensors import stream_hf_leaves
 from momjax.params import Params, unflatten
@@ -71,7 +74,10 @@ def check_model(model) -> None:
 
 
 def folder_config(path: str) -> Config:
-    """The Config of a checkpoint folder (Hugging Face config.json, or an Orbax folder's), weights unread."""
+    """The Config of a checkpoint folder (Hugging Face config.json, or an Orbax folder's) or of a GGUF file (its
+    metadata), weights unread."""
+    if os.path.isfile(path):
+        return read_config(path)
     if orbax.is_orbax_folder(path):
         return orbax.read_config(path)
     return hf_config.from_folder(path)
@@ -79,7 +85,8 @@ def folder_config(path: str) -> Config:
 
 def load(path: str, dtype: str | None = None, memory_kind: str = "device", progress: bool = True,
          max_context: int | None = None) -> Model:
-    """Load a HF checkpoint folder (config.json + *.safetensors) or an Orbax folder from `momjax convert`.
+    """Load a HF checkpoint folder (config.json + *.safetensors), an Orbax folder from `momjax convert`, or a GGUF
+    file (llama.cpp's format: architectures llama and qwen2, dequantized to dtype; see momjax.gguf).
 
     dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's). memory_kind: "device" (the only
     placement the forward programs run from today; "pinned_host" is refused with an explanation).
@@ -102,10 +109,12 @@ def load(path: str, dtype: str | None = None, memory_kind: str = "device", progr
     if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
                                     or max_context < 1):
         raise InputError(f"max_context must be a positive number of tokens or None, got {max_context!r}")
+    if os.path.isfile(path):  # a GGUF file (anything else is refused by its header check)
+        cfg, leaves = stream_gguf_leaves(path, dtype, progress)
+        return Model(config=cfg, params=place(leaves, memory_kind), path=path, max_context=max_context or 0)
     if not os.path.isdir(path):
-        what = "a file, not a folder" if os.path.exists(path) else "not a folder"
-        raise CheckpointError(f"{path} is {what}; pass a Hugging Face checkpoint folder or an Orbax folder written "
-                              "by `momjax convert`")
+        raise CheckpointError(f"{path} is not a folder; pass a Hugging Face checkpoint folder, an Orbax folder "
+                              "written by `momjax convert` or a .gguf file")
     if orbax.is_orbax_folder(path):
         cfg, leaves = orbax.read_leaves(path, dtype)
     else:

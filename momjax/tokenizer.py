@@ -1,17 +1,21 @@
-"""Tokenizers from checkpoint folders, chat prompts, and text that streams out as tokens arrive.
+"""Tokenizers from checkpoint folders and GGUF files, chat prompts, and text that streams out as tokens arrive.
 
 Tokenizers load from local files only and never run code shipped with a checkpoint: a folder with a
 tokenizer_config.json goes through `transformers.AutoTokenizer` (local_files_only, no remote code), one
-with only a tokenizer.json through the `tokenizers` library. `StreamDecoder` turns a growing list of token
+with only a tokenizer.json through the `tokenizers` library, and a GGUF file through transformers' GGUF
+support, from the file's metadata alone (its chat template is a string that transformers renders in its
+sandboxed Jinja environment only when a chat prompt is encoded). `StreamDecoder` turns a growing list of token
 ids into text pieces, holding back bytes that do not yet form a whole UTF-8 character.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 
-from momjax.errors import TokenizerError
+from momjax.errors import CheckpointError, TokenizerError
 
 # Files that make a folder's tokenizer loadable (any one of them, with tokenizer_config.json for the last two).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -98,10 +102,14 @@ def has_tokenizer(path: str) -> bool:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer saved in a checkpoint folder (a Hugging Face folder or an Orbax folder from convert)."""
+    """The tokenizer saved in a checkpoint folder (a Hugging Face folder or an Orbax folder from convert), or the
+    one a GGUF file's metadata describes."""
     path = os.path.expanduser(os.fspath(path))
+    if os.path.isfile(path):
+        return Tokenizer(gguf_backend(path), path)
     if not os.path.isdir(path):
-        raise TokenizerError(f"{path} is not a folder; pass the checkpoint folder that holds the tokenizer files")
+        raise TokenizerError(f"{path} is not a folder; pass the checkpoint folder that holds the tokenizer files, "
+                             "or a .gguf file")
     config_path = os.path.join(path, "tokenizer_config.json")
     json_path = os.path.join(path, "tokenizer.json")
     if not has_tokenizer(path):
@@ -131,6 +139,52 @@ def load_tokenizer(path: str) -> Tokenizer:
     finally:
         hf_logging.set_verbosity(verbosity)
     return Tokenizer(backend, path)
+
+
+def gguf_backend(path: str):
+    """transformers' tokenizer built from a GGUF file's metadata alone (vocabulary, merges, special tokens, chat
+    template).
+
+    The file is reached through a link in an empty temporary folder, so tokenizer files that happen to lie
+    beside it (another model's tokenizer_config.json) are never mixed in; nothing is fetched from the network.
+    """
+    from momjax.gguf.file import read_gguf
+
+    try:
+        read_gguf(path)  # a truncated or corrupt header: one clear error, not the reader's traceback
+    except CheckpointError as e:
+        raise TokenizerError(str(e)) from None
+    AutoTokenizer, hf_logging = _import_transformers()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with tempfile.TemporaryDirectory(prefix="momjax-gguf-tokenizer-") as folder:
+            name = os.path.basename(path)
+            try:
+                os.symlink(os.path.abspath(path), os.path.join(folder, name))
+            except OSError:  # no symbolic links here (some Windows setups): read it where it is
+                folder = os.path.dirname(os.path.abspath(path))
+            return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True,
+                                                 trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; all mean "cannot build it"
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerError(f"cannot build a tokenizer from the metadata of {path}: {why}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def save_gguf_tokenizer(path: str, folder: str, names) -> list[str]:
+    """Write a GGUF file's tokenizer into folder as Hugging Face tokenizer files (tokenizer.json,
+    tokenizer_config.json, ...), keeping only the files in names; returns the names written."""
+    backend = gguf_backend(path)
+    with tempfile.TemporaryDirectory(prefix="momjax-gguf-tokenizer-") as scratch:
+        backend.save_pretrained(scratch)
+        written = []
+        for name in sorted(os.listdir(scratch)):
+            if name in names:
+                shutil.copyfile(os.path.join(scratch, name), os.path.join(folder, name))
+                written.append(name)
+    return written
 
 
 class StreamDecoder:

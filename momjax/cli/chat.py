@@ -12,10 +12,11 @@ import time
 
 from momjax.chat import Conversation, common_prefix
 from momjax.cli.common import (
+    MODEL_HELP,
     UsageError,
     add_policy_args,
     add_sampling_args,
-    check_model_folder,
+    check_model_path,
     check_numbers,
     log,
     note_dtype,
@@ -32,7 +33,7 @@ LONG_CONTEXT = 2**31 - 1  # --allow-long-context: no limit of momjax's own (memo
 
 def add_parser(sub, common) -> None:
     p = sub.add_parser("chat", parents=[common], help="chat over stdin/stdout, keeping the KV cache between turns")
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face or Orbax checkpoint folder")
+    p.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
     p.add_argument("--document", metavar="FILE", default=None, help="a text file to prefill once and chat about")
     p.add_argument("--session", metavar="FILE", default=None,
                    help="load the session from FILE if it exists, and save it there on exit (a new file, or a "
@@ -53,7 +54,7 @@ def run(args) -> int:
     from momjax.params import param_bytes
     from momjax.tokenizer import load_tokenizer
 
-    check_model_folder(args.model)
+    check_model_path(args.model)
     check_numbers(args)
     document = None
     if args.document is not None:

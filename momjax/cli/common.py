@@ -101,10 +101,19 @@ def note_dtype(dtype: str) -> None:
             "it); pass --dtype float32 for speed here")
 
 
-def check_model_folder(path: str) -> None:
-    if not os.path.isdir(path):
-        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-        raise UsageError(f"model folder {path} {what}; pass a Hugging Face or Orbax checkpoint folder")
+MODEL_HELP = "Hugging Face or Orbax checkpoint folder, or a .gguf file"
+
+
+def check_model_path(path: str) -> None:
+    """--model: a checkpoint folder or a GGUF file."""
+    from momjax.gguf import is_gguf
+
+    if os.path.isfile(path) and not is_gguf(path):
+        raise UsageError(f"model {path} is a file but not a GGUF file (it does not start with the bytes 'GGUF'); pass "
+                         "a Hugging Face or Orbax checkpoint folder or a .gguf file")
+    if not os.path.exists(path):
+        raise UsageError(f"model {path} does not exist; pass a Hugging Face or Orbax checkpoint folder or a .gguf "
+                         "file")
 
 
 def read_text_file(path: str, what: str) -> str:

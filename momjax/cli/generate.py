@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass
 
 from momjax.cli.common import (
+    MODEL_HELP,
     Interrupts,
     PrefillProgress,
     UsageError,
     add_policy_args,
     add_sampling_args,
-    check_model_folder,
+    check_model_path,
     check_numbers,
     log,
     note_dtype,
@@ -98,7 +99,7 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
 
 def add_parser(sub, common) -> None:
     p = sub.add_parser("generate", parents=[common], help="generate text from a checkpoint folder, streamed to stdout")
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face or Orbax checkpoint folder")
+    p.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", metavar="FILE", help="file with the prompt text ('-' for stdin)")
@@ -122,7 +123,7 @@ def run(args) -> int:
     from momjax.policy import describe_policy
     from momjax.tokenizer import load_tokenizer
 
-    check_model_folder(args.model)
+    check_model_path(args.model)
     check_numbers(args)
     if args.prompt_cache:  # before any work: a path that cannot take the cache is refused now, not after the run
         args.prompt_cache = check_session_path(args.prompt_cache, "--prompt-cache")

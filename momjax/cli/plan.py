@@ -12,7 +12,8 @@ from momjax.cli.common import DTYPES, UsageError
 
 def add_parser(sub, common) -> None:
     p = sub.add_parser("plan", parents=[common], help="longest context each policy fits in a memory budget")
-    p.add_argument("--model", required=True, metavar="PRESET|DIR", help="a preset name or a checkpoint folder")
+    p.add_argument("--model", required=True, metavar="PRESET|PATH",
+                   help="a preset name, a checkpoint folder or a .gguf file")
     p.add_argument("--hbm", default=None, help="accelerator memory, e.g. 80GiB (default: the --target's)")
     p.add_argument("--host-memory", default=None, help="host memory for the offloaded KV cache, e.g. 1TiB")
     p.add_argument("--dtype", choices=DTYPES, default=None,
@@ -38,10 +39,11 @@ def run(args) -> int:
 
     if args.model in PRESETS:
         cfg = PRESETS[args.model]
-    elif os.path.isdir(args.model):
-        cfg = folder_config(args.model)
+    elif os.path.exists(args.model):
+        cfg = folder_config(args.model)  # a checkpoint folder or a .gguf file (another file is refused there)
     else:
-        raise UsageError(f"{args.model} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder")
+        raise UsageError(f"{args.model} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder or .gguf "
+                         "file")
     dtype = args.dtype or cfg.dtype  # the presets are bfloat16 checkpoints
     if args.hbm is None and args.target in (None, "cpu"):
         raise UsageError("give --hbm (e.g. --hbm 80GiB) or a GPU --target whose memory size to use")

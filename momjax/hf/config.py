@@ -157,7 +157,7 @@ _YARN_FIELDS = {"rope_theta", "rope_type", "type", "factor", "original_max_posit
 _DYNAMIC_FIELDS = {"rope_theta", "rope_type", "type", "factor", "original_max_position_embeddings"}
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature for a context `factor` times longer: 0.1 mscale ln(factor) + 1 (1 when
     factor <= 1), in Python floats as transformers computes it."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
@@ -214,9 +214,9 @@ def _rope_fields(hf: dict, rope: dict, f: _Fields, max_positions: int) -> dict:
         attention_factor = r.number("attention_factor", None)
         if attention_factor is None:  # null or absent: from the factor (and mscale / mscale_all_dim when both set)
             if mscale and mscale_all_dim:
-                attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
             else:
-                attention_factor = _yarn_mscale(factor)
+                attention_factor = yarn_mscale(factor)
         beta_fast, beta_slow = r.number("beta_fast", 32.0), r.number("beta_slow", 1.0)
         if beta_fast < beta_slow:
             f.reject("rope_scaling.beta_fast", beta_fast, f"it must be at least beta_slow ({beta_slow}); "

@@ -310,7 +310,8 @@ def _copy_tensor(f, ref: TensorRef, slot: Slot, dest: np.ndarray, scratch: np.nd
         dest[tuple(index)] = block.transpose(slot.perm)
 
 
-def _check_dtype(dtype) -> str:
+def check_dtype(dtype) -> str:
+    """dtype, a name momjax loads weights in; ValueError otherwise."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)} or None, got {dtype!r}")
     return dtype
@@ -322,7 +323,7 @@ def stream_hf_leaves(path: str, cfg: Config, dtype=None, progress: bool = True,
 
     All checks (names, shapes, dtypes, file sizes) run here, before the iterator is returned.
     """
-    dtype = _check_dtype(dtype or cfg.dtype)
+    dtype = check_dtype(dtype or cfg.dtype)
     plan = plan_hf_load(path, cfg)
     return _finite_leaves(_assemble_leaves(plan, param_shapes(cfg), dtype, progress, desc), plan, path, dtype)
 
