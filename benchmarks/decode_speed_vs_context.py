@@ -35,6 +35,7 @@ import time
 
 import momjax
 from momjax import memory
+from momjax.memory.plan import fits, most_resident
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -74,9 +75,9 @@ def estimated_curve(name, policy, target, lengths, hbm) -> list:
     for n in lengths:
         p = policy
         if policy.kv_device_layers:
-            p = memory._most_resident(memory._resolve(name), n, STREAM.replace(kv_dtype=policy.kv_dtype), DTYPE,
+            p = most_resident(memory.resolve(name), n, STREAM.replace(kv_dtype=policy.kv_dtype), DTYPE,
                                       hbm, memory.parse_bytes(HOST), memory.DEFAULT_NEW_TOKENS, "estimate", None)
-        if not memory._fits(memory._resolve(name), n, p, DTYPE, hbm, memory.parse_bytes(HOST),
+        if not fits(memory.resolve(name), n, p, DTYPE, hbm, memory.parse_bytes(HOST),
                             memory.DEFAULT_NEW_TOKENS, memory.estimate):
             continue
         step = memory.estimate(name, n, p, DTYPE, "decode")
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
         results["curves"][model] = {}
         for target in targets:
             hbm = momjax.targets.get(target).memory_bytes
-            cfg = memory._resolve(model)
+            cfg = memory.resolve(model)
             results["curves"][model][target] = {
                 label: estimated_curve(model, p, target, lengths, hbm) for label, p in curve_policies(cfg).items()}
             if args.quick:

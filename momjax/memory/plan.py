@@ -25,7 +25,7 @@ from momjax.policy import get_policy
 from momjax.units import format_bytes, parse_bytes
 
 
-def _fits(cfg, seq_len, policy, dtype, hbm, host, new_tokens, measure) -> bool:
+def fits(cfg, seq_len, policy, dtype, hbm, host, new_tokens, measure) -> bool:
     for phase in ("prefill", "decode"):
         r = measure(cfg, seq_len, policy, dtype=dtype, phase=phase, new_tokens=new_tokens)
         if r["device_bytes"] > hbm or (host is not None and r["host_bytes"] > host):
@@ -47,17 +47,17 @@ def max_context(cfg: Config, policy, hbm_bytes: int, host_bytes: int | None = No
     """
     policy = get_policy(policy)
     measure = _measure(source, target)
-    fits = lambda n: _fits(cfg, n, policy, dtype, hbm_bytes, host_bytes, new_tokens, measure)
-    if not fits(resolution):
+    fits_at = lambda n: fits(cfg, n, policy, dtype, hbm_bytes, host_bytes, new_tokens, measure)
+    if not fits_at(resolution):
         return 0
     lo, hi = resolution, 2 * resolution
-    while fits(hi):
+    while fits_at(hi):
         lo, hi = hi, hi * 2
         if hi > 2**34:
             return lo
     while hi - lo > resolution:  # invariant: fits(lo) and not fits(hi)
         mid = (lo + hi) // 2 // resolution * resolution
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        lo, hi = (mid, hi) if fits_at(mid) else (lo, mid)
     return lo
 
 
@@ -156,11 +156,11 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
         for name in ("baseline", "mom", "mom-stream"):
             policy = get_policy(name).replace(kv_dtype=kv)
             if name == "mom-stream":
-                policy = _most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t)
-            fits = policy is not None and _fits(cfg, context, policy, dtype, hbm, host, new_tokens, measure)
-            entry = dict(policy=name, kv_dtype=kv, fits=bool(fits),
-                         kv_device_layers=None if not fits or name != "mom-stream" else policy.kv_device_layers or 0)
-            if fits:
+                policy = most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t)
+            ok = policy is not None and fits(cfg, context, policy, dtype, hbm, host, new_tokens, measure)
+            entry = dict(policy=name, kv_dtype=kv, fits=bool(ok),
+                         kv_device_layers=None if not ok or name != "mom-stream" else policy.kv_device_layers or 0)
+            if ok:
                 step = measure(cfg, context, policy, dtype=dtype, phase="decode", new_tokens=new_tokens)
                 entry.update(host_to_device_bytes=step["host_to_device_bytes"],
                              device_read_bytes=step["device_read_bytes"], **decode_speed(step, t))
@@ -182,17 +182,17 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
     result["recommended"] = dict(best)
 
 
-def _most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t):
+def most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t):
     """mom-stream with the most layers' prompt K/V kept on the device that still fits at `context` (the
     estimate chooses, the compiled programs confirm when source is "xla"); None when even 0 does not fit."""
     L = cfg.num_layers
-    fits_estimate = lambda r: _fits(cfg, context, policy.replace(kv_device_layers=r), dtype, hbm, host, new_tokens,
+    fits_estimate = lambda r: fits(cfg, context, policy.replace(kv_device_layers=r), dtype, hbm, host, new_tokens,
                                     estimate)
     r = next((r for r in range(L, -1, -1) if fits_estimate(r)), None)
     if r is None:
         r = 0
     if source == "xla":
-        confirm = lambda r: _fits(cfg, context, policy.replace(kv_device_layers=r), dtype, hbm, host, new_tokens,
+        confirm = lambda r: fits(cfg, context, policy.replace(kv_device_layers=r), dtype, hbm, host, new_tokens,
                                   _measure("xla", t))
         while r > 0 and not confirm(r):
             r -= 1
@@ -201,17 +201,17 @@ def _most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t
 
 def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, target=None) -> int:
     """Bisect with the compiled programs within +-30% of the estimate (about ten compiles per policy)."""
-    fits = lambda n: _fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens, _measure("xla", target))
+    fits_at = lambda n: fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens, _measure("xla", target))
     resolution = max(1024, guess // 200 // 1024 * 1024)
     lo, hi = max(int(guess * 0.7) // 1024 * 1024, 1024), int(guess * 1.3) // 1024 * 1024 + 1024
-    if not fits(lo):
+    if not fits_at(lo):
         return max_context(cfg, policy, hbm, host, dtype, new_tokens, source="xla", resolution=resolution,
                            target=target)
-    if fits(hi):
+    if fits_at(hi):
         return hi
     while hi - lo > resolution:
         mid = (lo + hi) // 2 // 1024 * 1024
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        lo, hi = (mid, hi) if fits_at(mid) else (lo, mid)
     return lo
 
 
