@@ -142,7 +142,7 @@ def test_a_session_for_another_dtype_is_refused_and_kept_unless_replace_session(
 
 def test_a_model_path_that_is_a_file_says_so(cli_model, capsys):
     code, _, err = run(["generate", "--model", os.path.join(cli_model, "config.json"), "--prompt", "hi"], capsys)
-    assert code == 2 and "is a file, not a folder" in one_line(err)
+    assert code == 2 and "is a file but not a GGUF file" in one_line(err) and "checkpoint folder" in one_line(err)
 
 
 def test_a_prompt_file_that_is_a_folder_says_so(cli_model, tmp_path, capsys):
