@@ -19,6 +19,7 @@ from momjax.errors import (
 )
 from momjax.loading import Model, load
 from momjax.memory import estimate, memory_report, plan
+from momjax.mesh import make_mesh
 from momjax.policy import POLICIES, MemoryPolicy, get_policy
 from momjax.session import Session
 from momjax.targets import TARGETS
@@ -48,6 +49,7 @@ __all__ = [
     "get_policy",
     "load",
     "load_tokenizer",
+    "make_mesh",
     "memory_report",
     "plan",
     "prefill",

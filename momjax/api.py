@@ -17,6 +17,7 @@ from momjax.cache import KVCache
 from momjax.decoding import collect, decode_stream
 from momjax.errors import InputError
 from momjax.loading import Model, check_model
+from momjax.mesh import in_mesh
 from momjax.memory.fit import check_fits
 from momjax.policy import MemoryPolicy, get_policy
 
@@ -37,7 +38,8 @@ def forward(model: Model, tokens, policy="baseline") -> jax.Array:
         raise InputError("forward takes rows of one length; pad them yourself or call prefill/generate with a list")
     checks.context(model.max_context, S)
     padded, start = _padded(prompts, policy)
-    logits = G.forward_fn(model.params, padded, start, model.config, policy)
+    with in_mesh(model.mesh):
+        logits = G.forward_fn(model.params, padded, start, model.config, policy)
     return logits[:, padded.shape[1] - S:]
 
 
@@ -51,7 +53,8 @@ def prefill(model: Model, tokens, policy="mom", on_layer=None) -> tuple[jax.Arra
     checks.context(model.max_context, longest)
     check_fits(model.config, longest, 0, policy, model.dtype, len(prompts))
     padded, start = _padded(prompts, policy)
-    return G.prefill_fn(model.params, padded, start, model.config, policy, on_layer=on_layer)
+    with in_mesh(model.mesh):
+        return G.prefill_fn(model.params, padded, start, model.config, policy, on_layer=on_layer)
 
 
 @dataclass
@@ -105,13 +108,14 @@ def generate(model: Model, tokens, max_new_tokens: int, policy="mom", temperatur
     check_fits(cfg, longest, max_new_tokens, policy, model.dtype, len(prompts))
 
     padded, start = _padded(prompts, policy)
-    t0 = time.perf_counter()
-    logits, cache = G.prefill_fn(model.params, padded, start, cfg, policy, on_layer=on_layer)
-    logits.block_until_ready()
-    ttft = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    chunks = decode_stream(model.params, cache, logits, sampling, cfg, policy, max_new_tokens, streamed=False)
-    out, lengths = collect(chunks, max_new_tokens, sampling.pad_id, sampling.stop_ids)
-    decode_s = time.perf_counter() - t1
+    with in_mesh(model.mesh):
+        t0 = time.perf_counter()
+        logits, cache = G.prefill_fn(model.params, padded, start, cfg, policy, on_layer=on_layer)
+        logits.block_until_ready()
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        chunks = decode_stream(model.params, cache, logits, sampling, cfg, policy, max_new_tokens, streamed=False)
+        out, lengths = collect(chunks, max_new_tokens, sampling.pad_id, sampling.stop_ids)
+        decode_s = time.perf_counter() - t1
     return Generation(tokens=out, lengths=lengths, pad_id=sampling.pad_id, prompt_tokens=sum(map(len, prompts)),
                       time_to_first_token_s=ttft, decode_s=decode_s, policy=policy.name)

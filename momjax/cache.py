@@ -49,12 +49,14 @@ class KVCache:
     def with_tail(self, tail: int) -> KVCache:
         """Room for `tail` generated tokens (the tail is reset; an int8 tail gets zero scales)."""
         B, K, _, E = self.k[0].shape
-        zeros = lambda: jnp.zeros((B, K, tail, E), self.k[0].dtype)
+        where = _device_twin(self.k[0])
+        zeros = lambda: jnp.zeros((B, K, tail, E), self.k[0].dtype, device=where)
         # Separate buffers: the jitted decode step donates the cache, and a buffer cannot be donated twice.
         new = self.replace(tail_k=tuple(zeros() for _ in self.k), tail_v=tuple(zeros() for _ in self.k),
                            length=jnp.zeros((), jnp.int32))
         if self.quantized:
-            scales = lambda: tuple(jnp.zeros((B, K, tail), jnp.float32) for _ in self.k)
+            where = where and where.update(spec=where.spec[:3])
+            scales = lambda: tuple(jnp.zeros((B, K, tail), jnp.float32, device=where) for _ in self.k)
             new = new.replace(tail_k_scale=scales(), tail_v_scale=scales())
         return new
 
@@ -103,6 +105,13 @@ class KVCache:
     @property
     def memory_kind(self) -> str:
         return self.k[0].sharding.memory_kind
+
+
+def _device_twin(x):
+    """Where a new device array shaped like x goes: x's mesh and split on the device, for an x split over a
+    mesh (momjax.mesh); None (the default device) otherwise, and inside a trace."""
+    s = getattr(x, "sharding", None) if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) else None
+    return s.with_memory_kind("device") if isinstance(s, jax.sharding.NamedSharding) else None
 
 
 def sharding(memory_kind: str, device=None) -> jax.sharding.Sharding:

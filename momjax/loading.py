@@ -23,6 +23,7 @@ from momjax.errors import CheckpointError, InputError
 from momjax.gguf import read_config, stream_gguf_leaves
 from momjax.hf import config as hf_config
 from momjax.hf.tensors import stream_hf_leaves
+from momjax.mesh import check_mesh, leaf_sharding, place_leaf
 from momjax.params import Params, unflatten
 from momjax.store import orbax
 
@@ -42,6 +43,7 @@ class Model:
     path: str | None = None
     max_context: int = 0
     tokenizer_path: str | None = field(default=None, repr=False)
+    mesh: jax.sharding.Mesh | None = field(default=None, repr=False)  # tensor-parallel mesh (momjax.mesh)
     _hash: tuple | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -83,13 +85,15 @@ def folder_config(path: str) -> Config:
     return hf_config.from_folder(path)
 
 
-def load(path: str, dtype: str | None = None, memory_kind: str = "device", progress: bool = True,
-         max_context: int | None = None) -> Model:
+def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None, memory_kind: str = "device",
+         progress: bool = True, max_context: int | None = None) -> Model:
     """Load a HF checkpoint folder (config.json + *.safetensors), an Orbax folder from `momjax convert`, or a GGUF
     file (llama.cpp's format: architectures llama and qwen2, dequantized to dtype; see momjax.gguf).
 
     dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's). memory_kind: "device" (the only
     placement the forward programs run from today; "pinned_host" is refused with an explanation).
+    mesh: a jax.sharding.Mesh with a "tp" axis (momjax.make_mesh(tp=N)): every weight is split over it as it
+    loads (momjax.mesh says how), each device receiving only its piece, and every program runs tensor-parallel.
     max_context: the longest prompt + new tokens accepted (default: the config's context_length).
     Weights holding NaN or inf (or overflowing float16) are refused with a CheckpointError.
     """
@@ -111,7 +115,7 @@ def load(path: str, dtype: str | None = None, memory_kind: str = "device", progr
         raise InputError(f"max_context must be a positive number of tokens or None, got {max_context!r}")
     if os.path.isfile(path):  # a GGUF file (anything else is refused by its header check)
         cfg, leaves = stream_gguf_leaves(path, dtype, progress)
-        return Model(config=cfg, params=place(leaves, memory_kind), path=path, max_context=max_context or 0)
+        return _placed_model(cfg, leaves, path, memory_kind, mesh, max_context)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a folder; pass a Hugging Face checkpoint folder, an Orbax folder "
                               "written by `momjax convert` or a .gguf file")
@@ -120,15 +124,30 @@ def load(path: str, dtype: str | None = None, memory_kind: str = "device", progr
     else:
         cfg = hf_config.from_folder(path)
         leaves = stream_hf_leaves(path, cfg, dtype, progress)
-    return Model(config=cfg, params=place(leaves, memory_kind), path=path, max_context=max_context or 0)
+    return _placed_model(cfg, leaves, path, memory_kind, mesh, max_context)
 
 
-def place(leaves: Iterable[tuple[str, np.ndarray]], memory_kind: str = "device") -> Params:
-    """Params from (flat name, host array) leaves, each placed in memory_kind as it arrives."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=memory_kind)
+def _placed_model(cfg: Config, leaves, path: str, memory_kind: str, mesh, max_context) -> Model:
+    """The Model of a checkpoint whose leaves are still unread: the mesh is checked against its config first."""
+    if mesh is not None:
+        check_mesh(mesh, cfg)
+    return Model(config=cfg, params=place(leaves, memory_kind, mesh), path=path, max_context=max_context or 0,
+                 mesh=mesh)
+
+
+def place(leaves: Iterable[tuple[str, np.ndarray]], memory_kind: str = "device", mesh=None) -> Params:
+    """Params from (flat name, host array) leaves, each placed in memory_kind as it arrives: on the first
+    device, or split over mesh as momjax.mesh says."""
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=memory_kind)
     flat = {}
     for name, x in leaves:
-        flat[name] = _place_leaf(name, x, sharding)
+        if mesh is None:
+            flat[name] = _place_leaf(name, x, single)
+        else:
+            per_layer = name.startswith("layers.")
+            sharding = leaf_sharding(mesh, name.removeprefix("layers."), x.shape[per_layer:], memory_kind)
+            flat[name] = [place_leaf(x[i], sharding) for i in range(x.shape[0])] if per_layer else \
+                place_leaf(x, sharding)
         nbytes = x.nbytes
         del x
         release_memory(nbytes)

@@ -29,6 +29,7 @@ import numpy as np
 from momjax.attention import blockwise_attention, decode_attention
 from momjax.cache import KVCache, quantize_kv, to_memory_kind
 from momjax.config import Config
+from momjax.mesh import replicate, tensor_parallel
 from momjax.minisequence import chunk_map, last_position
 from momjax.params import LayerParams, Params
 from momjax.policy import MemoryPolicy
@@ -70,7 +71,7 @@ def linear(x, w):
     the order of a float sum, the same way in every policy."""
     *lead, I = x.shape
     rows = int(np.prod(lead))
-    if rows > FEW_ROWS or I % 2:
+    if rows > FEW_ROWS or I % 2 or tensor_parallel():  # split over a mesh, each device's product is smaller
         return x @ w
     flat = x.reshape(rows, I)
     out = jax.lax.platform_dependent(flat, w, cpu=_halves_product, default=lambda x, w: x @ w)
@@ -165,9 +166,9 @@ def _attend_and_mlp(lp, x_c, pos_c, q_offset, k, v, start, cfg, policy, inv_freq
         q, k, v, q_offset, start, window=cfg.sliding_window, q_block=policy.q_block, kv_block=policy.kv_block,
         k_scale=k_scale, v_scale=v_scale,
     )  # [B, C, H, E]
-    x_c = x_c + project_o(lp, o)
+    x_c = replicate(x_c + project_o(lp, o))
     if with_mlp:
-        x_c = x_c + mlp(lp, rms_norm(x_c, lp.mlp_norm, cfg.rms_norm_eps))
+        x_c = replicate(x_c + mlp(lp, rms_norm(x_c, lp.mlp_norm, cfg.rms_norm_eps)))
     return x_c
 
 
@@ -278,9 +279,9 @@ def embed_chunks(params: Params, tokens, start, chunk: int):
     to_chunks = lambda t: jnp.moveaxis(t.reshape(B, N, chunk), 1, 0)
     tok, pos = to_chunks(tokens), to_chunks(pos)
     if N == 1:
-        return params.embed[tok], pos
+        return replicate(params.embed[tok]), pos
     # Gathered one chunk at a time into the output: a single gather would also build it in a temporary.
-    fill = lambda c, x: jax.lax.dynamic_update_index_in_dim(x, params.embed[tok[c]], c, axis=0)
+    fill = lambda c, x: jax.lax.dynamic_update_index_in_dim(x, replicate(params.embed[tok[c]]), c, axis=0)
     x = jnp.zeros((N, B, chunk, params.embed.shape[1]), params.embed.dtype)
     return jax.lax.fori_loop(0, N, fill, x), pos
 
@@ -325,7 +326,7 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
     q_index = cache.prompt_end + step
     positions = (q_index - cache.start)[:, None]  # [B, 1]
     inv_freq = rope_frequencies(cfg, jnp.max(positions) + 1)  # the longest row's length with this token
-    x = params.embed[token][:, None, :]  # [B, 1, D]
+    x = replicate(params.embed[token][:, None, :])  # [B, 1, D]
     # Layers below `resident` have their prompt K/V on the device (all of them unless the policy streams);
     # the others are fetched from the host one at a time: the first streamed layer's copy is issued before
     # any math, so it overlaps the resident layers' compute, and layer l+1's copy once layer l's attention
@@ -363,8 +364,8 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
         if cache.quantized:
             tail_scales_k.append(put(cache.tail_k_scale[l], k_new_scale))
             tail_scales_v.append(put(cache.tail_v_scale[l], v_new_scale))
-        x = x + project_o(lp, o)
-        x = x + mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
+        x = replicate(x + project_o(lp, o))
+        x = replicate(x + mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)))
     logits = lm_head(params, rms_norm(x, params.final_norm, cfg.rms_norm_eps))[:, 0]  # [B, V]
     cache = cache.replace(tail_k=tuple(tails_k), tail_v=tuple(tails_v), length=step + 1)
     if cache.quantized:

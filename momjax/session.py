@@ -40,6 +40,7 @@ from momjax.decoding import DecodeStats, collect, decode_stream
 from momjax.errors import InputError, SessionError
 from momjax.loading import Model, check_model
 from momjax.memory.fit import check_fits
+from momjax.mesh import in_mesh, inputs_on, iterate_in, kv_sharding
 from momjax.policy import MemoryPolicy, get_policy
 
 
@@ -67,13 +68,19 @@ def _grow_impl(buf, capacity: int, memory_kind: str):
 _grow = jax.jit(_grow_impl, static_argnames=("capacity", "memory_kind"))
 
 
-def _placed_buffer(values: np.ndarray, capacity: int, memory_kind: str):
-    """A buffer [B, K, capacity, ...] holding values [B, K, n, ...] in its first n positions, placed in
-    memory_kind."""
+def _buffer_sharding(model: Model, ndim: int, memory_kind: str):
+    """Where a session buffer of ndim dimensions lives: the first device, or split on its KV heads over the
+    model's mesh, in memory_kind."""
+    return sharding(memory_kind) if model.mesh is None else kv_sharding(model.mesh, ndim, memory_kind)
+
+
+def _placed_buffer(values: np.ndarray, capacity: int, where):
+    """A buffer [B, K, capacity, ...] holding values [B, K, n, ...] in its first n positions, placed at `where`
+    (a sharding)."""
     n = values.shape[2]
     buf = np.zeros((*values.shape[:2], capacity, *values.shape[3:]), values.dtype)
     buf[:, :, :n] = values
-    return jax.device_put(buf, sharding(memory_kind))
+    return jax.device_put(buf, where)
 
 
 # ---------------------------------------------------------------------- the session
@@ -194,12 +201,13 @@ class Session:
         self._reserve(offset + n)
         tokens = np.zeros((1, width), np.int32)  # right padding: causally invisible to the real tokens
         tokens[0, :n] = ids
-        tokens = jnp.asarray(tokens)
-        t0 = time.perf_counter()  # compiled ahead (JAX keeps them), so the time spent compiling is known
-        programs = G.compile_feed(self.model.params, tokens, self._k[0], self._v[0], cfg, self.policy)
-        self.last_feed_compile_s = time.perf_counter() - t0
-        logits, self._k, self._v = G.feed_fn(self.model.params, tokens, self._k, self._v, offset, n, cfg, self.policy,
-                                             on_layer=on_layer, compiled=programs)
+        tokens = inputs_on(self.model.mesh, tokens)
+        with in_mesh(self.model.mesh):
+            t0 = time.perf_counter()  # compiled ahead (JAX keeps them), so the time spent compiling is known
+            programs = G.compile_feed(self.model.params, tokens, self._k[0], self._v[0], cfg, self.policy)
+            self.last_feed_compile_s = time.perf_counter() - t0
+            logits, self._k, self._v = G.feed_fn(self.model.params, tokens, self._k, self._v, offset, n, cfg,
+                                                 self.policy, on_layer=on_layer, compiled=programs)
         self._tokens.extend(ids)
         return logits
 
@@ -211,7 +219,9 @@ class Session:
         capacity = G.bucket_length(needed, self.policy)
         if not self._k:
             shape = (1, cfg.num_kv_heads, capacity, cfg.head_dim)
-            zeros = lambda shape, dtype: jax.device_put(jnp.zeros(shape, dtype), sharding(kind))
+            where = lambda shape, kind: _buffer_sharding(self.model, len(shape), kind)
+            zeros = lambda shape, dtype: jax.device_put(jnp.zeros(shape, dtype, device=where(shape, "device")),
+                                                        where(shape, kind))
             if self.policy.quantized_kv:
                 buffer = lambda: (zeros(shape, jnp.int8), zeros(shape[:3], jnp.float32))
             else:
@@ -221,9 +231,10 @@ class Session:
             return
         ks, vs = list(self._k), list(self._v)
         grow = lambda buf: jax.tree.map(lambda b: _grow(b, capacity=capacity, memory_kind=kind), buf)
-        for i in range(cfg.num_layers):  # one layer at a time: never two copies of the whole cache
-            ks[i] = grow(ks[i])
-            vs[i] = grow(vs[i])
+        with in_mesh(self.model.mesh):
+            for i in range(cfg.num_layers):  # one layer at a time: never two copies of the whole cache
+                ks[i] = grow(ks[i])
+                vs[i] = grow(vs[i])
         self._k, self._v = tuple(ks), tuple(vs)
 
     def decode_cache(self) -> KVCache:
@@ -286,8 +297,9 @@ class Session:
         decoding = DecodeStats()
         answer = []
         try:
-            for chunk in decode_stream(self.model.params, self.decode_cache(), logits, sampling, cfg, self.policy,
-                                       max_new_tokens, stats=decoding, streamed=streamed):
+            chunks = decode_stream(self.model.params, self.decode_cache(), logits, sampling, cfg, self.policy,
+                                   max_new_tokens, stats=decoding, streamed=streamed)
+            for chunk in iterate_in(self.model.mesh, chunks):
                 if not answer:
                     stats["time_to_first_token_s"] = time.perf_counter() - t0
                 stats.update(decode_s=decoding.decode_s, decode_compile_s=decoding.decode_compile_s,
@@ -315,7 +327,7 @@ class Session:
             for name, bufs in (("k", self._k), ("v", self._v)):
                 pieces = bufs[i] if self.policy.quantized_kv and bufs else (bufs[i],) if bufs else ()
                 for j, (suffix, shape, dtype) in enumerate(parts):
-                    valid = np.asarray(pieces[j][:, :, :n]) if pieces else np.zeros(shape, dtype)
+                    valid = np.asarray(jax.device_get(pieces[j]))[:, :, :n] if pieces else np.zeros(shape, dtype)
                     tensors[f"{name}{suffix}.{i}"] = np.ascontiguousarray(valid)
         session_file.write(path, tensors, self.policy, session_file.fingerprint(self.model), self.info)
 
@@ -357,7 +369,7 @@ class Session:
             if name == "tokens":
                 ids = t.tolist()
             elif n:
-                buffers[name] = _placed_buffer(t, room, kind)
+                buffers[name] = _placed_buffer(t, room, _buffer_sharding(model, t.ndim, kind))
         if any(not 0 <= t < cfg.vocab_size for t in ids):
             raise SessionError(f"{where} holds token ids outside the vocabulary")
         if n:

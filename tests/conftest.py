@@ -11,6 +11,11 @@ from __future__ import annotations
 import os
 import sys
 
+# Four virtual CPU devices, set before JAX starts, so the mesh tests (test_mesh.py) split models over 1, 2 and 4
+# devices in this process. Everything else runs on the first device, as on a machine with one.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
 import numpy as np
 import pytest
 import torch

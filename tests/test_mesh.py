@@ -1,0 +1,175 @@
+"""Tensor parallelism on a mesh of 1, 2 and 4 virtual CPU devices (conftest.py starts JAX with four).
+
+Each family runs split over the mesh and on one device: greedy tokens identical, logits within float tolerance,
+for every policy, int8 K/V and kv_device_layers, sampling with a seed, and Sessions (feed, generate, rewind,
+save on one mesh and load on another). The compiled decode step is read: each layer holds exactly the two
+all-reduces tensor parallelism needs, and nothing gathers a weight. Families with 2 KV heads run on 2 devices,
+families with 4 KV heads on 4; a degree that does not divide the heads is refused (KV heads are not replicated).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from conftest import hf_greedy, random_tokens, rel_err
+
+import momjax
+import tiny
+from momjax import generation as G
+from momjax.cache import place_for_decode
+from momjax.mesh import in_mesh
+
+# Families with 4 KV heads, so that 4 devices split them: Qwen2 (biases; a vocabulary of 320 splits on 4) and
+# Mistral (sliding window; a vocabulary of 258 does not split on 4, so the LM head splits on its hidden axis).
+WIDE = {
+    "qwen2-k4": (transformers.Qwen2Config, dict(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)),
+    "mistral-k4": (transformers.MistralConfig, dict(
+        vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=512, sliding_window=7, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
+}
+# (family, tensor-parallel degree): every family on 2 devices, one of each on 4.
+CASES = [("llama-gqa", 2), ("qwen2", 2), ("mistral-window", 2), ("llama31-mha", 4), ("qwen2-k4", 4),
+         ("mistral-k4", 4)]
+POLICIES = ["baseline", "mom", "mom-stream"]
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """family -> (HF model, checkpoint folder) for the WIDE families."""
+    out = {}
+    for name in WIDE:
+        hf = tiny.build_hf_model(name, families=WIDE)
+        out[name] = (hf, tiny.save_checkpoint(hf, str(tmp_path_factory.mktemp(name))))
+    return out
+
+
+def folder_of(zoo, wide, family):
+    return wide[family][1] if family in wide else zoo.folder(family)
+
+
+def hf_of(zoo, wide, family):
+    return wide[family][0] if family in wide else zoo.hf(family)
+
+
+def load(folder, tp=None):
+    return momjax.load(folder, dtype="float32", progress=False, mesh=None if tp is None else momjax.make_mesh(tp=tp))
+
+
+@pytest.mark.parametrize("family,tp", CASES)
+def test_every_policy_on_a_mesh_equals_one_device_and_transformers(zoo, wide, family, tp):
+    folder = folder_of(zoo, wide, family)
+    one, split = load(folder), load(folder, tp)
+    prompts = [random_tokens(one.config.vocab_size, (40,), 1).tolist(), random_tokens(one.config.vocab_size, (23,),
+                                                                                     2).tolist()]
+    reference = hf_greedy(hf_of(zoo, wide, family), prompts[0], NEW)
+    for policy in POLICIES:
+        tokens = momjax.generate(split, prompts, NEW, policy=policy, stop_tokens=[]).as_lists()
+        assert tokens == momjax.generate(one, prompts, NEW, policy=policy, stop_tokens=[]).as_lists(), policy
+        assert tokens[0] == reference, policy
+        full = np.asarray(prompts[0])[None]
+        assert rel_err(momjax.forward(split, full, policy=policy), momjax.forward(one, full, policy=policy)) < 1e-5
+
+
+def test_each_device_holds_its_share_of_every_split_weight(zoo, wide):
+    model = load(folder_of(zoo, wide, "qwen2-k4"), 4)
+    cfg, lp = model.config, model.params.layers[0]
+    expected = {"wq": (cfg.hidden_size, 2, cfg.head_dim), "wk": (cfg.hidden_size, 1, cfg.head_dim),
+                "wo": (2, cfg.head_dim, cfg.hidden_size), "w_up": (cfg.hidden_size, cfg.intermediate_size // 4),
+                "w_down": (cfg.intermediate_size // 4, cfg.hidden_size), "bq": (2, cfg.head_dim)}
+    for name, shape in expected.items():
+        shards = getattr(lp, name).addressable_shards
+        assert sorted(s.device.id for s in shards) == [0, 1, 2, 3], name
+        assert {s.data.shape for s in shards} == {shape}, name
+    assert {s.data.shape for s in model.params.embed.addressable_shards} == {(cfg.vocab_size // 4, cfg.hidden_size)}
+    # A vocabulary that does not divide: the embedding is whole on each device, the LM head split on its input.
+    odd = load(folder_of(zoo, wide, "mistral-k4"), 4)
+    assert {s.data.shape for s in odd.params.embed.addressable_shards} == {odd.params.embed.shape}
+    assert {s.data.shape for s in odd.params.lm_head.addressable_shards} == {(odd.config.hidden_size // 4, 258)}
+
+
+def collectives(text: str) -> dict:
+    ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", text)
+    return {op: ops.count(op) for op in set(ops)}
+
+
+@pytest.mark.parametrize("policy", ["mom", "mom-stream"])
+def test_decode_step_has_two_all_reduces_per_layer_and_gathers_no_weight(zoo, wide, policy):
+    model = load(folder_of(zoo, wide, "qwen2-k4"), 4)
+    cfg, pol = model.config, momjax.get_policy(policy)
+    _, cache = momjax.prefill(model, [[5] * 40], policy=pol)
+    assert cache.k[0].sharding.spec[1] == "tp" and cache.k[0].sharding.memory_kind == "pinned_host"
+    cache = place_for_decode(cache, pol).with_tail(4)
+    assert cache.tail_k[0].sharding.spec[1] == "tp"
+    with in_mesh(model.mesh):
+        text = G.decode_step_fn.lower(model.params, jnp.zeros((1,), jnp.int32), cache, cfg=cfg,
+                                      policy=pol).compile().as_text()
+    found = collectives(text)
+    # Two all-reduces of the residual stream per layer; the vocabulary-split LM head adds none (its logits stay
+    # split), the embedding lookup one (each device holds a quarter of the rows).
+    residual = re.findall(rf"f32\[1,1,{cfg.hidden_size}\]\{{[^}}]*\}} all-reduce\(", text)
+    assert len(residual) == 2 * cfg.num_layers, found
+    assert found.get("all-reduce") == 2 * cfg.num_layers + 1, found
+    assert found.get("all-gather", 0) == 0 and found.get("all-to-all", 0) == 0, found
+    assert found.get("collective-permute", 0) == 0, found
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_int8_kv_device_layers_and_sampling_on_a_mesh(zoo, policy):
+    one, split = load(zoo.folder("llama-gqa")), load(zoo.folder("llama-gqa"), 2)
+    prompts = [random_tokens(one.config.vocab_size, (37,), 3).tolist()] * 2
+    pol = momjax.get_policy(policy).replace(kv_dtype="int8")
+    if policy == "mom-stream":
+        pol = pol.replace(kv_device_layers=1)
+    args = dict(policy=pol, stop_tokens=[])
+    assert momjax.generate(split, prompts, NEW, **args).as_lists() == momjax.generate(one, prompts, NEW,
+                                                                                       **args).as_lists()
+    sampled = dict(policy=policy, temperature=0.9, top_k=20, top_p=0.9, seed=7, stop_tokens=[])
+    assert momjax.generate(split, prompts, NEW, **sampled).as_lists() == momjax.generate(one, prompts, NEW,
+                                                                                          **sampled).as_lists()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_session_on_a_mesh_saves_and_loads_across_device_counts(zoo, wide, tmp_path, policy):
+    folder = folder_of(zoo, wide, "llama31-mha")
+    one, two, four = load(folder), load(folder, 2), load(folder, 4)
+    doc, question = random_tokens(one.config.vocab_size, (45,), 4).tolist(), [7, 8, 9]
+    expected = momjax.generate(one, [doc + question], NEW, policy=policy, stop_tokens=[]).as_lists()
+    s = momjax.Session(four, policy=policy)
+    s.feed(doc)
+    assert s.generate(question, NEW, stop_tokens=[]).as_lists() == expected
+    s.rewind(len(doc))
+    assert s.generate(question, NEW, stop_tokens=[]).as_lists() == expected
+    s.rewind(len(doc))
+    s.save(str(tmp_path / "four.session"))
+    for model in (one, two):  # saved on 4 devices, loaded on 1 and on 2
+        loaded = momjax.Session.load(model, str(tmp_path / "four.session"))
+        assert loaded.generate(question, NEW, stop_tokens=[]).as_lists() == expected
+    back = momjax.Session(one, policy=policy)  # and the reverse: saved on 1, loaded on 4
+    back.feed(doc)
+    back.save(str(tmp_path / "one.session"))
+    assert momjax.Session.load(four, str(tmp_path / "one.session")).generate(
+        question, NEW, stop_tokens=[]).as_lists() == expected
+
+
+def test_a_mesh_the_model_cannot_use_is_refused(zoo):
+    folder = zoo.folder("llama-gqa")  # 4 query heads, 2 KV heads
+    with pytest.raises(momjax.InputError, match=r"degree of 4 does not divide .* 2 KV heads.*degrees that work: 1, 2"):
+        load(folder, 4)
+    with pytest.raises(momjax.InputError, match="no 'tp' axis"):
+        momjax.load(folder, progress=False, mesh=jax.make_mesh((2,), ("x",)))
+    with pytest.raises(momjax.InputError, match=r"needs 8 devices; 4 are visible"):
+        momjax.make_mesh(tp=8)
+    with pytest.raises(momjax.InputError, match="tp must be a positive number"):
+        momjax.make_mesh(tp=0)
+    with pytest.raises(momjax.InputError, match="mesh must be a jax.sharding.Mesh"):
+        momjax.load(folder, progress=False, mesh="tp=2")
