@@ -19,7 +19,7 @@ from momjax.errors import (
 )
 from momjax.loading import Model, load
 from momjax.memory import estimate, memory_report, plan
-from momjax.mesh import make_mesh
+from momjax.mesh import distributed_init, make_mesh
 from momjax.policy import POLICIES, MemoryPolicy, get_policy
 from momjax.session import Session
 from momjax.targets import TARGETS
@@ -43,6 +43,7 @@ __all__ = [
     "TargetError",
     "Tokenizer",
     "TokenizerError",
+    "distributed_init",
     "estimate",
     "forward",
     "generate",

@@ -49,6 +49,34 @@ _SPLIT = {
 }
 
 
+def distributed_init(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+                     local_device_ids=None) -> None:
+    """Join this process to a multi-process JAX run (jax.distributed.initialize) before anything touches a
+    device; afterwards jax.devices() (and so make_mesh) spans every process's devices, and each process loads
+    and places only its own devices' pieces of each weight.
+
+    coordinator "HOST:PORT" (process 0 listens there), num_processes, process_id: as jax.distributed.initialize
+    takes them; None lets jax read them from the environment (e.g. JAX_COORDINATOR_ADDRESS, or a cluster
+    manager such as SLURM). On CPUs the collectives between processes go over gloo.
+    """
+    if coordinator is not None and (not isinstance(coordinator, str) or coordinator.count(":") != 1
+                                    or not coordinator.rsplit(":", 1)[1].isdigit()):
+        raise InputError(f"coordinator must be 'HOST:PORT' (e.g. '10.0.0.1:1234'), got {coordinator!r}")
+    for name, n, low in (("num_processes", num_processes, 1), ("process_id", process_id, 0)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < low):
+            raise InputError(f"{name} must be an integer >= {low}, got {n!r}")
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise InputError(f"process_id {process_id} is out of range for {num_processes} processes (0 to "
+                         f"{num_processes - 1})")
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids=local_device_ids)
+    except RuntimeError as e:
+        raise InputError(f"cannot join the distributed run: {e}. Call momjax.distributed_init before anything else "
+                         "uses JAX (loading a model, listing devices), once per process") from None
+
+
 def make_mesh(tp: int = 1, dp: int = 1, devices=None) -> Mesh:
     """A mesh of dp x tp devices with axes ("dp", "tp"), from the visible devices (all processes' devices
     after momjax.distributed_init) or the given ones, in their order: tensor-parallel groups are neighbours."""
@@ -145,13 +173,18 @@ def iterate_in(mesh: Mesh | None, items):
     """Iterate a generator with each of its steps run in `in_mesh(mesh)` (a `with` around a generator's yields
     would leak the mesh into the caller between steps)."""
     items = iter(items)
-    while True:
-        with in_mesh(mesh):
-            try:
-                item = next(items)
-            except StopIteration:
-                return
-        yield item
+    try:
+        while True:
+            with in_mesh(mesh):
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+            yield item
+    finally:  # closed early: close the generator inside too (its own cleanup runs now, in the mesh)
+        if hasattr(items, "close"):
+            with in_mesh(mesh):
+                items.close()
 
 
 def tensor_parallel() -> bool:

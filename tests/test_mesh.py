@@ -173,3 +173,58 @@ def test_a_mesh_the_model_cannot_use_is_refused(zoo):
         momjax.make_mesh(tp=0)
     with pytest.raises(momjax.InputError, match="mesh must be a jax.sharding.Mesh"):
         momjax.load(folder, progress=False, mesh="tp=2")
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory) -> str:
+    """The demo checkpoint (4 query heads, 2 KV heads) with its tokenizer and chat template."""
+    from momjax import demo_model
+
+    return demo_model.write_checkpoint(str(tmp_path_factory.mktemp("mesh-cli")))
+
+
+def cli(argv, capsys, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    from momjax.cli import main
+
+    if stdin is not None:
+        import io
+
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("policy", ["mom-stream", "auto"])
+def test_generate_and_chat_on_two_devices_print_what_one_device_prints(demo_folder, capsys, monkeypatch, policy):
+    base = ["generate", "--model", demo_folder, "--prompt", "Tell me about meshes.", "--max-new-tokens", "12",
+            "--quiet", "--policy", policy]
+    code, one, err = cli(base, capsys)
+    assert code == 0, err
+    code, two, err = cli([*base, "--devices", "2"], capsys)
+    assert code == 0, err
+    assert two == one and one.strip()
+    chat = ["chat", "--model", demo_folder, "--max-new-tokens", "8", "--quiet", "--policy", policy]
+    code, one, err = cli(chat, capsys, "Hello\nAnd again\n/quit\n", monkeypatch)
+    assert code == 0, err
+    code, two, err = cli([*chat, "--devices", "2"], capsys, "Hello\nAnd again\n/quit\n", monkeypatch)
+    assert code == 0, err
+    assert two == one
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--devices", "4"], "--devices 4: a tensor-parallel degree of 4 does not divide this model's 4 query heads and 2 "
+                         "KV heads"),
+    (["--devices", "8"], "--devices 8: a mesh of tp=8 x dp=1 needs 8 devices; 4 are visible"),
+    (["--devices", "0"], "--devices 0: tp must be a positive number of devices"),
+    (["--coordinator", "127.0.0.1:1"], "needs all three of --coordinator HOST:PORT, --num-processes N and "
+                                       "--process-id I"),
+])
+def test_bad_device_arguments_are_one_line_errors(demo_folder, capsys, argv, needle):
+    code, out, err = cli(["generate", "--model", demo_folder, "--prompt", "hi", *argv], capsys)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("momjax: error: ") and needle in lines[0], err

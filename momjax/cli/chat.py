@@ -14,6 +14,7 @@ from momjax.chat import Conversation, common_prefix
 from momjax.cli.common import (
     MODEL_HELP,
     UsageError,
+    add_device_args,
     add_policy_args,
     add_sampling_args,
     check_model_path,
@@ -23,6 +24,7 @@ from momjax.cli.common import (
     note_sampling,
     read_text_file,
     resolve_policy,
+    start_devices,
 )
 from momjax.cli.sessions import add_session_args, check_session_path, load_or_new_session, stream_answer, summary
 from momjax.loading import folder_config
@@ -40,6 +42,7 @@ def add_parser(sub, common) -> None:
                         "momjax session file: any other file is refused)")
     add_session_args(p)
     add_policy_args(p)
+    add_device_args(p)
     add_sampling_args(p, 256, "longest answer per turn")
     p.add_argument("--allow-long-context", action="store_true",
                    help="let the conversation run past the model's trained context (outputs may degrade)")
@@ -65,8 +68,10 @@ def run(args) -> int:
         args.session = check_session_path(args.session, "--session")
     note_sampling(args)
     tok = load_tokenizer(args.model)
-    note_dtype(args.dtype or folder_config(args.model).dtype)
-    model = momjax.load(args.model, dtype=args.dtype, progress=not args.quiet,
+    cfg = folder_config(args.model)
+    note_dtype(args.dtype or cfg.dtype)
+    mesh = start_devices(args, cfg)  # before anything touches a device
+    model = momjax.load(args.model, dtype=args.dtype, mesh=mesh, progress=not args.quiet,
                         max_context=LONG_CONTEXT if args.allow_long_context else None)
     convo = Conversation(tok, document)
     doc_ids = convo.document_tokens()

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from momjax.errors import MomjaxError
+from momjax.errors import InputError, MomjaxError
 
 COMPILE_CACHE_ENV = "MOMJAX_COMPILATION_CACHE"
 POLICY_NAMES = ("baseline", "mom", "mom-stream")
@@ -150,6 +150,48 @@ def add_policy_args(p) -> None:
                    help="with mom-stream: keep the first N layers' prompt K/V on the device, stream the rest")
     p.add_argument("--hbm", default=None, help="device memory --policy auto may use, e.g. 20GiB (default: the "
                                                "device's memory; this machine's RAM on a CPU)")
+
+
+def add_device_args(p, processes: bool = True) -> None:
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="split the model tensor-parallel over N devices (default 1); N must divide its query and KV "
+                        "heads")
+    if processes:
+        p.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                       help="join a run of several processes (hosts): process 0's address; with --num-processes "
+                            "and --process-id, and --devices counting every process's devices")
+        p.add_argument("--num-processes", type=int, default=None, metavar="N")
+        p.add_argument("--process-id", type=int, default=None, metavar="I")
+
+
+def start_devices(args, cfg):
+    """The mesh the command line asks for (None for one device), after joining a multi-process run when
+    --coordinator is given: called before anything touches a device."""
+    from momjax.mesh import check_mesh, distributed_init, make_mesh
+
+    parts = (args.coordinator, args.num_processes, args.process_id)
+    if any(x is not None for x in parts):
+        if any(x is None for x in parts):
+            raise UsageError("a run of several processes needs all three of --coordinator HOST:PORT, "
+                             "--num-processes N and --process-id I")
+        try:
+            distributed_init(args.coordinator, args.num_processes, args.process_id)
+        except InputError as e:
+            raise UsageError(str(e)) from None
+    if args.num_processes not in (None, 1):
+        import jax
+
+        if args.devices != len(jax.devices()):
+            raise UsageError(f"--devices {args.devices}: a run of {args.num_processes} processes splits the model "
+                             f"over all their devices; give --devices {len(jax.devices())}")
+    elif args.devices == 1:
+        return None
+    try:
+        mesh = make_mesh(tp=args.devices)
+        check_mesh(mesh, cfg)
+    except InputError as e:
+        raise UsageError(f"--devices {args.devices}: {e}") from None
+    return mesh
 
 
 def add_sampling_args(p, max_new_tokens: int, max_help: str | None = None) -> None:

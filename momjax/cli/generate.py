@@ -18,6 +18,7 @@ from momjax.cli.common import (
     Interrupts,
     PrefillProgress,
     UsageError,
+    add_device_args,
     add_policy_args,
     add_sampling_args,
     check_model_path,
@@ -28,6 +29,7 @@ from momjax.cli.common import (
     peak_device_memory,
     read_prompt,
     resolve_policy,
+    start_devices,
 )
 from momjax.cli.sessions import add_session_args, check_session_path, generate_with_prompt_cache
 
@@ -62,11 +64,18 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
     (a PrefillProgress, True for a new one, or None for prompts of LONG_PREFILL tokens or more). The caller
     checks the context length.
     """
-    import jax.numpy as jnp
+    from momjax.mesh import iterate_in
 
+    return iterate_in(model.mesh, _stream_tokens(model, prompt, max_new_tokens, policy, temperature, top_k, top_p,
+                                                 seed, stop_tokens, stats, progress))
+
+
+def _stream_tokens(model, prompt, max_new_tokens, policy, temperature, top_k, top_p, seed, stop_tokens, stats,
+                   progress):
     from momjax import checks
     from momjax import generation as G
     from momjax.decoding import DecodeStats, decode_stream
+    from momjax.mesh import inputs_on
     from momjax.policy import get_policy
 
     policy = get_policy(policy)
@@ -78,7 +87,7 @@ def stream_tokens(model, prompt: list[int], max_new_tokens: int, policy="mom", t
         progress = len(prompt) >= LONG_PREFILL
     on_layer = (progress if isinstance(progress, PrefillProgress) else PrefillProgress()) if progress else None
     tokens, start = G.left_pad([prompt], G.bucket_length(len(prompt), policy))
-    tokens, start = jnp.asarray(tokens), jnp.asarray(start)
+    tokens, start = inputs_on(model.mesh, tokens), inputs_on(model.mesh, start)
     t0 = time.perf_counter()
     programs = G.compile_prefill(model.params, tokens, start, cfg, policy)  # what momjax.prefill runs
     stats.prefill_compile_s = time.perf_counter() - t0
@@ -106,6 +115,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     add_sampling_args(p, 128)
     add_policy_args(p)
+    add_device_args(p)
     p.add_argument("--allow-long-context", action="store_true",
                    help="accept prompts longer than the model's trained context")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -145,10 +155,11 @@ def run(args) -> int:
                 "trained length (outputs may degrade)")
 
     check_context(cfg.context_length)  # before the weights are read: refuse what cannot run, fast
+    mesh = start_devices(args, cfg)  # before anything touches a device
     policy = resolve_policy(args, cfg, total, args.dtype or cfg.dtype, None if args.quiet else log)
     check_fits(cfg, len(ids), args.max_new_tokens, policy, args.dtype or cfg.dtype)
     note_dtype(args.dtype or cfg.dtype)
-    model = momjax.load(args.model, dtype=args.dtype, progress=not args.quiet,
+    model = momjax.load(args.model, dtype=args.dtype, mesh=mesh, progress=not args.quiet,
                         max_context=max(cfg.context_length, total))
 
     if args.prompt_cache:
