@@ -215,3 +215,10 @@ def memory_request(**args) -> None:
             raise InputError(f"{name} must be a size of at least {minimum} bytes, got {value!r}")
         if parse_bytes(value) < minimum:
             raise InputError(f"{name} must be a size of at least {minimum} bytes, got {value!r}")
+
+
+def devices(n) -> int:
+    """A tensor-parallel degree for plans and reports: a positive number of devices."""
+    if not is_int(n) or n < 1:
+        raise InputError(f"devices must be a positive number of devices, got {n!r}")
+    return int(n)

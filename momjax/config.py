@@ -152,6 +152,18 @@ PRESETS: dict[str, Config] = {
         head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, qkv_bias=True,
         eos_token_ids=(151645, 151643), model_type="qwen2", dtype="bfloat16",
     ),
+    "llama-3.1-70b": Config(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
+        head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, rope_type="llama3", rope_factor=8.0,
+        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_position=8192,
+        max_position_embeddings=131072, eos_token_ids=(128001, 128008, 128009), bos_token_id=128000,
+        model_type="llama", dtype="bfloat16",
+    ),
+    "qwen2.5-72b": Config(
+        vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_layers=80, num_heads=64, num_kv_heads=8,
+        head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, qkv_bias=True,
+        eos_token_ids=(151645, 151643), model_type="qwen2", dtype="bfloat16",
+    ),
     "mistral-nemo-12b": Config(
         vocab_size=131072, hidden_size=5120, intermediate_size=14336, num_layers=40, num_heads=32, num_kv_heads=8,
         head_dim=128, rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=1024000,

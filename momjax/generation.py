@@ -26,6 +26,7 @@ import numpy as np
 from momjax import model as M
 from momjax.cache import KVCache
 from momjax.config import Config
+from momjax.mesh import embed_lookup
 from momjax.policy import MemoryPolicy
 
 MIN_BUCKET = 16
@@ -284,7 +285,7 @@ def feed_embed_fn(embed, tokens, offset, chunk: int):
     B, W = tokens.shape
     to_chunks = lambda t: jnp.moveaxis(t.reshape(B, W // chunk, chunk), 1, 0)
     pos = jnp.broadcast_to(offset + jnp.arange(W, dtype=jnp.int32), (B, W))
-    return embed[to_chunks(tokens)], to_chunks(pos)
+    return embed_lookup(embed, to_chunks(tokens)), to_chunks(pos)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("x", "k_cache", "v_cache"))

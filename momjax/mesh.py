@@ -100,6 +100,15 @@ def working_degrees(cfg: Config) -> list[int]:
     return [n for n in range(1, cfg.num_heads + 1) if cfg.num_heads % n == 0 and cfg.num_kv_heads % n == 0]
 
 
+def check_degree(cfg: Config, tp: int) -> None:
+    """Refuse a tensor-parallel degree this model cannot be split over, saying which degrees work."""
+    if tp not in working_degrees(cfg):
+        raise InputError(
+            f"a tensor-parallel degree of {tp} does not divide this model's {cfg.num_heads} query heads and "
+            f"{cfg.num_kv_heads} KV heads (each device holds whole heads; KV heads are not replicated); degrees "
+            f"that work: {', '.join(map(str, working_degrees(cfg)))}")
+
+
 def check_mesh(mesh, cfg: Config) -> None:
     """Refuse a mesh this model cannot be split over, saying which degrees work."""
     if not isinstance(mesh, Mesh):
@@ -110,12 +119,7 @@ def check_mesh(mesh, cfg: Config) -> None:
     extra = [a for a in mesh.axis_names if a not in (TP, "dp")]
     if extra:
         raise InputError(f"mesh axes {extra} are not used by momjax; name them 'tp' (tensor parallel) and 'dp'")
-    tp = tp_degree(mesh)
-    if tp not in working_degrees(cfg):
-        raise InputError(
-            f"a tensor-parallel degree of {tp} does not divide this model's {cfg.num_heads} query heads and "
-            f"{cfg.num_kv_heads} KV heads (each device holds whole heads; KV heads are not replicated); degrees "
-            f"that work: {', '.join(map(str, working_degrees(cfg)))}")
+    check_degree(cfg, tp_degree(mesh))
 
 
 def leaf_spec(name: str, shape: tuple[int, ...], tp: int) -> P:
@@ -196,3 +200,21 @@ def tensor_parallel() -> bool:
 def replicate(x):
     """x held whole on every device of the mesh being traced for (unchanged on one device)."""
     return jax.lax.with_sharding_constraint(x, P()) if tensor_parallel() else x
+
+
+def embed_lookup(embed, tokens):
+    """embed[tokens] (embed [V, D], tokens of any shape). Split over a mesh on its vocabulary, each device looks
+    up the tokens among its own rows (zeros for the others') and one all-reduce sums them: the SPMD partitioner
+    left alone may gather the whole table onto every device instead (XLA's GPU compiler does, every step)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    V = embed.shape[0]
+    if not tensor_parallel() or V % mesh.shape[TP]:
+        return replicate(embed[tokens])
+
+    def local(rows, ids):
+        first = jax.lax.axis_index(TP) * rows.shape[0]
+        here = (ids >= first) & (ids < first + rows.shape[0])
+        found = rows[jax.numpy.where(here, ids - first, 0)]
+        return jax.lax.psum(jax.numpy.where(here[..., None], found, jax.numpy.zeros_like(found)), TP)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(TP, None), P()), out_specs=P(), axis_names={TP})(embed, tokens)

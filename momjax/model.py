@@ -29,7 +29,7 @@ import numpy as np
 from momjax.attention import blockwise_attention, decode_attention
 from momjax.cache import KVCache, quantize_kv, to_memory_kind
 from momjax.config import Config
-from momjax.mesh import replicate, tensor_parallel
+from momjax.mesh import embed_lookup, replicate, tensor_parallel
 from momjax.minisequence import chunk_map, last_position
 from momjax.params import LayerParams, Params
 from momjax.policy import MemoryPolicy
@@ -279,9 +279,9 @@ def embed_chunks(params: Params, tokens, start, chunk: int):
     to_chunks = lambda t: jnp.moveaxis(t.reshape(B, N, chunk), 1, 0)
     tok, pos = to_chunks(tokens), to_chunks(pos)
     if N == 1:
-        return replicate(params.embed[tok]), pos
+        return embed_lookup(params.embed, tok), pos
     # Gathered one chunk at a time into the output: a single gather would also build it in a temporary.
-    fill = lambda c, x: jax.lax.dynamic_update_index_in_dim(x, replicate(params.embed[tok[c]]), c, axis=0)
+    fill = lambda c, x: jax.lax.dynamic_update_index_in_dim(x, embed_lookup(params.embed, tok[c]), c, axis=0)
     x = jnp.zeros((N, B, chunk, params.embed.shape[1]), params.embed.dtype)
     return jax.lax.fori_loop(0, N, fill, x), pos
 
@@ -326,7 +326,7 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
     q_index = cache.prompt_end + step
     positions = (q_index - cache.start)[:, None]  # [B, 1]
     inv_freq = rope_frequencies(cfg, jnp.max(positions) + 1)  # the longest row's length with this token
-    x = replicate(params.embed[token][:, None, :])  # [B, 1, D]
+    x = embed_lookup(params.embed, token)[:, None, :]  # [B, 1, D]
     # Layers below `resident` have their prompt K/V on the device (all of them unless the policy streams);
     # the others are fetched from the host one at a time: the first streamed layer's copy is issued before
     # any math, so it overlaps the resident layers' compute, and layer l+1's copy once layer l's attention

@@ -28,6 +28,7 @@ import numpy as np
 from flax import struct
 
 from momjax.config import Config
+from momjax.mesh import leaf_sharding, leaf_spec
 
 
 @struct.dataclass
@@ -111,17 +112,30 @@ def flatten(params: Params) -> dict[str, np.ndarray]:
     return dict(stacked_leaves(params))
 
 
-def abstract_params(cfg: Config, dtype=None, sharding=None) -> Params:
-    """The params as a tree of ShapeDtypeStruct: drives loading, memory planning and compile-only runs."""
+def abstract_params(cfg: Config, dtype=None, sharding=None, mesh=None) -> Params:
+    """The params as a tree of ShapeDtypeStruct: drives loading, memory planning and compile-only runs. With a
+    mesh (concrete or abstract), each leaf is split over it as momjax.mesh says, instead of `sharding`."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    flat = {k: jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for k, s in param_shapes(cfg).items()}
-    per_layer = lambda _, s: [jax.ShapeDtypeStruct(s.shape[1:], dtype, sharding=sharding)] * s.shape[0]
+
+    def where(name, shape):
+        return sharding if mesh is None else leaf_sharding(mesh, name.removeprefix("layers."), shape)
+
+    flat = {k: jax.ShapeDtypeStruct(s, dtype, sharding=where(k, s[k.startswith("layers."):]))
+            for k, s in param_shapes(cfg).items()}
+    per_layer = lambda k, s: [jax.ShapeDtypeStruct(s.shape[1:], dtype, sharding=where(k, s.shape[1:]))] * s.shape[0]
     return unflatten(flat, per_layer)
 
 
-def param_bytes(cfg: Config, dtype) -> int:
+def param_bytes(cfg: Config, dtype, tp: int = 1) -> int:
+    """Bytes of the weights on each device when they are split tensor-parallel over tp devices (momjax.mesh):
+    all of them for tp = 1."""
     size = jnp.dtype(dtype).itemsize
-    return sum(int(np.prod(s)) * size for s in param_shapes(cfg).values())
+    total = 0
+    for name, shape in param_shapes(cfg).items():
+        per_layer = name.startswith("layers.")
+        spec = leaf_spec(name.removeprefix("layers."), shape[per_layer:], tp)
+        total += int(np.prod(shape)) * size // (tp if "tp" in spec else 1)
+    return total
 
 
 def init_random(cfg: Config, seed: int = 0, dtype=None) -> Params:

@@ -30,6 +30,7 @@ import numpy as np
 
 from momjax import no_gpu
 from momjax.errors import TargetError
+from momjax.mesh import in_mesh
 
 INSTALL_HINT = "pip install 'momjax[gpu-plan]'"
 # What the GPU compiler logs when a program needs more than the target's memory: expected while `plan`
@@ -57,6 +58,14 @@ class Target:
     host_link: str
     host_link_bandwidth: float
     source: str
+    # Between GPUs of one host, per direction per GPU: NVLink where the part has it, else the PCIe host link.
+    interconnect: str = ""
+    interconnect_bandwidth: float = 0.0
+
+    def __post_init__(self):
+        if not self.interconnect_bandwidth:
+            object.__setattr__(self, "interconnect", self.host_link)
+            object.__setattr__(self, "interconnect_bandwidth", self.host_link_bandwidth)
 
     @property
     def spec_text(self) -> str:
@@ -69,14 +78,18 @@ PCIE3_X16 = 8e9 * 16 * 128 / 130 / 8
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("a100-80gb", "NVIDIA A100 80GB (sm_80)", "a100_80gb.txtpb", 80 * GIB, 2039e9, "PCIe 4.0 x16",
-           PCIE4_X16, "openxla/xla GPU target specs (A100 80GB); NVIDIA A100 datasheet (80 GB HBM2e, 2,039 GB/s)"),
+           PCIE4_X16, "openxla/xla GPU target specs (A100 80GB); NVIDIA A100 datasheet (80 GB HBM2e, 2,039 GB/s; SXM NVLink "
+           "600 GB/s)", "NVLink 3 (SXM)", 300e9),
     Target("a100-40gb", "NVIDIA A100 40GB (sm_80)", "a100_40gb.txtpb", 40 * GIB, 1555e9, "PCIe 4.0 x16",
-           PCIE4_X16, "the A100 80GB description with NVIDIA A100 datasheet memory (40 GB HBM2, 1,555 GB/s)"),
+           PCIE4_X16, "the A100 80GB description with NVIDIA A100 datasheet memory (40 GB HBM2, 1,555 GB/s; SXM NVLink 600 GB/s)",
+           "NVLink 3 (SXM)", 300e9),
     Target("h100", "NVIDIA H100 SXM 80GB HBM3 (sm_90a)", "h100_sxm.txtpb", 80 * GIB, 3.35e12, "PCIe 5.0 x16",
-           PCIE5_X16, "openxla/xla GPU target specs (H100 SXM); NVIDIA H100 datasheet (80 GB HBM3, 3.35 TB/s)"),
+           PCIE5_X16, "openxla/xla GPU target specs (H100 SXM); NVIDIA H100 datasheet (80 GB HBM3, 3.35 TB/s; NVLink 900 GB/s)",
+           "NVLink 4", 450e9),
     Target("h200", "NVIDIA H200 SXM 141GB HBM3e (sm_90a)", "h200.txtpb", 143771 * 2**20, 4.8e12, "PCIe 5.0 x16",
            PCIE5_X16, "the H100 SXM description with the H200's memory: NVIDIA H200 datasheet (141 GB HBM3e, 4.8 TB/s, "
-           "PCIe Gen5 x16); 143,771 MiB as nvidia-smi reports it on the H200 machines this project ran on"),
+           "PCIe Gen5 x16, NVLink 900 GB/s); 143,771 MiB as nvidia-smi reports it on the H200 machines this project ran "
+           "on", "NVLink 4", 450e9),
     Target("l4", "NVIDIA L4 24GB (sm_89)", "l4.txtpb", 24 * GIB, 300e9, "PCIe 4.0 x16", PCIE4_X16,
            "NVIDIA L4 datasheet (24 GB GDDR6, 300 GB/s, 58 SMs); CUDA C++ Programming Guide (sm_89 limits)"),
     Target("rtx4090", "NVIDIA GeForce RTX 4090 24GB (sm_89)", "rtx4090.txtpb", 24 * GIB, 1008e9, "PCIe 4.0 x16",
@@ -180,15 +193,16 @@ def _version(dist: str) -> str | None:
 
 
 @functools.cache
-def topology(target):
-    """The deviceless topology of one GPU of this target (cached: one per target per process)."""
+def topology(target, devices: int = 1):
+    """The deviceless topology of `devices` GPUs of this target in one host (cached per target and count)."""
     t = get(target)
     check_compiler()
     from jax.experimental import topologies
 
     try:
         with no_gpu.filtered_stderr():
-            return topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=t.spec_text)
+            return topologies.get_topology_desc(platform="cuda", topology=f"1x1x{devices}",
+                                                target_config=t.spec_text)
     except NotImplementedError as e:  # the plugin did not register (JAX_PLATFORMS excludes it, or it failed)
         raise TargetError(f"the CUDA plugin is installed but did not register with jax ({e}); check that "
                           f"JAX_PLATFORMS does not exclude it, or reinstall with `{INSTALL_HINT}`") from None
@@ -208,7 +222,34 @@ def abstract_sharding(target, memory_kind: str = "device") -> jax.sharding.Shard
 
 
 def _nbytes(leaf) -> int:
-    return int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    """Bytes of one device's piece of leaf (all of it unless split over a mesh)."""
+    s = getattr(leaf, "sharding", None)
+    shape = s.shard_shape(leaf.shape) if isinstance(s, jax.sharding.NamedSharding) else leaf.shape
+    return int(np.prod(shape)) * jnp.dtype(leaf.dtype).itemsize
+
+
+def _abstract_mesh(args):
+    """The AbstractMesh the abstract args are described on (momjax.memory.measure with devices > 1), or None."""
+    for x in jax.tree.leaves(args):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, jax.sharding.NamedSharding) and isinstance(s.mesh, jax.sharding.AbstractMesh):
+            return s.mesh
+    return None
+
+
+def concrete_mesh(abstract, target=None) -> jax.sharding.Mesh:
+    """The devices an abstract mesh's programs compile for: this machine's first devices, or the target's GPUs."""
+    n = int(np.prod(abstract.axis_sizes))
+    t = get(target)
+    if t is None:
+        devices = jax.devices()
+        if len(devices) < n:
+            raise TargetError(f"compiling for {n} devices needs {n} of this machine's; it has {len(devices)}. On a "
+                              f"CPU, start Python with XLA_FLAGS=--xla_force_host_platform_device_count={n}, or give "
+                              "a GPU target (compiled for that many GPUs without them)")
+    else:
+        devices = topology(t, n).devices
+    return jax.sharding.Mesh(np.array(devices[:n]).reshape(abstract.axis_sizes), abstract.axis_names)
 
 
 def _kind(leaf) -> str | None:
@@ -216,24 +257,32 @@ def _kind(leaf) -> str | None:
     return None if sharding is None else sharding.memory_kind
 
 
-def retarget(args, target):
-    """args with every abstract leaf moved to target's device, and the bytes of those that were pinned host."""
+def retarget(args, target, mesh=None):
+    """args with every abstract leaf moved to target's device (or, described on an abstract mesh, to `mesh`, that
+    mesh's concrete devices), and the per-device bytes of those that were pinned host."""
     t = get(target)
-    if t is None:
+    if t is None and mesh is None:
         host = sum(_nbytes(x) for x in jax.tree.leaves(args) if _kind(x) == "pinned_host")
         return args, host
-    device = abstract_sharding(t)
+    device = abstract_sharding(t) if mesh is None else None
     host = 0
 
     def move(x):
         nonlocal host
         if not isinstance(x, jax.ShapeDtypeStruct):
             return x
-        if _kind(x) == "pinned_host":
+        if _kind(x) == "pinned_host" and t is not None:
             host += _nbytes(x)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+        where = device
+        if mesh is not None:  # the same split on the concrete devices; a GPU target's keep no memory kind
+            kind = x.sharding.memory_kind if t is None else None
+            where = jax.sharding.NamedSharding(mesh, x.sharding.spec, memory_kind=kind)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
 
-    return jax.tree.map(move, args), host
+    moved = jax.tree.map(move, args)
+    if t is None:
+        host = sum(_nbytes(x) for x in jax.tree.leaves(moved) if _kind(x) == "pinned_host")
+    return moved, host
 
 
 def compile(fn, *args, target=None, **static):
@@ -244,13 +293,31 @@ def compile(fn, *args, target=None, **static):
     static: the function's static keyword arguments. analysis: see `analyse`.
     """
     t = get(target)
-    moved, host_args = retarget(args, t)
-    if t is None:
-        compiled = fn.trace(*moved, **static).lower().compile()
-    else:
-        with no_gpu.filtered_stderr(also=_OVER_MEMORY_LOG):
+    abstract = _abstract_mesh(args)
+    mesh = None if abstract is None else concrete_mesh(abstract, t)
+    moved, host_args = retarget(args, t, mesh)
+    with in_mesh(mesh):
+        if t is None:
             compiled = fn.trace(*moved, **static).lower().compile()
+        else:
+            with no_gpu.filtered_stderr(also=_OVER_MEMORY_LOG):
+                compiled = fn.trace(*moved, **static).lower().compile()
     return compiled, analyse(compiled, host_args, t)
+
+
+_ALL_REDUCE = re.compile(r"= ([a-z]+[0-9]*)\[([0-9,]*)\]\{[^}]*\} all-reduce(?:-start)?\(")
+
+
+def allreduce_bytes(compiled, devices: int) -> int:
+    """Bytes each device sends in the compiled program's all-reduces (outside loops: one decode step), as a ring
+    all-reduce sends them: 2 (n - 1) / n of each result. 0 on one device."""
+    if devices == 1:
+        return 0
+    total = 0
+    for dtype, dims in _ALL_REDUCE.findall(compiled.as_text()):
+        size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+        total += size * _hlo_itemsize(dtype)
+    return total * 2 * (devices - 1) // devices
 
 
 _SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]\{([^}]*)\}")
@@ -302,6 +369,9 @@ def analyse(compiled, host_argument_bytes: int, target=None) -> dict:
     compiler_host = ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes
     if t is None:
         host_outs = sum(_nbytes(x) for x in jax.tree.leaves(output_avals(compiled)) if _kind(x) == "pinned_host")
+        # Host outputs that are arguments passed through (a decode step returns its prompt K/V untouched; split
+        # over a mesh their shardings say pinned_host) are counted once, as arguments: at most what is not aliased.
+        host_outs = min(host_outs, max(ma.output_size_in_bytes - ma.alias_size_in_bytes, 0))
         host = host_argument_bytes + host_outs + compiler_host
         # The CPU backend reports host-placed buffers inside argument/output sizes; take them out.
         device = total - (host_argument_bytes + host_outs if ma.host_argument_size_in_bytes == 0 else 0)

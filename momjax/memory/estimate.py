@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from momjax import checks
 from momjax import generation as G
 from momjax.errors import InputError
 from momjax.memory.shapes import DEFAULT_NEW_TOKENS, resolve
@@ -13,7 +14,7 @@ from momjax.policy import get_policy
 
 
 def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
-             new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
+             new_tokens: int = DEFAULT_NEW_TOKENS, devices: int = 1) -> dict:
     """Closed-form estimate of `memory_report` (same keys, source="estimate"). b = bytes per element,
     S = padded prompt length, C = mini-sequence length (S when the policy has none), N = new_tokens - 1,
     W = all weights, e = bytes of one token's K (or V) of one KV head: E b, or E + 4 with int8 K/V (int8
@@ -39,14 +40,25 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
     Per decode step: host_to_device_bytes = (L - R) layers' prompt K/V; device_read_bytes = W + R layers'
     prompt K/V + tail (every argument of the step is read once).
     Weights and K/V are read in place (per-layer arrays): no slice of either is copied.
+
+    devices = n > 1: the model split tensor-parallel over n devices (momjax.mesh); every figure but host_bytes is
+    per device. W is each device's share (params.param_bytes), K, H and F (when it divides) become K/n, H/n and
+    F/n, the residual stream (B b S D) stays whole on every device, and the logits split with the vocabulary
+    when it divides. host_bytes is all devices' together (what one host holds for them). A decode step adds
+    allreduce_bytes = (2 L + 1) x (2 (n - 1) / n) B D b: the two all-reduces of the residual stream per layer and
+    the embedding lookup's (when the vocabulary splits), as the bytes each device sends in a ring all-reduce.
     """
     cfg = resolve(model_or_config)
     policy = get_policy(policy)
     b = jnp.dtype(dtype).itemsize
     L, D, H, K, E, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                            cfg.intermediate_size, cfg.vocab_size)
-    B = batch
-    W = param_bytes(cfg, dtype)
+    B, n = batch, checks.devices(devices)
+    W = param_bytes(cfg, dtype, n)
+    embed_split = n > 1 and V % n == 0  # then the embedding lookup ends in an all-reduce too
+    H, K = H // n, K // n  # whole heads per device (momjax.mesh refuses degrees that do not divide them)
+    F = F // n if F % n == 0 else F
+    V = V // n if V % n == 0 else V
     e = E + 4 if policy.quantized_kv else E * b
     S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
     C = min(policy.minisequence or S, S)
@@ -64,7 +76,7 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
         on_device = policy.kv_prefill == "device"
         kv_bytes = kv_prompt
         device = W + B * b * S * D + temp + (kv_prompt if on_device else layer_kv)
-        host = 0 if on_device else kv_prompt
+        host = 0 if on_device else n * kv_prompt
     elif phase == "decode":
         N = max(new_tokens - 1, 1)
         tail = 2 * L * B * K * N * e
@@ -72,10 +84,11 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
         temp = 8 * B * H * (S + N) + min(1, L - R) * layer_kv
         kv_bytes = kv_prompt + tail
         device = W + temp + logits + tail + R * layer_kv
-        host = (L - R) * layer_kv
-        extra = dict(host_to_device_bytes=int(host), device_read_bytes=int(W + R * layer_kv + tail))
+        host = n * (L - R) * layer_kv
+        extra = dict(host_to_device_bytes=int(host // n), device_read_bytes=int(W + R * layer_kv + tail),
+                     allreduce_bytes=int((2 * L + embed_split) * 2 * (n - 1) * B * D * b // n))
     else:
         raise InputError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     return dict(device_bytes=int(device), host_bytes=int(host), weight_bytes=int(W), kv_bytes=int(kv_bytes),
                 temp_bytes=int(temp), source="estimate", seq_len=int(seq_len), phase=phase, policy=policy.name,
-                dtype=str(jnp.dtype(dtype)), **extra)
+                dtype=str(jnp.dtype(dtype)), devices=n, **extra)

@@ -20,29 +20,33 @@ from momjax import targets as T
 from momjax.cache import sharding
 from momjax.config import Config
 from momjax.errors import InputError
-from momjax.memory.shapes import DEFAULT_NEW_TOKENS, abstract_cache, kv_leaves, nbytes, resolve
+from momjax.memory.shapes import DEFAULT_NEW_TOKENS, abstract_cache, kv_leaves, nbytes, placement, resolve
+from momjax.mesh import check_degree
 from momjax.params import abstract_params, param_bytes
 from momjax.policy import MemoryPolicy, get_policy
 
 
 def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="float32", phase="prefill", batch=1,
-                    new_tokens=DEFAULT_NEW_TOKENS, target=None):
+                    new_tokens=DEFAULT_NEW_TOKENS, target=None, devices: int = 1):
     """The compiled programs of a prefill or a decode step, for abstract inputs: [(stage, compiled, args, bytes)].
 
     Prefill is several programs (generation.prefill_stages: embed, one per-layer program run for every layer,
     the last layer, logits); a decode step is one. bytes: each program's memory analysis split into device
     and host bytes (momjax.targets.analyse). target: None = this machine's compiler, or a GPU (momjax.targets).
+    devices > 1: the programs of the model split tensor-parallel over that many devices (momjax.mesh), described
+    on an abstract mesh and compiled for this machine's first `devices` devices or the target's (per-device bytes).
     """
     dtype = jnp.dtype(dtype)
-    dev = sharding("device")
-    params = abstract_params(cfg, dtype, sharding=dev)
+    mesh = None if devices == 1 else jax.sharding.AbstractMesh((1, devices), ("dp", "tp"))
+    dev = placement(mesh)("device")
+    params = abstract_params(cfg, dtype, sharding=dev, mesh=mesh)
     if phase == "prefill":
         padded = G.bucket_length(seq_len, policy)
         tokens = jax.ShapeDtypeStruct((batch, padded), jnp.int32, sharding=dev)
         start = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
         stages = G.prefill_stages(params, tokens, start, cfg, policy)
     elif phase == "decode":
-        cache = abstract_cache(cfg, seq_len, new_tokens, dtype, policy, batch)
+        cache = abstract_cache(cfg, seq_len, new_tokens, dtype, policy, batch, mesh)
         token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
         stages = [G.Stage("decode", G.decode_step_fn, (params, token, cache), dict(cfg=cfg, policy=policy))]
     else:
@@ -55,7 +59,7 @@ def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="floa
 
 
 def memory_report(model_or_config, seq_len: int, policy="mom", dtype=None, phase="prefill", batch: int = 1,
-                  new_tokens: int = DEFAULT_NEW_TOKENS, target=None) -> dict:
+                  new_tokens: int = DEFAULT_NEW_TOKENS, target=None, devices: int = 1) -> dict:
     """Bytes the compiled programs need, from XLA's memory analysis (no memory is allocated).
 
     model_or_config: a Model, a Config or a preset name. phase: "prefill" (the prompt of seq_len tokens)
@@ -76,27 +80,34 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype=None, phase
     prompt K/V in flight), which that compile cannot show, are added to device_bytes. The figures are the
     compiled programs' buffer assignments, not a live allocator peak: no autotuning runs, and cuDNN workspaces
     count as 0.
+    devices = n > 1: the programs compiled for the model split tensor-parallel over n devices (momjax.mesh): n of
+    this machine's devices (on a CPU, start JAX with XLA_FLAGS=--xla_force_host_platform_device_count=n) or n
+    GPUs of the target in one host, without GPUs. Every figure is then per device except host_bytes (all
+    devices' together), and a decode step adds allreduce_bytes (its all-reduces, read from the compiled program,
+    as the bytes each device sends in a ring).
     """
     if dtype is None:  # a loaded model's own dtype; for a Config or a preset, float32 (see above)
         dtype = str(jnp.dtype(model_or_config.dtype)) if hasattr(model_or_config, "params") else "float32"
     checks.memory_request(seq_len=seq_len, dtype=dtype, phase=phase, batch=batch, new_tokens=new_tokens)
     cfg = resolve(model_or_config)
     policy = get_policy(policy)
+    n = checks.devices(devices)
+    check_degree(cfg, n)
     t = T.get(target)
     if t is not None:
         T.check_compiler()
     padded = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
     report = dict(_memory_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens,
-                                 None if t is None else t.name))
+                                 None if t is None else t.name, n))
     report["seq_len"] = int(seq_len)
     return report
 
 
 @functools.lru_cache(maxsize=256)
 def _memory_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, phase: str, batch: int,
-                   new_tokens: int, target: str | None = None) -> dict:
-    programs = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens, target)
-    weights = param_bytes(cfg, dtype)
+                   new_tokens: int, target: str | None = None, devices: int = 1) -> dict:
+    programs = compile_program(cfg, seq_len, policy, dtype, phase, batch, new_tokens, target, devices)
+    weights = param_bytes(cfg, dtype, devices)
     L = cfg.num_layers
     counted = 0  # host-resident argument bytes the GPU compiler was not told about (see memory_report)
     if phase == "decode":
@@ -118,9 +129,12 @@ def _memory_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, 
             h2d = T.host_parameter_bytes(compiled)
         elif not counted:
             h2d = 0  # nothing of the step lives in host memory
+        elif devices > 1:  # the per-device host-resident arguments momjax described (this CPU may lack n devices)
+            h2d = counted
         else:
             h2d = _memory_report(cfg, seq_len, policy, dtype, phase, batch, new_tokens)["host_to_device_bytes"]
-        extra = dict(host_to_device_bytes=int(h2d), device_read_bytes=int(b["argument_bytes"] - h2d))
+        extra = dict(host_to_device_bytes=int(h2d), device_read_bytes=int(b["argument_bytes"] - h2d),
+                     allreduce_bytes=T.allreduce_bytes(compiled, devices))
     else:
         # Programs run one after another; between them the weights stay on the device, and so do the K/V of
         # finished layers when the policy keeps them there. The peak is the largest of: what a program holds
@@ -144,11 +158,12 @@ def _memory_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, 
                 device, temp = peak, b["temp_bytes"]
     return dict(
         device_bytes=int(device),
-        host_bytes=int(host),
+        host_bytes=int(host) * devices,  # every device's own pinned host memory, together
         weight_bytes=int(weights),
         kv_bytes=int(kv_bytes),
         temp_bytes=int(temp),
         host_argument_counted_bytes=int(counted),
+        devices=devices,
         source=T.source_name(target),
         target=target or "cpu",
         seq_len=int(seq_len),

@@ -20,6 +20,7 @@ from momjax.errors import InputError
 from momjax.memory.estimate import estimate
 from momjax.memory.measure import memory_report
 from momjax.memory.shapes import DEFAULT_NEW_TOKENS, resolve
+from momjax.mesh import check_degree, working_degrees
 from momjax.params import param_bytes
 from momjax.policy import get_policy
 from momjax.units import format_bytes, parse_bytes
@@ -33,20 +34,24 @@ def fits(cfg, seq_len, policy, dtype, hbm, host, new_tokens, measure) -> bool:
     return True
 
 
-def _measure(source: str, target=None):
-    return estimate if source == "estimate" else functools.partial(memory_report, target=target)
+def _measure(source: str, target=None, devices: int = 1):
+    """memory_report or estimate as a function of (cfg, seq_len, policy, dtype, phase, new_tokens), for the model
+    split over `devices` devices (per-device figures)."""
+    if source == "estimate":
+        return functools.partial(estimate, devices=devices)
+    return functools.partial(memory_report, target=target, devices=devices)
 
 
 def max_context(cfg: Config, policy, hbm_bytes: int, host_bytes: int | None = None, dtype="bfloat16",
                 new_tokens: int = DEFAULT_NEW_TOKENS, source: str = "estimate", resolution: int = 1024,
-                target=None) -> int:
+                target=None, devices: int = 1) -> int:
     """The longest prompt (to `resolution` tokens) whose prefill and decode both fit; 0 if none does.
 
     source="estimate" uses `estimate` (instant); source="xla" compiles the programs at each step (for
     `target`, see memory_report).
     """
     policy = get_policy(policy)
-    measure = _measure(source, target)
+    measure = _measure(source, target, devices)
     fits_at = lambda n: fits(cfg, n, policy, dtype, hbm_bytes, host_bytes, new_tokens, measure)
     if not fits_at(resolution):
         return 0
@@ -66,7 +71,7 @@ def _on_gpu() -> bool:
 
 
 def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new_tokens: int = DEFAULT_NEW_TOKENS,
-         source: str = "auto", target=None, kv_dtype=None, context: int | None = None) -> dict:
+         source: str = "auto", target=None, kv_dtype=None, context: int | None = None, devices: int = 1) -> dict:
     """Maximum context per policy for a device budget (and optional host budget), and at `context` tokens the
     predicted decode speed of each policy and the one to use.
 
@@ -84,12 +89,18 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
     (the fastest policy that fits; exact policies only unless kv_dtype is given). Predicted speed is a
     roofline of the decode step's bytes on the target (see `decode_speed`); without a target there is no
     speed, and policies are ranked by bytes across the host link, then bytes read.
+    devices: plan the model split tensor-parallel over this many devices (momjax.mesh): hbm_bytes is each device's
+    budget, host_bytes all devices' together (one host), and the decode roofline adds the two all-reduces per
+    layer over the target's interconnect (decode_speed).
     Raises InputError when the budget cannot hold even the weights (TargetError for an unknown target),
     InputError when no policy fits `context`.
     """
     checks.memory_request(dtype=dtype, new_tokens=new_tokens, hbm_bytes=hbm_bytes, host_bytes=host_bytes, source=source,
                    kv_dtype=kv_dtype, context=context)
     cfg = resolve(model_or_config)
+    n = checks.devices(devices)
+    if n > 1:
+        check_degree(cfg, n)
     t = T.get(target)
     if hbm_bytes is None:
         if t is None:
@@ -98,31 +109,35 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
     if t is not None and source != "estimate":
         T.check_compiler()
     hbm, host = parse_bytes(hbm_bytes), (None if host_bytes is None else parse_bytes(host_bytes))
-    weights = param_bytes(cfg, dtype)
+    weights = param_bytes(cfg, dtype, n)
     if weights >= hbm:
         raise InputError(
-            f"the weights alone need {format_bytes(weights)} in {jnp.dtype(dtype)}, more than the "
-            f"{format_bytes(hbm)} device budget; use a smaller dtype or a larger device"
+            f"the weights alone need {format_bytes(weights)} in {jnp.dtype(dtype)}"
+            + (f" on each of {n} devices" if n > 1 else "") + f", more than the {format_bytes(hbm)} device budget; "
+            "use a smaller dtype, a larger device" + (" or more devices" if working_degrees(cfg)[-1] > n else "")
         )
     if source == "auto":
         source = "xla" if _on_gpu() or t is not None else "estimate"
     result = {"max_context": {}, "source": {}, "weight_bytes": weights, "hbm_bytes": hbm, "host_bytes": host,
               "dtype": str(jnp.dtype(dtype)), "kv_dtype": kv_dtype, "new_tokens": new_tokens, "limits": {},
+              "devices": n,
               "target": None if t is None else dict(
                   name=t.name, description=t.description, memory_bytes=t.memory_bytes,
                   memory_bandwidth=t.memory_bandwidth, host_link=t.host_link,
-                  host_link_bandwidth=t.host_link_bandwidth)}
+                  host_link_bandwidth=t.host_link_bandwidth, interconnect=t.interconnect,
+                  interconnect_bandwidth=t.interconnect_bandwidth)}
     for name in ("baseline", "mom", "mom-stream"):
         policy = get_policy(name).replace(kv_dtype=kv_dtype)
-        n = max_context(cfg, policy, hbm, host, dtype, new_tokens, source="estimate")
-        if source == "xla" and n:
+        longest = max_context(cfg, policy, hbm, host, dtype, new_tokens, source="estimate", devices=n)
+        if source == "xla" and longest:
             # Refine around the estimate with the compiled programs (a few compiles, not a full search).
-            n = _refine_with_xla(cfg, policy, n, hbm, host, dtype, new_tokens, target=t)
-        result["max_context"][name] = n
+            longest = _refine_with_xla(cfg, policy, longest, hbm, host, dtype, new_tokens, target=t, devices=n)
+        result["max_context"][name] = longest
         result["source"][name] = T.source_name(t) if source == "xla" else source
-        result["limits"][name] = _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source, target=t)
+        result["limits"][name] = _limiting_phase(cfg, policy, longest, hbm, host, dtype, new_tokens, source,
+                                                 target=t, devices=n)
     if context is not None:
-        _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype)
+        _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype, n)
     return result
 
 
@@ -134,7 +149,9 @@ def decode_speed(step: dict, target) -> dict:
     before it finishes (model.decode_step), so copies overlap the reads of weights and resident K/V, but a
     streamed layer's attention waits for its copy: a step takes max(device seconds, link seconds + the
     streamed K/V's read time) ("overlapped"); the plain sum is given too, as the bound if nothing
-    overlapped. Compute is not counted: one token's matmuls are far below either limit. Returns {} without
+    overlapped. Compute is not counted: one token's matmuls are far below either limit. On several devices the
+    step's all-reduces (allreduce_bytes, each device's share of the ring) add interconnect seconds on top: every
+    layer waits for them. Their latency (microseconds each, 2 per layer) is not counted. Returns {} without
     a target (no bandwidths known)."""
     t = T.get(target)
     if t is None:
@@ -142,21 +159,23 @@ def decode_speed(step: dict, target) -> dict:
     streamed = step["host_to_device_bytes"]
     device_s = (step["device_read_bytes"] + streamed) / t.memory_bandwidth
     link_s = streamed / t.host_link_bandwidth
+    comm_s = step.get("allreduce_bytes", 0) / t.interconnect_bandwidth
     overlapped = max(device_s, link_s + streamed / t.memory_bandwidth)
-    return dict(decode_tokens_per_s=1 / overlapped, decode_tokens_per_s_serial=1 / (device_s + link_s),
-                device_s=device_s, link_s=link_s, bound="host link" if overlapped > device_s else "device memory",
-                overlap="overlapped")
+    return dict(decode_tokens_per_s=1 / (overlapped + comm_s), decode_tokens_per_s_serial=1 / (device_s + link_s +
+                                                                                                  comm_s),
+                device_s=device_s, link_s=link_s, interconnect_s=comm_s,
+                bound="host link" if overlapped > device_s else "device memory", overlap="overlapped")
 
 
-def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype) -> None:
+def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype, devices=1) -> None:
     """result["decode"] and result["recommended"] for a prompt of `context` tokens (see plan)."""
-    measure = _measure(source, t)
+    measure = _measure(source, t, devices)
     candidates = {}
     for kv in (None,) if kv_dtype is None else (None, "int8"):
         for name in ("baseline", "mom", "mom-stream"):
             policy = get_policy(name).replace(kv_dtype=kv)
             if name == "mom-stream":
-                policy = most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t)
+                policy = most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t, devices)
             ok = policy is not None and fits(cfg, context, policy, dtype, hbm, host, new_tokens, measure)
             entry = dict(policy=name, kv_dtype=kv, fits=bool(ok),
                          kv_device_layers=None if not ok or name != "mom-stream" else policy.kv_device_layers or 0)
@@ -182,31 +201,32 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
     result["recommended"] = dict(best)
 
 
-def most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t):
+def most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t, devices: int = 1):
     """mom-stream with the most layers' prompt K/V kept on the device that still fits at `context` (the
     estimate chooses, the compiled programs confirm when source is "xla"); None when even 0 does not fit."""
     L = cfg.num_layers
     fits_estimate = lambda r: fits(cfg, context, policy.replace(kv_device_layers=r), dtype, hbm, host, new_tokens,
-                                    estimate)
+                                    _measure("estimate", devices=devices))
     r = next((r for r in range(L, -1, -1) if fits_estimate(r)), None)
     if r is None:
         r = 0
     if source == "xla":
         confirm = lambda r: fits(cfg, context, policy.replace(kv_device_layers=r), dtype, hbm, host, new_tokens,
-                                  _measure("xla", t))
+                                  _measure("xla", t, devices))
         while r > 0 and not confirm(r):
             r -= 1
     return policy.replace(kv_device_layers=r)
 
 
-def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, target=None) -> int:
+def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, target=None, devices: int = 1) -> int:
     """Bisect with the compiled programs within +-30% of the estimate (about ten compiles per policy)."""
-    fits_at = lambda n: fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens, _measure("xla", target))
+    fits_at = lambda n: fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens,
+                             _measure("xla", target, devices))
     resolution = max(1024, guess // 200 // 1024 * 1024)
     lo, hi = max(int(guess * 0.7) // 1024 * 1024, 1024), int(guess * 1.3) // 1024 * 1024 + 1024
     if not fits_at(lo):
         return max_context(cfg, policy, hbm, host, dtype, new_tokens, source="xla", resolution=resolution,
-                           target=target)
+                           target=target, devices=devices)
     if fits_at(hi):
         return hi
     while hi - lo > resolution:
@@ -215,9 +235,9 @@ def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, target=No
     return lo
 
 
-def _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source, target=None) -> str:
+def _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source, target=None, devices: int = 1) -> str:
     """Which budget stops a longer context: 'prefill', 'decode' or 'host'."""
-    measure = _measure(source, target)
+    measure = _measure(source, target, devices)
     step = max(n // 50, 1024)
     for phase in ("prefill", "decode"):
         r = measure(cfg, n + step, policy, dtype=dtype, phase=phase, new_tokens=new_tokens)

@@ -9,6 +9,7 @@ import numpy as np
 
 from momjax.cache import KVCache, sharding
 from momjax.config import Config, preset
+from momjax.mesh import kv_sharding, replicated
 from momjax.policy import MemoryPolicy
 
 DEFAULT_NEW_TOKENS = 1024  # decode room assumed by reports and plans unless told otherwise
@@ -24,33 +25,52 @@ def resolve(model_or_config) -> Config:
 
 
 def nbytes(tree, memory_kind=None) -> int:
-    """Bytes of a tree of arrays (or ShapeDtypeStructs), or of its leaves in memory_kind."""
+    """Bytes of a tree of arrays (or ShapeDtypeStructs) on each device (a leaf split over a mesh counts its one
+    piece), or of its leaves in memory_kind."""
     total = 0
     for leaf in jax.tree.leaves(tree):
         if memory_kind is None or leaf.sharding.memory_kind == memory_kind:
-            total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+            total += shard_bytes(leaf)
     return total
 
 
-def abstract_cache(cfg: Config, seq_len: int, new_tokens: int, dtype, policy: MemoryPolicy, batch: int) -> KVCache:
+def shard_bytes(leaf) -> int:
+    """Bytes of one device's piece of an array or ShapeDtypeStruct (all of it unless split over a mesh)."""
+    s = getattr(leaf, "sharding", None)
+    shape = s.shard_shape(leaf.shape) if isinstance(s, jax.sharding.NamedSharding) else leaf.shape
+    return int(np.prod(shape)) * jnp.dtype(leaf.dtype).itemsize
+
+
+def placement(mesh=None):
+    """where(memory_kind, ndim=None) -> the sharding of an abstract argument: on this machine's first device, or
+    with a mesh, a cache array (ndim given: [B, K, ...]) split on its KV heads and anything else whole on every
+    device."""
+    if mesh is None:
+        return lambda kind, ndim=None: sharding(kind)
+    return lambda kind, ndim=None: replicated(mesh, kind) if ndim is None else kv_sharding(mesh, ndim, kind)
+
+
+def abstract_cache(cfg: Config, seq_len: int, new_tokens: int, dtype, policy: MemoryPolicy, batch: int,
+                   mesh=None) -> KVCache:
     """The decode step's cache as abstract arrays, each layer's prompt K/V where the policy decodes from it;
-    int8 K/V with their float32 scales when policy.quantized_kv."""
+    int8 K/V with their float32 scales when policy.quantized_kv. With a mesh, split on the KV heads."""
     L, K, E = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     N = max(new_tokens - 1, 1)
-    dev = sharding("device")
+    where = placement(mesh)
+    dev = where("device")
     resident = policy.device_layers(L)
-    kind = lambda l: sharding("device" if l < resident else policy.kv_decode)
+    kind = lambda l, ndim=4: where("device" if l < resident else policy.kv_decode, ndim)
     kv_dtype = jnp.int8 if policy.quantized_kv else dtype
     prompt = lambda l: jax.ShapeDtypeStruct((batch, K, seq_len, E), kv_dtype, sharding=kind(l))
-    tail = jax.ShapeDtypeStruct((batch, K, N, E), kv_dtype, sharding=dev)
+    tail = jax.ShapeDtypeStruct((batch, K, N, E), kv_dtype, sharding=where("device", 4))
     cache = KVCache(
         k=tuple(map(prompt, range(L))), v=tuple(map(prompt, range(L))),
         start=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev),
         tail_k=(tail,) * L, tail_v=(tail,) * L, length=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev),
     )
     if policy.quantized_kv:
-        scale = lambda l: jax.ShapeDtypeStruct((batch, K, seq_len), jnp.float32, sharding=kind(l))
-        tail_scale = jax.ShapeDtypeStruct((batch, K, N), jnp.float32, sharding=dev)
+        scale = lambda l: jax.ShapeDtypeStruct((batch, K, seq_len), jnp.float32, sharding=kind(l, 3))
+        tail_scale = jax.ShapeDtypeStruct((batch, K, N), jnp.float32, sharding=where("device", 3))
         cache = cache.replace(k_scale=tuple(map(scale, range(L))), v_scale=tuple(map(scale, range(L))),
                               tail_k_scale=(tail_scale,) * L, tail_v_scale=(tail_scale,) * L)
     return cache
