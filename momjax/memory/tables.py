@@ -9,11 +9,14 @@ from momjax.units import format_bytes
 
 def plan_table(result: dict) -> str:
     """A readable table of `plan`'s result."""
+    n = result.get("devices", 1)
     lines = [
-        f"device budget {format_bytes(result['hbm_bytes'])}"
-        + (f", host budget {format_bytes(result['host_bytes'])}" if result["host_bytes"] else "")
-        + f", {result['dtype']}, weights {format_bytes(result['weight_bytes'])}, "
-        f"room for {result['new_tokens']} new tokens",
+        (f"{n} devices, tensor-parallel: each " if n > 1 else "")
+        + f"device budget {format_bytes(result['hbm_bytes'])}"
+        + (f", host budget {format_bytes(result['host_bytes'])}" + (" (all devices')" if n > 1 else "")
+           if result["host_bytes"] else "")
+        + f", {result['dtype']}, weights {format_bytes(result['weight_bytes'])}" + (" per device" if n > 1 else "")
+        + f", room for {result['new_tokens']} new tokens",
         f"{'policy':<12}{'max context':>14}  {'limited by':<11}source",
     ]
     if result.get("target"):
@@ -37,12 +40,15 @@ def plan_table(result: dict) -> str:
 
 def _decode_table(result: dict) -> str:
     """The decode part of plan_table: per policy at result["context"], and the recommendation."""
-    tgt = result["target"]
+    tgt, n = result["target"], result.get("devices", 1)
     lines = [f"decoding after a {result['context']:,}-token prompt"
              + (f" on {tgt['name']}: predicted tokens/s, a roofline of the step's bytes at "
                 f"{tgt['memory_bandwidth'] / 1e9:,.0f} GB/s memory and {tgt['host_link_bandwidth'] / 1e9:.1f} "
-                f"GB/s {tgt['host_link']} (copies overlapped with compute as the step issues them; not measured "
-                "on a GPU)" if tgt else " (give --target for predicted speed)"),
+                f"GB/s {tgt['host_link']}"
+                + (f", all-reduces at {tgt['interconnect_bandwidth'] / 1e9:,.0f} GB/s {tgt['interconnect']}"
+                   if n > 1 else "")
+                + " (copies overlapped with compute as the step issues them; not measured on a GPU)"
+                if tgt else " (give --target for predicted speed)"),
              f"{'policy':<18}{'K/V':<6}{'layers on device':>17}{'host->device/token':>20}{'tokens/s':>10}"]
     for c in result["decode"].values():
         kv = c["kv_dtype"] or result["dtype"].replace("bfloat16", "bf16").replace("float", "f")
