@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 
 from momjax.cli.common import (
@@ -119,7 +120,15 @@ def run(args) -> int:
     app = create_app(engine, api_key=args.api_key, max_queue=args.max_queue)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=GRACEFUL_S, lifespan="off")
-    announcing_server(uvicorn, config, name).run()
+    stopped = []
+    # uvicorn finishes in-flight requests on SIGTERM, then raises the signal again under the handler it found:
+    # this one, so that a stop asked for is a clean exit (status 0) rather than death by the signal.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+    try:
+        announcing_server(uvicorn, config, name).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    log("momjax serve: stopped" + (" (SIGTERM)" if stopped else ""))
     return 0
 
 
