@@ -183,7 +183,7 @@ class Server:
         if req.model is not None and req.model != self.engine.name:
             raise P.APIError(404, f"the model '{req.model}' does not exist; this server serves "
                                   f"'{self.engine.name}' (GET /v1/models)", "model", "model_not_found")
-        job = self.engine.job(req)
+        job = await anyio.to_thread.run_sync(self.engine.job, req)  # a long document's template and tokens
         ticket = self.gate.ticket()
         if req.stream:
             return EventStream(self.events(job, ticket), ticket)
