@@ -290,9 +290,16 @@ def test_serve_command_restarts_with_its_cache_dir(folder, tmp_path, tok):
             r = ask(client(base), messages, max_tokens=6)
             answers.append(r.choices[0].message.content)
             cached.append(r.usage.prompt_tokens_details.cached_tokens)
+            if run:  # SIGTERM while an answer streams: it finishes, then the server exits with status 0
+                chunks = client(base).chat.completions.create(model="demo", messages=messages, max_tokens=300,
+                                                              temperature=0, stream=True)
+                next(chunks)
+                proc.terminate()
+                assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
         finally:
-            proc.terminate()  # SIGTERM: uvicorn shuts down cleanly
+            proc.terminate()
             assert proc.wait(60) == 0
+            assert "momjax serve: stopped" in proc.stderr.read()
         assert os.listdir(cache)
     assert cached[0] == 0 and cached[1] >= doc_tokens and answers[0] == answers[1]
 
