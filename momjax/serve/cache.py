@@ -5,9 +5,10 @@ that prefix and feeds only the rest; afterwards the session (prompt and answer) 
 most recently used. The sessions' buffers (Session.nbytes: the whole capacity, where the policy puts them:
 pinned host memory for `mom` and `mom-stream`) stay within a byte budget; the least recently used go first.
 
-With a folder (`--cache-dir`), every kept session is also written there in the session file format
-(Session.save, atomic: a file is whole or absent), and a session dropped from memory is removed from the
-folder, so the folder holds what memory holds. A new store on the same folder loads its files back, newest
+With a folder (`--cache-dir`), a kept session is also written there in the session file format (Session.save,
+atomic: a file is whole or absent) when it is new or its request fed at least SAVE_MIN_FED tokens (a document),
+not after every short turn, which would rewrite a long document's whole cache each time; a session dropped
+from memory is removed from the folder, so the folder holds what memory holds (the latest short turns aside). A new store on the same folder loads its files back, newest
 first, within the budget: a restart keeps the documents. Files that cannot be used with this model (another
 model, dtype or K/V dtype, a damaged file) are left in place and skipped.
 """
@@ -23,6 +24,7 @@ from momjax.errors import MomjaxError
 from momjax.session import Session
 
 SUFFIX = ".session"
+SAVE_MIN_FED = 256  # a kept session is written to the folder again when its request fed this many tokens
 
 
 class SessionStore:
@@ -74,9 +76,10 @@ class SessionStore:
         session.rewind(shared)
         return session, name, shared
 
-    def keep(self, session: Session, name: str) -> None:
-        """Keep the session as the most recently used, save it to the folder, and drop the least recently used
-        sessions until the store fits its budget (a session larger than the whole budget is not kept)."""
+    def keep(self, session: Session, name: str, fed: int = SAVE_MIN_FED) -> None:
+        """Keep the session as the most recently used, save it to the folder (when it is new there or `fed`, the
+        tokens its request fed, is at least SAVE_MIN_FED), and drop the least recently used sessions until the
+        store fits its budget (a session larger than the whole budget is not kept)."""
         if session.length == 0:
             self._remove_file(name)
             return
@@ -87,7 +90,7 @@ class SessionStore:
             self._remove_file(old)
             self.log(f"momjax serve: dropped a kept session of {dropped.length} tokens ({dropped.nbytes:,} bytes) "
                      "to stay within --cache-memory")
-        if name in self._kept and self.folder:
+        if name in self._kept and self.folder and (fed >= SAVE_MIN_FED or not os.path.exists(self._path(name))):
             session.save(self._path(name))
 
     def discard(self, name: str) -> None:

@@ -87,7 +87,7 @@ class Engine:
     def max_tokens(self, req: Request, prompt_tokens: int) -> int:
         """The request's max_tokens, checked against the context: the prompt and the answer must fit in it."""
         room = self.max_context - prompt_tokens
-        param = "max_tokens" if req.kind != "chat" else "max_completion_tokens"
+        param = req.max_tokens_param
         if req.max_tokens is None:
             if room < 1:
                 raise APIError(400, f"the prompt has {prompt_tokens} tokens; this model's context is "
@@ -146,7 +146,7 @@ class Job:
                 if failed:
                     e.store.discard(name)
                 else:
-                    e.store.keep(session, name)
+                    e.store.keep(session, name, fed=len(self.ids) - self.cached)
 
     def _decode(self, tokens, decoder, stop: StopText):
         stop_ids = self.engine.stop_ids

@@ -38,6 +38,7 @@ class Request:
     messages: list[dict] | None = None  # chat: {"role", "content"} with content as text
     prompt: str | list[int] | None = None  # completion: text or token ids
     max_tokens: int | None = None  # None: the server's default (within the context)
+    max_tokens_param: str = "max_tokens"  # the field it came from, for errors
     temperature: float = 1.0
     top_p: float | None = None
     top_k: int | None = None
@@ -76,6 +77,19 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
+def _unsupported(body: dict) -> None:
+    """Fields whose answer would silently differ from what the client asked for: refused, not ignored."""
+    for name in ("logprobs", "echo", "tools", "functions"):
+        if body.get(name) not in (None, False, 0, []):
+            raise _bad(f"'{name}' is not supported by momjax serve", name, "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise _bad("'response_format' other than {\"type\": \"text\"} is not supported by momjax serve",
+                   "response_format", "unsupported_parameter")
+    if body.get("best_of") not in (None, 1):
+        raise _bad("'best_of' other than 1 is not supported", "best_of", "unsupported_parameter")
+
+
 def _common(body, kind: str, max_context: int) -> Request:
     """The fields chat and completion requests share."""
     if not isinstance(body, dict):
@@ -87,8 +101,11 @@ def _common(body, kind: str, max_context: int) -> Request:
     if n != 1:
         raise _bad(f"only n=1 is supported, got n={n}", "n", "unsupported_value")
     max_tokens = _number(body, "max_tokens", None, 1, max_context, integer=True)
-    if kind == "chat":
-        max_tokens = _number(body, "max_completion_tokens", max_tokens, 1, max_context, integer=True)
+    param = "max_tokens"
+    if kind == "chat" and body.get("max_completion_tokens") is not None:
+        max_tokens = _number(body, "max_completion_tokens", None, 1, max_context, integer=True)
+        param = "max_completion_tokens"
+    _unsupported(body)
     temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
     top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
     if top_p == 0.0:
@@ -106,7 +123,7 @@ def _common(body, kind: str, max_context: int) -> Request:
     if body.get("stream_options") is not None and not stream:
         raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options", "invalid_value")
     greedy = temperature == 0.0
-    return Request(kind=kind, model=model, max_tokens=max_tokens, temperature=temperature,
+    return Request(kind=kind, model=model, max_tokens=max_tokens, max_tokens_param=param, temperature=temperature,
                    top_p=None if greedy or top_p == 1.0 else top_p, top_k=None if greedy else top_k,
                    seed=secrets.randbits(62) if seed is None else seed, stop=_stop(body), stream=stream,
                    include_usage=bool(options.get("include_usage", False)))
