@@ -319,3 +319,27 @@ def test_serve_command_without_the_extra_or_exposed(folder, capsys, monkeypatch)
     warn_exposed("127.0.0.1", None)
     warn_exposed("0.0.0.0", "key")
     assert capsys.readouterr().err == ""
+
+
+def test_kept_sessions_stay_within_their_budget_least_recently_used_first(model, tmp_path):
+    """Three conversations whose caches fit two at a time: the least recently used one goes, from memory and
+    from the folder; a new store on the folder finds the two kept, and a prompt sharing a kept one's prefix is
+    served from it."""
+    policy = momjax.get_policy(POLICY)
+    one = momjax.Session(model, policy, capacity=16)
+    one.feed([5])
+    budget = 2 * one.nbytes + one.nbytes // 2
+    store = SessionStore(model, policy, budget, str(tmp_path))
+    prompts = [[10 + i] * 12 for i in range(3)]
+    for i, ids in enumerate(prompts):
+        session, name, cached = store.take(ids, capacity=16)
+        assert cached == 0 and session.length == 0
+        session.feed(ids)
+        store.keep(session, name, fed=len(ids))
+        assert store.nbytes <= budget and len(store) == min(i + 1, 2)
+    assert sorted(store.lengths()) == [12, 12] and len(os.listdir(tmp_path)) == 2
+    # prompts[0] was dropped: nothing shares its prefix; prompts[2] + 3 tokens reuses all of prompts[2].
+    assert store.best(prompts[0] + [7]) == (None, 0)
+    again = SessionStore(model, policy, budget, str(tmp_path))
+    session, name, cached = again.take(prompts[2] + [7, 8, 9], capacity=16)
+    assert cached == 12 and session.tokens == prompts[2] and len(again) == 1

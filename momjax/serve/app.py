@@ -210,6 +210,11 @@ class Server:
             except P.APIError as e:  # the headers are sent: the error goes in the stream
                 yield sse(e.body())
                 return
+            except Exception:  # noqa: BLE001 - as endpoint(): the traceback to the server's stderr only
+                traceback.print_exc(file=sys.stderr)
+                yield sse(P.APIError(500, "the server failed on this request; see its log", None, "internal_error",
+                                     type="server_error").body())
+                return
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(pieces.close)
