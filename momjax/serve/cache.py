@@ -53,6 +53,10 @@ class SessionStore:
         """The kept sessions' token counts, least recently used first."""
         return [s.length for s in self._kept.values()]
 
+    def token_lists(self) -> list[list[int]]:
+        """The kept sessions' tokens, least recently used first."""
+        return [s.tokens for s in self._kept.values()]
+
     # ------------------------------------------------------------------ use
 
     def best(self, ids: list[int]) -> tuple[str | None, int]:
