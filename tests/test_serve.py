@@ -138,6 +138,11 @@ def test_completions_take_text_or_token_ids(url, model, tok):
     chunks = list(c.completions.create(model="demo", prompt=ids, max_tokens=8, temperature=0, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == want
     assert [m.id for m in c.models.list().data] == ["demo"]
+    # Sampling: temperature, top_p, seed and the top_k extension reach the decoder as momjax.generate takes them.
+    want = momjax.generate(model, [ids], 8, POLICY, temperature=0.9, top_k=20, top_p=0.95, seed=7).as_lists()[0]
+    r = c.completions.create(model="demo", prompt=ids, max_tokens=8, temperature=0.9, top_p=0.95, seed=7,
+                             extra_body={"top_k": 20})
+    assert r.choices[0].text == tok.decode(want)
 
 
 def test_a_document_then_three_questions_reuses_its_cache(url, model, tok):
