@@ -284,13 +284,14 @@ def test_api_key_and_queue_limit(model, tok):
 
 def test_serve_command_restarts_with_its_cache_dir(folder, tmp_path, tok):
     """Two runs of `momjax serve --cache-dir`: the second serves the document the first kept, from disk."""
-    cache = str(tmp_path / "kept")
+    cache, compiled = str(tmp_path / "kept"), str(tmp_path / "compiled")  # the second run loads the programs
     messages = [{"role": "system", "content": DOCUMENT}, {"role": "user", "content": QUESTIONS[0]}]
     doc_tokens = len(tok.render_chat(messages[:1], generation_prompt=False))
     answers, cached = [], []
     for run in range(2):
         proc = subprocess.Popen([sys.executable, "-m", "momjax.cli", "serve", "--model", folder, "--port", "0",
-                                 "--cache-dir", cache, "--policy", POLICY], stdout=subprocess.PIPE,
+                                 "--cache-dir", cache, "--policy", POLICY, "--compile-cache", compiled],
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             line = proc.stdout.readline()
@@ -349,3 +350,23 @@ def test_kept_sessions_stay_within_their_budget_least_recently_used_first(model,
     again = SessionStore(model, policy, budget, str(tmp_path))
     session, name, cached = again.take(prompts[2] + [7, 8, 9], capacity=16)
     assert cached == 12 and session.tokens == prompts[2] and len(again) == 1
+
+
+def test_stop_tokens_and_stop_strings_cut_the_answer(engine, tok):
+    """The decoded chunks as Session.stream yields them: an end-of-sequence token ends the answer (counted, not
+    shown, and what follows it in its chunk dropped); a stop string split across chunks is held back and cut."""
+    from momjax.serve.engine import Job, StopText
+    from momjax.serve.protocol import Request
+
+    eos = demo.EOS_ID
+    job = Job(engine, Request(kind="completion", model=None), [1], 10)
+    text = "".join(job._decode(iter([[72, 105], [33, eos, 0]]), tok.stream(), StopText([])))
+    assert (text, job.finish_reason, job.completion_tokens) == ("Hi!", "stop", 4)
+    job = Job(engine, Request(kind="completion", model=None), [1], 10)
+    pieces = list(job._decode(iter([[ord(c)] for c in "abcXY"] + [[ord("Z")], [ord("d")]]), tok.stream(),
+                              StopText(["XYZ", "nope"])))
+    assert ("".join(pieces), job.finish_reason) == ("abc", "stop")
+    assert all("X" not in p for p in pieces)
+    job = Job(engine, Request(kind="completion", model=None), [1], 3)
+    text = "".join(job._decode(iter([[ord("a")], [ord("b")], [ord("c")]]), tok.stream(), StopText(["zz"])))
+    assert (text, job.finish_reason, job.completion_tokens) == ("abc", "length", 3)

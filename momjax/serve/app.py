@@ -210,6 +210,9 @@ class Server:
             except P.APIError as e:  # the headers are sent: the error goes in the stream
                 yield sse(e.body())
                 return
+            except MomjaxError as e:
+                yield sse(P.APIError(400, " ".join(str(e).split()), None, "invalid_request").body())
+                return
             except Exception:  # noqa: BLE001 - as endpoint(): the traceback to the server's stderr only
                 traceback.print_exc(file=sys.stderr)
                 yield sse(P.APIError(500, "the server failed on this request; see its log", None, "internal_error",

@@ -12,6 +12,7 @@ greedy tokens equal `momjax.generate`'s on the same prompt.
 
 from __future__ import annotations
 
+import threading
 import time
 
 from momjax.errors import MomjaxError
@@ -53,6 +54,9 @@ class Engine:
         self.model, self.tokenizer, self.policy, self.store, self.name = model, tokenizer, policy, store, name
         self.default_max_tokens = default_max_tokens
         self.stop_ids = set(model.config.eos_token_ids)
+        # One tokenizer call at a time: requests are tokenized in worker threads while another request's answer
+        # is decoded, and Hugging Face's fast tokenizers refuse concurrent use of one object ("Already borrowed").
+        self.tokenizer_lock = threading.Lock()
         self.created = int(time.time())
 
     @property
@@ -67,12 +71,14 @@ class Engine:
                 raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages",
                                "no_chat_template")
             try:
-                ids = self.tokenizer.render_chat(req.messages)
+                with self.tokenizer_lock:
+                    ids = self.tokenizer.render_chat(req.messages)
             except Exception as e:  # noqa: BLE001 - templates raise their own errors (an unknown role, an order)
                 raise APIError(400, f"the chat template cannot render these messages: {e}", "messages",
                                "invalid_value") from None
         elif isinstance(req.prompt, str):
-            ids = self.tokenizer.encode(req.prompt)
+            with self.tokenizer_lock:
+                ids = self.tokenizer.encode(req.prompt)
         else:
             ids = list(req.prompt)
             vocab = self.model.config.vocab_size
@@ -149,26 +155,29 @@ class Job:
                     e.store.keep(session, name, fed=len(self.ids) - self.cached)
 
     def _decode(self, tokens, decoder, stop: StopText):
-        stop_ids = self.engine.stop_ids
+        stop_ids, lock = self.engine.stop_ids, self.engine.tokenizer_lock
+
+        def text_of(new=None) -> str:
+            with lock:
+                return decoder.flush() if new is None else decoder.push(new)
+
         for new in tokens:
             end = next((i for i, t in enumerate(new) if t in stop_ids), None)
             if end is not None:
                 new = new[: end + 1]
             self.completion_tokens += len(new)
-            text, hit = stop.push(decoder.push(new))
+            text, hit = stop.push(text_of(new))
             if text:
                 yield text
-            if hit or end is not None:
+            if hit:  # a stop string: what followed it is dropped
                 self.finish_reason = "stop"
-                if not hit:
-                    text, hit = stop.push(decoder.flush())
-                    rest = text if hit else text + stop.flush()
-                    if rest:
-                        yield rest
                 return
+            if end is not None:  # a stop token
+                self.finish_reason = "stop"
+                break
             if self.completion_tokens >= self.max_tokens:
                 break
-        text, hit = stop.push(decoder.flush())
+        text, hit = stop.push(text_of())  # characters still incomplete, and text held back for stop strings
         rest = text if hit else text + stop.flush()
         if hit:
             self.finish_reason = "stop"
