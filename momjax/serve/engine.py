@@ -55,7 +55,8 @@ class Engine:
         self.default_max_tokens = default_max_tokens
         self.stop_ids = set(model.config.eos_token_ids)
         # One tokenizer call at a time: requests are tokenized in worker threads while another request's answer
-        # is decoded, and Hugging Face's fast tokenizers refuse concurrent use of one object ("Already borrowed").
+        # is decoded, and one Hugging Face fast tokenizer used from two threads at once can fail ("Already
+        # borrowed", when a call changes its truncation or padding settings).
         self.tokenizer_lock = threading.Lock()
         self.created = int(time.time())
 
