@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -318,6 +319,11 @@ def test_serve_command_without_the_extra_or_exposed(folder, capsys, monkeypatch)
     from momjax.cli import main
     from momjax.cli.serve import warn_exposed
 
+    with socket.socket() as taken:  # a port in use: one line before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--model", folder, "--port", str(taken.getsockname()[1])]) == 2
+        assert "cannot listen on 127.0.0.1 port" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert main(["serve", "--model", folder]) == 2
     assert 'pip install "momjax[serve]"' in capsys.readouterr().err

@@ -105,6 +105,7 @@ def run(args) -> int:
     from momjax.tokenizer import load_tokenizer
 
     budget = check_args(args)
+    sock = listening_socket(args.host, args.port)  # before the model loads: a taken port is said at once
     warn_exposed(args.host, args.api_key)
     tok = load_tokenizer(args.model)
     note_dtype(args.dtype or folder_config(args.model).dtype)
@@ -125,11 +126,25 @@ def run(args) -> int:
     # this one, so that a stop asked for is a clean exit (status 0) rather than death by the signal.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
     try:
-        announcing_server(uvicorn, config, name).run()
+        announcing_server(uvicorn, config, name).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
     log("momjax serve: stopped" + (" (SIGTERM)" if stopped else ""))
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a UsageError saying why not (a port in use, an unknown address)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host} port {port}: {e.strerror or e}; pass another --port or --host") \
+            from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def bound_port(server) -> int:
