@@ -150,6 +150,11 @@ class Session:
         """Where the cache's buffers really are, read from the arrays themselves (None before the first feed)."""
         return jax.tree.leaves(self._k[0])[0].sharding.memory_kind if self._k else None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache's buffers hold (the whole capacity, int8 scales included), wherever they live."""
+        return sum(leaf.nbytes for leaf in jax.tree.leaves((self._k, self._v)))
+
     def __repr__(self) -> str:
         return f"Session(length={self.length}, capacity={self.capacity}, policy={self.policy.name!r})"
 

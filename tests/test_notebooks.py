@@ -2,7 +2,7 @@
 
 Each notebook is executed with nbclient in a fresh python3 kernel (the ipykernel of this environment),
 with MOMJAX_OFFLINE=1 so that notebook 01 uses the demo model instead of downloading one, and a fresh
-MOMJAX_CACHE so that the demo checkpoint is built from scratch. Both together take well under 3 minutes.
+MOMJAX_CACHE so that the demo checkpoint is built from scratch. All three together take well under 3 minutes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
-NAMES = ["01_quickstart.ipynb", "02_long_context_memory.ipynb"]
+NAMES = ["01_quickstart.ipynb", "02_long_context_memory.ipynb", "03_serve.ipynb"]
 TIMEOUT_S = 240  # per cell: the longest cell compiles a handful of 8B programs on a shared CPU
 
 
@@ -65,6 +65,10 @@ def test_notebook_runs_on_cpu_offline(name, tmp_path, monkeypatch):
         for policy in ("baseline", "mom", "mom-stream"):
             assert re.search(rf"^{policy} .*tokens/s", text, re.MULTILINE), policy
         assert "max context" in text
+    elif name.startswith("03"):
+        cached = [int(n) for n in re.findall(r"prompt tokens, (\d+) of them from a kept cache", text)]
+        assert len(cached) == 3 and cached[0] < 100 and min(cached[1:]) > 2000, cached
+        assert "the server's last answer equals a fresh run's: True" in text and "stopped" in text
     else:
         assert "No GPU here" in text
         assert text.count("max context") == 3

@@ -1,4 +1,4 @@
-"""The `momjax` command: demo, generate, chat, plan, convert, bench. One module per command; nothing in the
+"""The `momjax` command: demo, generate, chat, serve, plan, convert, bench. One module per command; nothing in the
 library imports this package.
 
 `main` is the one place where errors become what a user sees: every MomjaxError (bad input: a missing folder,
@@ -13,11 +13,11 @@ import argparse
 import os
 import sys
 
-from momjax.cli import bench, chat, convert, demo, generate, plan
+from momjax.cli import bench, chat, convert, demo, generate, plan, serve
 from momjax.cli.common import COMPILE_CACHE_ENV, Parser, UsageError, enable_compile_cache
 from momjax.errors import MomjaxError
 
-COMMANDS = (demo, generate, chat, plan, convert, bench)
+COMMANDS = (demo, generate, chat, serve, plan, convert, bench)
 
 
 def build_parser() -> Parser:
