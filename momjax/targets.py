@@ -370,8 +370,10 @@ def analyse(compiled, host_argument_bytes: int, target=None) -> dict:
     if t is None:
         host_outs = sum(_nbytes(x) for x in jax.tree.leaves(output_avals(compiled)) if _kind(x) == "pinned_host")
         # Host outputs that are arguments passed through (a decode step returns its prompt K/V untouched; split
-        # over a mesh their shardings say pinned_host) are counted once, as arguments: at most what is not aliased.
-        host_outs = min(host_outs, max(ma.output_size_in_bytes - ma.alias_size_in_bytes, 0))
+        # over a mesh their shardings say pinned_host) are not in the output size: they are counted once, as
+        # arguments. Such outputs show as more host outputs than the program writes.
+        if host_outs > ma.output_size_in_bytes - ma.alias_size_in_bytes:
+            host_outs = 0
         host = host_argument_bytes + host_outs + compiler_host
         # The CPU backend reports host-placed buffers inside argument/output sizes; take them out.
         device = total - (host_argument_bytes + host_outs if ma.host_argument_size_in_bytes == 0 else 0)

@@ -228,3 +228,49 @@ def test_bad_device_arguments_are_one_line_errors(demo_folder, capsys, argv, nee
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("momjax: error: ") and needle in lines[0], err
+
+
+# ---------------------------------------------------------------------- plans for a mesh
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+@pytest.mark.parametrize("phase,policy", [("prefill", "mom"), ("decode", "mom"), ("decode", "mom-stream")])
+def test_memory_report_on_several_devices_is_per_device_and_the_estimate_follows_it(devices, phase, policy):
+    cfg = momjax.Config(vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
+                        num_kv_heads=4, head_dim=32, max_position_embeddings=8192)
+    one = momjax.memory_report(cfg, 4096, policy, dtype="float32", phase=phase)
+    split = momjax.memory_report(cfg, 4096, policy, dtype="float32", phase=phase, devices=devices)
+    guess = momjax.estimate(cfg, 4096, policy, dtype="float32", phase=phase, devices=devices)
+    assert split["devices"] == devices and split["weight_bytes"] < one["weight_bytes"] / devices * 1.1
+    assert split["kv_bytes"] == one["kv_bytes"] // devices  # each device holds its KV heads' share
+    assert split["host_bytes"] == one["host_bytes"]  # host memory counted for all devices together
+    assert split["device_bytes"] < one["device_bytes"]
+    assert abs(guess["device_bytes"] - split["device_bytes"]) < 0.15 * split["device_bytes"], (guess, split)
+    if phase == "decode":
+        assert split["host_to_device_bytes"] == one["host_to_device_bytes"] // devices
+        # the two all-reduces per layer and the embedding's, [1, D] float32 each, as a ring sends them
+        ring = 2 * (devices - 1) / devices
+        assert split["allreduce_bytes"] == guess["allreduce_bytes"] == int((2 * 4 + 1) * 256 * 4 * ring)
+
+
+def test_plan_on_several_devices_and_its_errors(capsys):
+    with pytest.raises(momjax.InputError, match=r"weights alone need .* more than the 80.00 GiB device budget"):
+        momjax.plan("llama-3.1-70b", "80GiB", "1TiB", source="estimate")
+    two = momjax.plan("llama-3.1-70b", "80GiB", "1TiB", source="estimate", devices=2)
+    eight = momjax.plan("llama-3.1-70b", "80GiB", "1TiB", source="estimate", devices=8, target="h100",
+                        context=131072)
+    assert 0 < two["max_context"]["mom"] < eight["max_context"]["mom"]
+    assert eight["max_context"]["mom"] >= 1_000_000 and eight["limits"]["mom-stream"] == "host"
+    assert two["max_context"]["mom-stream"] > 0
+    speed = eight["decode"]["mom"]
+    assert speed["interconnect_s"] > 0 and speed["decode_tokens_per_s"] < 1 / (speed["device_s"] + speed["link_s"])
+    with pytest.raises(momjax.InputError, match="degree of 3 does not divide"):
+        momjax.plan("llama-3.1-70b", "80GiB", source="estimate", devices=3)
+    with pytest.raises(momjax.InputError, match="devices must be a positive number"):
+        momjax.estimate("llama-3.1-8b", 1024, devices=0)
+    with pytest.raises(momjax.TargetError, match="compiling for 8 devices needs 8 of this machine's; it has 4"):
+        momjax.memory_report("llama-3.2-1b", 1024, devices=8)
+    code, out, err = cli(["plan", "--model", "llama-3.1-70b", "--hbm", "80GiB", "--host-memory", "1TiB",
+                          "--devices", "8"], capsys)
+    assert code == 0, err
+    assert "8 devices, tensor-parallel: each device budget 80.00 GiB" in out and "16.43 GiB per device" in out

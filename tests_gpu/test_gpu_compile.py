@@ -164,3 +164,41 @@ def test_streamed_decode_holds_one_layer_of_the_cache_at_a_time(kv_dtype):
 
     _, analysis = targets.compile(jax.jit(loop), params, cache, token, target="h200")
     assert analysis["temp_bytes"] < 2.2 * layer, (analysis["temp_bytes"] / layer)
+
+
+# ---------------------------------------------------------------------- several GPUs (issue: tensor parallelism)
+
+
+def test_llama_70b_on_8_h100s_fits_a_million_tokens_with_mom():
+    """Llama-3.1-70B in bfloat16 split over 8 H100s (topology 1x1x8, deviceless): `mom` holds 1,048,576 tokens per
+    the compiled prefill and decode programs, each device's bytes within its 80 GiB."""
+    for phase in ("prefill", "decode"):
+        r = memory.memory_report("llama-3.1-70b", 1_048_576, "mom", dtype="bfloat16", phase=phase, target="h100",
+                                 devices=8)
+        e = memory.estimate("llama-3.1-70b", 1_048_576, "mom", dtype="bfloat16", phase=phase, devices=8)
+        assert r["source"] == "xla-gpu:h100" and r["devices"] == 8
+        assert r["device_bytes"] <= 80 * GiB, r["device_bytes"] / GiB
+        assert abs(r["device_bytes"] - e["device_bytes"]) < 0.1 * r["device_bytes"]
+    assert r["allreduce_bytes"] == e["allreduce_bytes"] or abs(r["allreduce_bytes"] / e["allreduce_bytes"] - 1) < 0.01
+
+
+def test_llama_70b_fits_two_h100s_with_mom_stream():
+    for phase in ("prefill", "decode"):
+        r = memory.memory_report("llama-3.1-70b", 65536, "mom-stream", dtype="bfloat16", phase=phase, target="h100",
+                                 devices=2)
+        assert r["device_bytes"] <= 80 * GiB, r["device_bytes"] / GiB
+
+
+def test_decode_on_8_gpus_holds_two_all_reduces_per_layer_and_gathers_nothing():
+    """The decode step compiled for 8 H100s: the residual stream's two all-reduces per layer and the split
+    embedding lookup's one; no all-gather (XLA's GPU compiler gathered the whole embedding table every step until
+    the lookup was written with shard_map)."""
+    import re
+
+    cfg = TINY.replace(num_heads=8, num_kv_heads=8, head_dim=16)
+    (_, compiled, _, _), = memory.compile_program(cfg, 1024, momjax.get_policy("mom"), "bfloat16", "decode",
+                                                  target="h100", devices=8)
+    text = compiled.as_text()
+    ops = re.findall(r"\} (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", text)
+    assert ops.count("all-reduce") == 2 * cfg.num_layers + 1, ops
+    assert set(ops) == {"all-reduce"}, ops
