@@ -17,7 +17,7 @@ from momjax.cache import KVCache
 from momjax.decoding import collect, decode_stream
 from momjax.errors import InputError
 from momjax.loading import Model, check_model
-from momjax.mesh import in_mesh
+from momjax.mesh import in_mesh, tp_degree
 from momjax.memory.fit import check_fits
 from momjax.policy import MemoryPolicy, get_policy
 
@@ -51,7 +51,7 @@ def prefill(model: Model, tokens, policy="mom", on_layer=None) -> tuple[jax.Arra
     checks.callback(on_layer)
     longest = max(len(p) for p in prompts)
     checks.context(model.max_context, longest)
-    check_fits(model.config, longest, 0, policy, model.dtype, len(prompts))
+    check_fits(model.config, longest, 0, policy, model.dtype, len(prompts), tp_degree(model.mesh))
     padded, start = _padded(prompts, policy)
     with in_mesh(model.mesh):
         return G.prefill_fn(model.params, padded, start, model.config, policy, on_layer=on_layer)
@@ -105,7 +105,7 @@ def generate(model: Model, tokens, max_new_tokens: int, policy="mom", temperatur
     longest = max(len(p) for p in prompts)
     checks.context(model.max_context, longest, max_new_tokens)
     sampling = checks.sampling(cfg.vocab_size, cfg.eos_token_ids, temperature, top_k, top_p, seed, stop_tokens)
-    check_fits(cfg, longest, max_new_tokens, policy, model.dtype, len(prompts))
+    check_fits(cfg, longest, max_new_tokens, policy, model.dtype, len(prompts), tp_degree(model.mesh))
 
     padded, start = _padded(prompts, policy)
     with in_mesh(model.mesh):

@@ -12,7 +12,7 @@ heads' keys and values.
 The embedding and LM head are split on the vocabulary when it divides evenly (else the LM head on its hidden
 axis and the embedding kept whole on every device); the MLP on the intermediate axis when it divides, else whole. Heads must divide:
 a degree that divides neither the query heads nor the KV heads is refused with the degrees that work.
-The "dp" axis, when the mesh has one, holds whole replicas: weights are replicated over it.
+A "dp" axis (data-parallel batches) may be named but must have size 1 for now: batches are not split.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def distributed_init(coordinator: str | None = None, num_processes: int | None =
 
 def make_mesh(tp: int = 1, dp: int = 1, devices=None) -> Mesh:
     """A mesh of dp x tp devices with axes ("dp", "tp"), from the visible devices (all processes' devices
-    after momjax.distributed_init) or the given ones, in their order: tensor-parallel groups are neighbours."""
+    after momjax.distributed_init) or the given ones, in their order: tensor-parallel groups are neighbours.
+    load() accepts dp = 1 only for now (batches are not split over devices)."""
     for name, n in (("tp", tp), ("dp", dp)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise InputError(f"{name} must be a positive number of devices, got {n!r}")
@@ -119,6 +120,10 @@ def check_mesh(mesh, cfg: Config) -> None:
     extra = [a for a in mesh.axis_names if a not in (TP, "dp")]
     if extra:
         raise InputError(f"mesh axes {extra} are not used by momjax; name them 'tp' (tensor parallel) and 'dp'")
+    if "dp" in mesh.axis_names and mesh.shape["dp"] > 1:
+        raise InputError(f"a 'dp' axis of {mesh.shape['dp']} devices (data-parallel batches) is not supported yet: "
+                         "momjax splits a model tensor-parallel only; build the mesh with make_mesh(tp=N) (dp=1), "
+                         "or run one process per replica")
     check_degree(cfg, tp_degree(mesh))
 
 

@@ -40,7 +40,7 @@ from momjax.decoding import DecodeStats, collect, decode_stream
 from momjax.errors import InputError, SessionError
 from momjax.loading import Model, check_model
 from momjax.memory.fit import check_fits
-from momjax.mesh import in_mesh, inputs_on, iterate_in, kv_sharding
+from momjax.mesh import in_mesh, inputs_on, iterate_in, kv_sharding, tp_degree
 from momjax.policy import MemoryPolicy, get_policy
 
 
@@ -188,7 +188,8 @@ class Session:
                            what=f"the session ({self.length} tokens) + {len(ids)} new tokens")
         # A feed never needs more memory than a one-shot prefill of all the tokens (tests/test_session.py):
         # refuse what that prefill could not do.
-        check_fits(self.model.config, self.length + len(ids), new_tokens, self.policy, self.model.dtype)
+        check_fits(self.model.config, self.length + len(ids), new_tokens, self.policy, self.model.dtype,
+                   devices=tp_degree(self.model.mesh))
         return ids
 
     def feed(self, tokens, on_layer=None) -> jax.Array:

@@ -171,6 +171,8 @@ def test_a_mesh_the_model_cannot_use_is_refused(zoo):
         momjax.make_mesh(tp=8)
     with pytest.raises(momjax.InputError, match="tp must be a positive number"):
         momjax.make_mesh(tp=0)
+    with pytest.raises(momjax.InputError, match="a 'dp' axis of 2 devices .* is not supported yet"):
+        momjax.load(folder, progress=False, mesh=momjax.make_mesh(tp=2, dp=2))
     with pytest.raises(momjax.InputError, match="mesh must be a jax.sharding.Mesh"):
         momjax.load(folder, progress=False, mesh="tp=2")
 
@@ -274,3 +276,23 @@ def test_plan_on_several_devices_and_its_errors(capsys):
                           "--devices", "8"], capsys)
     assert code == 0, err
     assert "8 devices, tensor-parallel: each device budget 80.00 GiB" in out and "16.43 GiB per device" in out
+
+
+def test_the_server_on_two_devices_answers_as_one_device_does(demo_folder):
+    """momjax serve --devices 2: the OpenAI client's answers over a kept document equal one device's generate."""
+    from test_serve import DOCUMENT, ask, client, live, make_engine
+
+    from momjax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(demo_folder)
+    one, two = load(demo_folder), load(demo_folder, 2)
+    messages = [{"role": "system", "content": DOCUMENT}]
+    with live(make_engine(two, tok)) as url:
+        c = client(url)
+        for question in ("What do mini-sequences keep?", "Say it again, shorter."):
+            messages.append({"role": "user", "content": question})
+            r = ask(c, messages, max_tokens=10)
+            want = momjax.generate(one, [tok.render_chat(messages)], 10, "mom").as_lists()[0]
+            assert r.choices[0].message.content == tok.decode(want)
+            messages.append({"role": "assistant", "content": r.choices[0].message.content})
+        assert r.usage.prompt_tokens_details.cached_tokens > 0

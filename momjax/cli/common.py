@@ -169,7 +169,7 @@ def start_devices(args, cfg):
     --coordinator is given: called before anything touches a device."""
     from momjax.mesh import check_mesh, distributed_init, make_mesh
 
-    parts = (args.coordinator, args.num_processes, args.process_id)
+    parts = tuple(getattr(args, name, None) for name in ("coordinator", "num_processes", "process_id"))
     if any(x is not None for x in parts):
         if any(x is None for x in parts):
             raise UsageError("a run of several processes needs all three of --coordinator HOST:PORT, "
@@ -178,11 +178,11 @@ def start_devices(args, cfg):
             distributed_init(args.coordinator, args.num_processes, args.process_id)
         except InputError as e:
             raise UsageError(str(e)) from None
-    if args.num_processes not in (None, 1):
+    if parts[1] not in (None, 1):
         import jax
 
         if args.devices != len(jax.devices()):
-            raise UsageError(f"--devices {args.devices}: a run of {args.num_processes} processes splits the model "
+            raise UsageError(f"--devices {args.devices}: a run of {parts[1]} processes splits the model "
                              f"over all their devices; give --devices {len(jax.devices())}")
     elif args.devices == 1:
         return None

@@ -130,6 +130,7 @@ def run(args) -> int:
     import momjax
     from momjax.loading import folder_config
     from momjax.memory import check_fits
+    from momjax.mesh import tp_degree
     from momjax.policy import describe_policy
     from momjax.tokenizer import load_tokenizer
 
@@ -157,7 +158,7 @@ def run(args) -> int:
     check_context(cfg.context_length)  # before the weights are read: refuse what cannot run, fast
     mesh = start_devices(args, cfg)  # before anything touches a device
     policy = resolve_policy(args, cfg, total, args.dtype or cfg.dtype, None if args.quiet else log)
-    check_fits(cfg, len(ids), args.max_new_tokens, policy, args.dtype or cfg.dtype)
+    check_fits(cfg, len(ids), args.max_new_tokens, policy, args.dtype or cfg.dtype, devices=tp_degree(mesh))
     note_dtype(args.dtype or cfg.dtype)
     model = momjax.load(args.model, dtype=args.dtype, mesh=mesh, progress=not args.quiet,
                         max_context=max(cfg.context_length, total))

@@ -17,11 +17,13 @@ from momjax.cli.common import (
     DTYPES,
     MODEL_HELP,
     UsageError,
+    add_device_args,
     add_policy_args,
     check_model_path,
     log,
     note_dtype,
     resolve_policy,
+    start_devices,
 )
 from momjax.loading import folder_config
 
@@ -37,6 +39,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--name", default=None, help="the model's name in the API (default: the folder's name)")
     add_policy_args(p)
+    add_device_args(p, processes=False)  # one process: every request runs where the model is
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: the checkpoint's)")
     p.add_argument("--api-key", default=os.environ.get("MOMJAX_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every request (default: $MOMJAX_API_KEY)")
@@ -108,8 +111,10 @@ def run(args) -> int:
     sock = listening_socket(args.host, args.port)  # before the model loads: a taken port is said at once
     warn_exposed(args.host, args.api_key)
     tok = load_tokenizer(args.model)
-    note_dtype(args.dtype or folder_config(args.model).dtype)
-    model = momjax.load(args.model, dtype=args.dtype, progress=False,
+    cfg = folder_config(args.model)
+    note_dtype(args.dtype or cfg.dtype)
+    mesh = start_devices(args, cfg)
+    model = momjax.load(args.model, dtype=args.dtype, mesh=mesh, progress=False,
                         max_context=2**31 - 1 if args.allow_long_context else None)
     args.max_new_tokens = args.max_tokens  # what --policy auto plans for
     policy = resolve_policy(args, model.config, model.max_context, model.dtype, log)
