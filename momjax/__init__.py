@@ -1,5 +1,5 @@
 """momjax: Hugging Face Llama, Qwen2 and Mistral checkpoints as pure JAX functions, with MOM memory policies
-that make very long prompts fit on one accelerator."""
+that make very long prompts fit on one accelerator, or on several split tensor-parallel on a JAX mesh."""
 
 from momjax import no_gpu as _no_gpu
 

@@ -7,6 +7,7 @@ Commands: /save [FILE], /reset (back to just the document), /rewind (drop the la
 
 from __future__ import annotations
 
+import select
 import sys
 import time
 
@@ -131,7 +132,7 @@ def _converse(args, tok, session, convo, sync, save) -> int:
             if interactive:
                 sys.stdout.write("> ")
                 sys.stdout.flush()
-            line = sys.stdin.readline()
+            line = _prompt_line(interactive)
             if not line:
                 return 0
             text = line.rstrip("\n")
@@ -151,6 +152,16 @@ def _converse(args, tok, session, convo, sync, save) -> int:
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         return 130
+
+
+def _prompt_line(interactive: bool) -> str:
+    """The next line of input. At a terminal it waits in short selects rather than one blocking read: the kernel
+    may hand Ctrl-C to any of the process's threads (JAX runs many), and then only Python's flag is set, which a
+    main thread blocked in read() would not look at until Enter was pressed."""
+    if interactive:
+        while not select.select([sys.stdin], [], [], 0.2)[0]:
+            pass
+    return sys.stdin.readline()
 
 
 def _command(text: str, args, session, convo, sync, save) -> bool:
