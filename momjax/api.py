@@ -15,6 +15,7 @@ from momjax import checks
 from momjax import generation as G
 from momjax.cache import KVCache
 from momjax.decoding import collect, decode_stream
+from momjax.decoding import prefill as run_prefill
 from momjax.errors import InputError
 from momjax.loading import Model, check_model
 from momjax.mesh import in_mesh, tp_degree
@@ -54,7 +55,7 @@ def prefill(model: Model, tokens, policy="mom", on_layer=None) -> tuple[jax.Arra
     check_fits(model.config, longest, 0, policy, model.dtype, len(prompts), tp_degree(model.mesh))
     padded, start = _padded(prompts, policy)
     with in_mesh(model.mesh):
-        return G.prefill_fn(model.params, padded, start, model.config, policy, on_layer=on_layer)
+        return run_prefill(model.params, padded, start, model.config, policy, on_layer=on_layer)
 
 
 @dataclass
@@ -110,7 +111,7 @@ def generate(model: Model, tokens, max_new_tokens: int, policy="mom", temperatur
     padded, start = _padded(prompts, policy)
     with in_mesh(model.mesh):
         t0 = time.perf_counter()
-        logits, cache = G.prefill_fn(model.params, padded, start, cfg, policy, on_layer=on_layer)
+        logits, cache = run_prefill(model.params, padded, start, cfg, policy, on_layer=on_layer)
         logits.block_until_ready()
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()

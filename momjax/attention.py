@@ -74,8 +74,7 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
     scale = 1.0 / math.sqrt(E)
     dtype = q.dtype
     quantized = k_scale is not None
-    # [Nq, B, K, G*qb, E]: block i, then the (head, query) rows of each KV head.
-    q = q.reshape(B, Nq, qb, K, G, E).transpose(1, 0, 3, 4, 2, 5).reshape(Nq, B, K, M, E)
+    q = query_tiles(q, K, qb)  # [Nq, B, K, G*qb, E]
     padded_to = jnp.max(start)  # keys below this index are padding for some row
     scores_dims = (((3,), (3,)), ((0, 1), (0, 1)))  # [B, K, M, E] x [B, K, kb, E] -> [B, K, M, kb]
     values_dims = (((3,), (2,)), ((0, 1), (0, 1)))  # [B, K, M, kb] x [B, K, kb, E] -> [B, K, M, E]
@@ -122,11 +121,23 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
         carry = jax.lax.fori_loop(lo, full_lo, step(True), carry)
         carry = jax.lax.fori_loop(full_lo, full_hi, step(False), carry)
         _, l, acc = jax.lax.fori_loop(full_hi, hi, step(True), carry)
-        out = acc / l[..., None]  # [B, K, M, E]; l >= 1: the row's largest term is exp(0)
-        return out.reshape(B, K, G, qb, E).transpose(0, 3, 1, 2, 4).reshape(B, qb, H, E).astype(dtype)
+        return (acc / l[..., None]).astype(dtype)  # [B, K, M, E]; l >= 1: the row's largest term is exp(0)
 
-    out = jax.lax.map(one_query_block, (q, jnp.arange(Nq)))  # [Nq, B, qb, H, E]
-    return jnp.moveaxis(out, 0, 1).reshape(B, S, H, E)
+    return from_tiles(jax.lax.map(one_query_block, (q, jnp.arange(Nq))), G)
+
+
+def query_tiles(q, K: int, qb: int):
+    """q [B, S, H, E] -> [S/qb, B, K, G*qb, E]: query block i, then the (head, query) rows of each KV head."""
+    B, S, H, E = q.shape
+    G = H // K
+    return q.reshape(B, S // qb, qb, K, G, E).transpose(1, 0, 3, 4, 2, 5).reshape(S // qb, B, K, G * qb, E)
+
+
+def from_tiles(out, G: int):
+    """The inverse of `query_tiles`: [Nq, B, K, G*qb, E] -> [B, Nq*qb, K*G, E] (G query heads per KV head)."""
+    Nq, B, K, M, E = out.shape
+    qb = M // G
+    return out.reshape(Nq, B, K, G, qb, E).transpose(1, 0, 4, 2, 3, 5).reshape(B, Nq * qb, K * G, E)
 
 
 def decode_attention(q, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start, *, window=None, prompt_end=None,
@@ -229,3 +240,88 @@ def _int8_decode(q32, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start, 
     out += jnp.sum(p_tail[..., None] * f32(tail_v[:, :, None]), axis=3)
     out += p_self[..., None] * f32(v_new[:, 0, :, None, :])
     return out / denom[..., None]
+
+# ---------------------------------------------------------------------- attention in streamed blocks (mom-host)
+
+
+def empty_carry(rows_shape, E: int):
+    """The online softmax's state before any key: (m, l, acc) for rows of rows_shape, float32."""
+    return (jnp.full(rows_shape, MASKED, jnp.float32), jnp.zeros(rows_shape, jnp.float32),
+            jnp.zeros((*rows_shape, E), jnp.float32))
+
+
+def attend_block(q, k, v, carry, q_first, k_first, start, *, G: int, window=None, kv_block=512, k_scale=None,
+                 v_scale=None):
+    """One block of keys' share of the attention of a chunk of queries: the online-softmax state `carry` after
+    also seeing keys k, v at sequence indices k_first + [0, T). The block may lie anywhere before or across
+    the queries; what a query cannot see (later keys, left padding, outside its window) is masked.
+
+    q: [Nq, B, Kg, G*qb, E] (`query_tiles` of queries at q_first + [0, Nq*qb), G query heads per KV head);
+    k, v: [B, Kg, T, E] (int8 with k_scale, v_scale [B, Kg, T]); carry: (m, l, acc) [Nq, B, Kg, G*qb] (acc
+    with E), float32 (`empty_carry`). Each query tile walks only the key tiles of kv_block keys it can see.
+    """
+    Nq, B, Kg, M, E = q.shape
+    T = k.shape[2]
+    qb = M // G
+    kb = _divisor_block(T, kv_block)
+    scale = 1.0 / math.sqrt(E)
+    dtype = q.dtype
+    quantized = k_scale is not None
+    scores_dims = (((3,), (3,)), ((0, 1), (0, 1)))
+    values_dims = (((3,), (2,)), ((0, 1), (0, 1)))
+
+    def one_tile(args):
+        qt, m, l, acc, i = args
+        first = q_first + i * qb
+        q_idx = jnp.tile(first + jnp.arange(qb), G)[:, None]  # [M, 1]: each row's sequence index
+        hi = jnp.clip((first + qb - 1 - k_first) // kb + 1, 0, T // kb)
+        lo = 0 if window is None else jnp.clip((first - window + 1 - k_first) // kb, 0, hi)
+
+        def body(j, carry):
+            m, l, acc = carry
+            kj = jax.lax.dynamic_slice_in_dim(k, j * kb, kb, axis=2).astype(dtype)
+            vj = jax.lax.dynamic_slice_in_dim(v, j * kb, kb, axis=2).astype(dtype)
+            s = jax.lax.dot_general(qt, kj, scores_dims, preferred_element_type=jnp.float32) * scale
+            if quantized:
+                s = s * jax.lax.dynamic_slice_in_dim(k_scale, j * kb, kb, axis=2)[:, :, None, :]
+            k_idx = k_first + j * kb + jnp.arange(kb)
+            ok = (k_idx <= q_idx)[None, None] & (k_idx >= start[:, None])[:, None, None, :]
+            if window is not None:
+                ok &= (q_idx - k_idx < window)[None, None]
+            s = jnp.where(ok, s, MASKED)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            alpha = jnp.exp(m - m_new)
+            l = alpha * l + p.sum(-1)
+            if quantized:
+                p = p * jax.lax.dynamic_slice_in_dim(v_scale, j * kb, kb, axis=2)[:, :, None, :]
+            pv = jax.lax.dot_general(p.astype(dtype), vj, values_dims, preferred_element_type=jnp.float32)
+            return m_new, l, alpha[..., None] * acc + pv
+
+        return jax.lax.fori_loop(lo, hi, body, (m, l, acc))
+
+    m, l, acc = carry
+    return jax.lax.map(one_tile, (q, m, l, acc, jnp.arange(Nq)))
+
+
+def attend_one(q32, k, v, carry, visible, k_scale=None, v_scale=None):
+    """A block of keys' share of one new query per row (decode), as `attend_block` for a chunk: the state
+    (m, l, acc) [B, Kg, G] (acc with E) after also seeing k, v [B, Kg, T, E] where visible [B, T] says so.
+    q32: [B, Kg, G, E] float32. int8 k, v come with their scales [B, Kg, T], folded into the scores and the
+    probabilities as `decode_attention` does; every product is a multiply-and-sum, so no float copy of an int8
+    block is built."""
+    E = q32.shape[-1]
+    f32 = lambda a: a.astype(jnp.float32)
+    s = jnp.sum(q32[:, :, :, None, :] * f32(k[:, :, None]), -1) * (1.0 / math.sqrt(E))  # [B, Kg, G, T]
+    if k_scale is not None:
+        s = s * k_scale[:, :, None, :]
+    s = jnp.where(visible[:, None, None, :], s, MASKED)
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    alpha = jnp.exp(m - m_new)
+    l = alpha * l + p.sum(-1)
+    if v_scale is not None:
+        p = p * v_scale[:, :, None, :]
+    acc = alpha[..., None] * acc + jnp.sum(p[..., None] * f32(v[:, :, None]), axis=3)
+    return m_new, l, acc

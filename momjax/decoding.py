@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from momjax import generation as G
+from momjax import offload
 from momjax.cache import KVCache, place_for_decode
 from momjax.checks import Sampling
 from momjax.config import Config
@@ -44,6 +45,14 @@ class DecodeStats:
     def decode_tokens_per_s(self) -> float:
         steps = self.new_tokens - 1
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+def prefill(params, tokens, start, cfg: Config, policy: MemoryPolicy, on_layer=None, compiled=None):
+    """(logits [B, V], the prompt's cache) for any policy: generation.prefill_fn, or for `mom-host` its own
+    chunk-by-chunk prefill (momjax.offload.prefill, which takes no programs compiled ahead)."""
+    if policy.on_host:
+        return offload.prefill(params, tokens, start, cfg, policy, on_layer=on_layer)
+    return G.prefill_fn(params, tokens, start, cfg, policy, on_layer=on_layer, compiled=compiled)
 
 
 def decode_stream(params, cache: KVCache, logits, sampling: Sampling, cfg: Config, policy: MemoryPolicy,
@@ -72,6 +81,14 @@ def decode_stream(params, cache: KVCache, logits, sampling: Sampling, cfg: Confi
     if all_done or max_new_tokens == 1:
         return
 
+    if policy.on_host:  # mom-host: every step streams the prompt's K/V blocks (momjax.offload)
+        for new, all_done in offload.decode_rest(params, cache, token, done, sampling.program_args(), cfg, policy,
+                                                 max_new_tokens, stats):
+            stats.new_tokens += 1
+            if all_done and sampling.stop_ids and stats.stopped_at is None and int(new[0, 0]) in sampling.stop_ids:
+                stats.stopped_at = int(new[0, 0])
+            yield new
+        return
     rest = max_new_tokens - 1
     steps = chunk_max if streamed else rest
     cache = place_for_decode(cache, policy).with_tail(max(rest, 1))

@@ -2,8 +2,8 @@
 memory and speed differ.
 
 `MemoryPolicy` holds the runtime memory knobs (mini-sequence length, attention blocks, where the KV cache
-lives, int8 K/V, layers kept on the device). The named policies are `POLICIES["baseline" | "mom" |
-"mom-stream"]`; `get_policy` is the one place a name or a MemoryPolicy becomes a MemoryPolicy.
+and the residual stream live, int8 K/V, layers kept on the device). The named policies are `POLICIES["baseline" |
+"mom" | "mom-stream" | "mom-host"]`; `get_policy` is the one place a name or a MemoryPolicy becomes a MemoryPolicy.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ class MemoryPolicy:
     kv_device_layers: with kv_decode="pinned_host" only: the first N layers' prompt K/V are brought to the
         device once after prefill and stay there; the others stream every step. None or 0 streams them all;
         N = the model's layer count behaves like `mom`. Exact.
+    residual: where prefill keeps the residual stream ([S, D]) between layers. "pinned_host" is `mom-host`:
+        nothing on the device grows with the context (momjax.offload); its K/V live in host memory in blocks
+        of host_block tokens (None = the mini-sequence length, which it must divide) and host_heads KV heads
+        (None = all of them; it must divide the model's KV heads), streamed to the device one block at a time,
+        the next block's copy in flight while the current one is attended to, in prefill and in decode.
     """
 
     name: str = "custom"
@@ -42,6 +47,9 @@ class MemoryPolicy:
     kv_decode: str = "device"
     kv_dtype: str | None = None
     kv_device_layers: int | None = None
+    residual: str = "device"
+    host_block: int | None = None
+    host_heads: int | None = None
 
     def __post_init__(self):
         if self.minisequence is not None and self.minisequence <= 0:
@@ -64,6 +72,30 @@ class MemoryPolicy:
             if self.kv_decode != "pinned_host":
                 raise InputError(f"kv_device_layers={n} needs a policy that streams the KV cache from the host "
                                  "while decoding (kv_decode='pinned_host', e.g. 'mom-stream')")
+
+        if self.residual not in ("device", "pinned_host"):
+            raise InputError(f"residual must be 'device' or 'pinned_host', got {self.residual!r}")
+        for knob in ("host_block", "host_heads"):
+            n = getattr(self, knob)
+            if n is None:
+                continue
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise InputError(f"{knob} must be a positive whole number, got {n!r}")
+            if self.residual != "pinned_host":
+                raise InputError(f"{knob}={n} is a knob of the 'mom-host' policy (residual='pinned_host')")
+        if self.residual == "pinned_host":
+            if self.minisequence is None or self.kv_decode != "pinned_host" or self.minisequence_scope != "layer":
+                raise InputError("residual='pinned_host' (mom-host) runs whole layers in mini-sequences and keeps the "
+                                 "K/V in host memory: it needs minisequence, minisequence_scope='layer' and "
+                                 "kv_prefill = kv_decode = 'pinned_host'")
+            if self.host_block is not None and self.minisequence % self.host_block:
+                raise InputError(f"host_block ({self.host_block} tokens) must divide the mini-sequence length "
+                                 f"({self.minisequence}): each chunk's K/V are cut into whole blocks")
+
+    @property
+    def on_host(self) -> bool:
+        """Whether this is `mom-host`: the residual stream and the K/V in host memory (momjax.offload)."""
+        return self.residual == "pinned_host"
 
     def check_layers(self, num_layers: int) -> None:
         """InputError when kv_device_layers is more than the model's num_layers."""
@@ -101,15 +133,19 @@ POLICIES: dict[str, MemoryPolicy] = {
         name="mom-stream", minisequence=DEFAULT_MINISEQUENCE, last_position_only=True, kv_prefill="pinned_host",
         kv_decode="pinned_host",
     ),
+    "mom-host": MemoryPolicy(
+        name="mom-host", minisequence=DEFAULT_MINISEQUENCE, last_position_only=True, kv_prefill="pinned_host",
+        kv_decode="pinned_host", residual="pinned_host",
+    ),
 }
 
 
 def get_policy(policy) -> MemoryPolicy:
-    """A policy name ("baseline", "mom", "mom-stream") or a MemoryPolicy -> the MemoryPolicy."""
+    """A policy name ("baseline", "mom", "mom-stream", "mom-host") or a MemoryPolicy -> the MemoryPolicy."""
     if isinstance(policy, MemoryPolicy):
         return policy
     if not isinstance(policy, str):
-        raise InputError(f"policy must be 'baseline', 'mom', 'mom-stream' or a MemoryPolicy, got {policy!r}")
+        raise InputError(f"policy must be one of {', '.join(POLICIES)} or a MemoryPolicy, got {policy!r}")
     if policy not in POLICIES:
         raise InputError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)} or pass a MemoryPolicy")
     return POLICIES[policy]

@@ -74,7 +74,7 @@ def _stream_tokens(model, prompt, max_new_tokens, policy, temperature, top_k, to
                    progress):
     from momjax import checks
     from momjax import generation as G
-    from momjax.decoding import DecodeStats, decode_stream
+    from momjax.decoding import DecodeStats, decode_stream, prefill
     from momjax.mesh import inputs_on
     from momjax.policy import get_policy
 
@@ -89,11 +89,12 @@ def _stream_tokens(model, prompt, max_new_tokens, policy, temperature, top_k, to
     tokens, start = G.left_pad([prompt], G.bucket_length(len(prompt), policy))
     tokens, start = inputs_on(model.mesh, tokens), inputs_on(model.mesh, start)
     t0 = time.perf_counter()
-    programs = G.compile_prefill(model.params, tokens, start, cfg, policy)  # what momjax.prefill runs
+    # What momjax.prefill runs (mom-host compiles its small programs on first use instead).
+    programs = None if policy.on_host else G.compile_prefill(model.params, tokens, start, cfg, policy)
     stats.prefill_compile_s = time.perf_counter() - t0
     if on_layer is not None:
         on_layer.start(cfg.num_layers)
-    logits, cache = G.prefill_fn(model.params, tokens, start, cfg, policy, on_layer=on_layer, compiled=programs)
+    logits, cache = prefill(model.params, tokens, start, cfg, policy, on_layer=on_layer, compiled=programs)
     decoding = DecodeStats()
     for chunk in decode_stream(model.params, cache, logits, sampling, cfg, policy, max_new_tokens, stats=decoding):
         if stats.new_tokens == 0:
