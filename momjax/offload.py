@@ -376,3 +376,108 @@ def decode_rest(params, cache: HostCache, token, done, program_args: tuple, cfg:
         yield new, all_done
         if all_done:
             return
+
+
+# ---------------------------------------------------------------------- the programs, for memory reports
+
+
+def _abstract(shape, dtype, kind=DEVICE, where=None):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=where(kind))
+
+
+def _block_avals(cfg: Config, policy: MemoryPolicy, B: int, block: int, heads: int, dtype, kind, where):
+    """One host block (k, v[, k_scale, v_scale]) as abstract arrays in memory kind `kind`."""
+    E = cfg.head_dim
+    if policy.quantized_kv:
+        kv = _abstract((B, heads, block, E), jnp.int8, kind, where)
+        scale = _abstract((B, heads, block), jnp.float32, kind, where)
+        return kv, kv, scale, scale
+    kv = _abstract((B, heads, block, E), dtype, kind, where)
+    return kv, kv
+
+
+def stages(params, cfg: Config, policy: MemoryPolicy, seq_len: int, phase: str, batch: int, new_tokens: int,
+           where) -> list:
+    """The programs one chunk of a `mom-host` prefill (phase="prefill") or one layer of a decode step runs, with
+    abstract arguments, as (generation.Stage, held): `held` is what else stays on the device while the program
+    runs (the values kept between programs: the chunk's residual and queries, the other groups' attention
+    states, the next block arriving, and in decode the tails and the resident layers' blocks). None of it
+    depends on seq_len except the resident layers' blocks. where(kind): the sharding of an abstract argument."""
+    dtype = params.embed.dtype
+    B, L, K, H, E, D = batch, cfg.num_layers, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, cfg.hidden_size
+    Gh = H // K
+    lp = params.layers[0]
+    scalar = _abstract((), jnp.int32, DEVICE, where)
+    start = _abstract((B,), jnp.int32, DEVICE, where)
+    S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
+    C = M.chunk_length(S, policy) if phase == "prefill" else min(policy.minisequence, S)
+    block, heads = layout(cfg, policy, C)
+    blk = _block_avals(cfg, policy, B, block, heads, dtype, DEVICE, where)
+    nbytes = lambda tree: sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+    groups = K // heads
+    head = G.head_params(params)
+    common = dict(window=cfg.sliding_window, heads=heads)
+    if phase == "prefill":
+        x_host = _abstract((B, C, D), dtype, HOST, where)
+        x, q, _ = jax.eval_shape(functools.partial(_qkv_fn, cfg=cfg, policy=policy, block=block, heads=heads), lp,
+                                 x_host, scalar, start, scalar)
+        x, q = (_abstract(a.shape, a.dtype, DEVICE, where) for a in (x, q))
+        Nq, _, _, rows, _ = q.shape
+        carry = tuple(_abstract(a.shape, a.dtype, DEVICE, where) for a in
+                      jax.eval_shape(lambda: empty_carry((Nq, B, heads, rows), E)))
+        carries = (carry,) * groups
+        x_last = _abstract((B, 1, D), dtype, DEVICE, where)
+        return [
+            (G.Stage("embed", _embed_fn, (params.embed, _abstract((B, C), jnp.int32, DEVICE, where)), {}), 0),
+            (G.Stage("qkv", _qkv_fn, (lp, x_host, scalar, start, scalar),
+                     dict(cfg=cfg, policy=policy, block=block, heads=heads)), 0),
+            (G.Stage("attend", _attend_fn, (q, carry, blk, scalar, scalar, scalar, start),
+                     dict(G=Gh, kv_block=policy.kv_block, **common)), nbytes((x, carries[1:], blk))),
+            (G.Stage("finish", _finish_fn, (lp, x, carries), dict(cfg=cfg, G=Gh, last=False)), 0),
+            (G.Stage("last", _finish_fn, (lp, x, carries), dict(cfg=cfg, G=Gh, last=True)), 0),
+            (G.Stage("logits", _head_fn, (head, x_last), dict(cfg=cfg)), 0),
+        ]
+    if phase != "decode":
+        raise InputError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    n = max(new_tokens - 1, 1)
+    kv_dtype = jnp.int8 if policy.quantized_kv else dtype
+    tail = _abstract((B, K, n, E), kv_dtype, DEVICE, where)
+    if policy.quantized_kv:
+        tail = (tail, _abstract((B, K, n), jnp.float32, DEVICE, where))
+    x = _abstract((B, 1, D), dtype, DEVICE, where)
+    token = _abstract((B,), jnp.int32, DEVICE, where)
+    _, q32, k_new, v_new = jax.eval_shape(functools.partial(_dec_qkv_fn, cfg=cfg, quantized=policy.quantized_kv),
+                                          lp, params.embed, token, scalar, start, x=x)
+    q32, k_new, v_new = jax.tree.map(lambda a: _abstract(a.shape, a.dtype, DEVICE, where), (q32, k_new, v_new))
+    carry = tuple(_abstract(a.shape, a.dtype, DEVICE, where) for a in
+                  jax.eval_shape(lambda: empty_carry((B, heads, Gh), E)))
+    carries = (carry,) * groups
+    # Between programs: every layer's tail, and the blocks of the layers kept on the device.
+    resident = policy.device_layers(L) * (S // block) * groups * nbytes(blk)
+    tails = L * 2 * nbytes(tail)
+    return [
+        (G.Stage("qkv", _dec_qkv_fn, (lp, params.embed, token, scalar, start),
+                 dict(cfg=cfg, quantized=policy.quantized_kv, x=x)), tails + resident),
+        (G.Stage("attend", _dec_attend_fn, (q32, carry, blk, scalar, scalar, scalar, start), common),
+         tails + resident + nbytes((x, k_new, v_new, carries[1:], blk))),
+        (G.Stage("finish", _dec_finish_fn, (lp, x, q32, carries, tail, tail, k_new, v_new, scalar, scalar, scalar),
+                 dict(cfg=cfg)), tails - 2 * nbytes(tail) + resident),
+        (G.Stage("logits", _head_fn, (head, x), dict(cfg=cfg)), tails + resident),
+    ]
+
+
+def host_bytes(cfg: Config, policy: MemoryPolicy, seq_len: int, dtype, batch: int, phase: str) -> dict:
+    """What `mom-host` keeps in pinned host memory: kv (every layer's K/V, int8 with scales when quantised),
+    residual (the prompt's residual stream, in prefill, plus the chunk being written back), host (both), and
+    streamed (the K/V a decode step brings over: the layers not kept on the device)."""
+    b = jnp.dtype(dtype).itemsize
+    L, K, E, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
+    e = E + 4 if policy.quantized_kv else E * b
+    layer_kv = 2 * batch * K * S * e
+    C = min(policy.minisequence, S)
+    residual = batch * (S + C) * D * b if phase == "prefill" else 0
+    streamed = (L - policy.device_layers(L)) * layer_kv if phase == "decode" else 0
+    # Decoding keeps the host blocks of the layers it copies to the device (the prefill's cache holds them).
+    return dict(kv=L * layer_kv, layer_kv=layer_kv, residual=residual, streamed=streamed,
+                host=L * layer_kv + residual)

@@ -66,6 +66,8 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
     kv_prompt = L * layer_kv
     logits = 4 * B * V
     extra = {}
+    if policy.on_host:
+        return _host_estimate(cfg, seq_len, policy, dtype, phase, batch, new_tokens, n)
     if phase == "prefill":
         if policy.minisequence is None or C == S:
             temp = B * b * S * (3 * F + D)
@@ -92,3 +94,56 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
     return dict(device_bytes=int(device), host_bytes=int(host), weight_bytes=int(W), kv_bytes=int(kv_bytes),
                 temp_bytes=int(temp), source="estimate", seq_len=int(seq_len), phase=phase, policy=policy.name,
                 dtype=str(jnp.dtype(dtype)), devices=n, **extra)
+
+
+def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new_tokens: int, devices: int) -> dict:
+    """`estimate` for `mom-host` (momjax.offload), whose device bytes do not grow with the context. With C the
+    chunk (mini-sequence), Bk x Kg the streamed block (host_block tokens x host_heads KV heads), qb the query
+    tile and kb the key tile:
+
+    prefill device = W + the larger of its two big programs, each holding every group's float32 attention state
+                     for the chunk (4 B H C (E + 2)):
+                       the rest of the layer: B C b (3F + 2D)  (the MLP, the residual in and out)
+                       a block's attention: B C b (D + H E) (the residual and the queries) + 2 blocks (2 B Kg Bk e
+                         each: the one read, the one arriving) + 8 B H qb kb (a tile's scores and probabilities)
+    decode device  = W + tails (2 L B K N e) + R layers' K/V + 2 blocks + 4 B V (logits)
+    host           = 2 L B K S e (every layer's K/V) + B (S + C) D b in prefill (the residual stream, and the
+                     chunk being written back)
+    Per decode step: host_to_device_bytes = (L - R) layers' K/V; device_read_bytes = W + R layers' K/V + tails.
+    """
+    from momjax import offload  # the policy's own layout and host figures; offload sits above this module
+
+    if devices > 1:
+        raise InputError("policy 'mom-host' runs on one device; plan several devices with 'mom' or 'mom-stream'")
+    b = jnp.dtype(dtype).itemsize
+    L, D, H, K, E, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.intermediate_size, cfg.vocab_size)
+    B = batch
+    S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
+    C = min(policy.minisequence, S)
+    block, heads = offload.layout(cfg, policy, C)
+    e = E + 4 if policy.quantized_kv else E * b
+    blocks = 2 * 2 * B * heads * block * e
+    W = param_bytes(cfg, dtype)
+    h = offload.host_bytes(cfg, policy, seq_len, dtype, batch, phase)
+    R = policy.device_layers(L)
+    extra = {}
+    if phase == "prefill":
+        qb, kb = min(policy.q_block, C), min(policy.kv_block, block)
+        states = 4 * B * H * C * (E + 2)  # every group's float32 attention state for the chunk's queries
+        finish = B * C * b * (3 * F + 2 * D) + states
+        attend = B * C * b * (D + H * E) + states + blocks + 8 * B * H * qb * kb
+        temp = max(finish, attend)
+        device, kv_bytes = W + temp, h["kv"]
+    elif phase == "decode":
+        N = max(new_tokens - 1, 1)
+        tails = 2 * L * B * K * N * e
+        temp = blocks + 4 * B * V
+        device, kv_bytes = W + tails + R * h["layer_kv"] + temp, h["kv"] + tails
+        extra = dict(host_to_device_bytes=int(h["streamed"]), device_read_bytes=int(W + R * h["layer_kv"] + tails),
+                     allreduce_bytes=0)
+    else:
+        raise InputError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    return dict(device_bytes=int(device), host_bytes=int(h["host"]), weight_bytes=int(W), kv_bytes=int(kv_bytes),
+                temp_bytes=int(temp), source="estimate", seq_len=int(seq_len), phase=phase, policy=policy.name,
+                dtype=str(jnp.dtype(dtype)), devices=1, **extra)

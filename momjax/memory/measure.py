@@ -16,6 +16,7 @@ import numpy as np
 
 from momjax import checks
 from momjax import generation as G
+from momjax import offload
 from momjax import targets as T
 from momjax.cache import sharding
 from momjax.config import Config
@@ -97,6 +98,13 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype=None, phase
     if t is not None:
         T.check_compiler()
     padded = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
+    if policy.on_host:
+        if n > 1:
+            raise InputError("policy 'mom-host' runs on one device; plan several devices with 'mom' or 'mom-stream'")
+        report = dict(_host_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens,
+                                   None if t is None else t.name))
+        report["seq_len"] = int(seq_len)
+        return report
     report = dict(_memory_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens,
                                  None if t is None else t.name, n))
     report["seq_len"] = int(seq_len)
@@ -172,6 +180,58 @@ def _memory_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, 
         dtype=str(jnp.dtype(dtype)),
         **extra,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _host_programs(cfg: Config, policy: MemoryPolicy, dtype: str, phase: str, batch: int, new_tokens: int,
+                   target: str | None, chunk: int) -> tuple:
+    """`mom-host`'s programs compiled once for a shape (they do not depend on the prompt's length, save for the
+    chunk length of a short prompt): ((stage, device bytes besides its weights, held-bytes function), ...)."""
+    dev = sharding("device")
+    params = abstract_params(cfg, jnp.dtype(dtype), sharding=dev)
+    where = lambda kind: sharding(kind)
+    out = []
+    weights = {id(params.embed)} | {id(a) for a in jax.tree.leaves((params.layers[0], G.head_params(params)))}
+    for stage, held in offload.stages(params, cfg, policy, chunk, phase, batch, new_tokens, where):
+        _, b = T.compile(stage.fn, *stage.args, target=target, **stage.static)
+        # What the program holds besides the weights: its arguments counted without the weights (XLA leaves the
+        # weights a program does not read out of its argument size, so they cannot simply be subtracted).
+        others = sum(nbytes(a) for a in jax.tree.leaves(stage.args) if id(a) not in weights)
+        own = b["device_bytes"] - b["argument_bytes"] + others
+        out.append((stage.name, own, held, b["temp_bytes"]))
+    return tuple(out)
+
+
+def _host_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, phase: str, batch: int,
+                 new_tokens: int, target: str | None) -> dict:
+    """memory_report for `mom-host` (momjax.offload): the peak over its programs of what each holds besides the
+    weights, plus what stays on the device between them, plus the weights. The programs' shapes do not grow with
+    the context, so they are compiled once and only the resident layers' blocks (kv_device_layers) and the host
+    figures depend on seq_len."""
+    weights = param_bytes(cfg, dtype)
+    chunk = min(policy.minisequence, seq_len)
+    programs = _host_programs(cfg, policy, dtype, phase, batch, new_tokens, target, chunk)
+    # `held` of the resident layers' blocks depends on seq_len: recompute it for this length (no compile).
+    params = abstract_params(cfg, jnp.dtype(dtype), sharding=sharding("device"))
+    held = {s.name: h for s, h in offload.stages(params, cfg, policy, seq_len, phase, batch, new_tokens,
+                                                  lambda kind: sharding(kind))}
+    device, temp = 0, 0
+    for name, own, _, program_temp in programs:
+        if weights + own + held[name] > device:
+            device, temp = weights + own + held[name], program_temp
+    h = offload.host_bytes(cfg, policy, seq_len, dtype, batch, phase)
+    report = dict(device_bytes=int(device), host_bytes=int(h["host"]), weight_bytes=int(weights),
+                  kv_bytes=int(h["kv"]), temp_bytes=int(temp), host_argument_counted_bytes=0, devices=1,
+                  source=T.source_name(target), target=target or "cpu", seq_len=int(seq_len), phase=phase,
+                  policy=policy.name, dtype=dtype)
+    if phase == "decode":
+        n = max(new_tokens - 1, 1)
+        e = cfg.head_dim + 4 if policy.quantized_kv else cfg.head_dim * jnp.dtype(dtype).itemsize
+        tails = 2 * cfg.num_layers * batch * cfg.num_kv_heads * n * e
+        resident = policy.device_layers(cfg.num_layers) * h["layer_kv"]
+        report.update(kv_bytes=int(h["kv"] + tails), host_to_device_bytes=int(h["streamed"]),
+                      device_read_bytes=int(weights + resident + tails), allreduce_bytes=0)
+    return report
 
 
 def feed_memory_report(model_or_config, length: int, new_tokens: int, policy="mom", dtype="float32",
