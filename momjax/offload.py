@@ -254,7 +254,7 @@ def _attend_chunk(q, stored, q_first: int, block: int, heads: int, start, cfg: C
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "quantized"))
-def _dec_qkv_fn(lp, embed, token, q_index, start, cfg: Config, quantized: bool, x=None):
+def _dec_qkv_fn(lp, embed, token, q_index, start, x, cfg: Config, quantized: bool):
     """A decode step's layer input x [B, 1, D] (the embedded token when x is None) -> (x, the new query as
     float32 [B, K, G, E], the new token's K and V [B, K, 1, E], int8 with scales [B, K, 1] when quantized)."""
     if x is None:
@@ -359,8 +359,8 @@ def decode_rest(params, cache: HostCache, token, done, program_args: tuple, cfg:
         seen = [j for j in range(S // Bk) if window is None or q_index - ((j + 1) * Bk - 1) < window]
         x = None
         for l, lp in enumerate(params.layers):
-            x, q32, k_new, v_new = _dec_qkv_fn(lp, params.embed, token, jnp.int32(q_index), cache.start, cfg=cfg,
-                                               quantized=cache.quantized, x=x)
+            x, q32, k_new, v_new = _dec_qkv_fn(lp, params.embed, token, jnp.int32(q_index), cache.start, x, cfg=cfg,
+                                               quantized=cache.quantized)
             carries = []
             for g in range(K // heads):
                 attend = lambda carry, kv, i: _dec_attend_fn(q32, carry, kv, g, jnp.int32(seen[i] * Bk),
@@ -447,7 +447,7 @@ def stages(params, cfg: Config, policy: MemoryPolicy, seq_len: int, phase: str, 
     x = _abstract((B, 1, D), dtype, DEVICE, where)
     token = _abstract((B,), jnp.int32, DEVICE, where)
     _, q32, k_new, v_new = jax.eval_shape(functools.partial(_dec_qkv_fn, cfg=cfg, quantized=policy.quantized_kv),
-                                          lp, params.embed, token, scalar, start, x=x)
+                                          lp, params.embed, token, scalar, start, x)
     q32, k_new, v_new = jax.tree.map(lambda a: _abstract(a.shape, a.dtype, DEVICE, where), (q32, k_new, v_new))
     carry = tuple(_abstract(a.shape, a.dtype, DEVICE, where) for a in
                   jax.eval_shape(lambda: empty_carry((B, heads, Gh), E)))
@@ -456,8 +456,8 @@ def stages(params, cfg: Config, policy: MemoryPolicy, seq_len: int, phase: str, 
     resident = policy.device_layers(L) * (S // block) * groups * nbytes(blk)
     tails = L * 2 * nbytes(tail)
     return [
-        (G.Stage("qkv", _dec_qkv_fn, (lp, params.embed, token, scalar, start),
-                 dict(cfg=cfg, quantized=policy.quantized_kv, x=x)), tails + resident),
+        (G.Stage("qkv", _dec_qkv_fn, (lp, params.embed, token, scalar, start, x),
+                 dict(cfg=cfg, quantized=policy.quantized_kv)), tails + resident),
         (G.Stage("attend", _dec_attend_fn, (q32, carry, blk, scalar, scalar, scalar, start), common),
          tails + resident + nbytes((x, k_new, v_new, carries[1:], blk))),
         (G.Stage("finish", _dec_finish_fn, (lp, x, q32, carries, tail, tail, k_new, v_new, scalar, scalar, scalar),

@@ -62,6 +62,11 @@ class Target:
     interconnect: str = ""
     interconnect_bandwidth: float = 0.0
 
+    @property
+    def peak_flops(self) -> float:
+        """Dense 16-bit tensor-core FLOP/s (`PEAK_FLOPS`), what prefill times are predicted from."""
+        return PEAK_FLOPS[self.name]
+
     def __post_init__(self):
         if not self.interconnect_bandwidth:
             object.__setattr__(self, "interconnect", self.host_link)
@@ -75,6 +80,13 @@ class Target:
 PCIE4_X16 = 16e9 * 16 * 128 / 130 / 8  # 31.5 GB/s per direction: 16 GT/s per lane, 128b/130b encoding
 PCIE5_X16 = 2 * PCIE4_X16
 PCIE3_X16 = 8e9 * 16 * 128 / 130 / 8
+
+# Dense (no sparsity) 16-bit tensor-core FLOP/s with float32 accumulation, from NVIDIA's datasheets: A100 312 TFLOPS
+# bf16; H100 SXM 989 (the H200 is the same GH100 die and clocks); L4 121 bf16; RTX 4090 165.2 (Ada architecture
+# whitepaper, bf16 with float32 accumulate); T4 65 fp16 mixed precision (Turing has no bf16 tensor cores, so bf16
+# programs there run slower than this).
+PEAK_FLOPS = {"a100-80gb": 312e12, "a100-40gb": 312e12, "h100": 989e12, "h200": 989e12, "l4": 121e12,
+              "rtx4090": 165.2e12, "t4": 65e12}
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("a100-80gb", "NVIDIA A100 80GB (sm_80)", "a100_80gb.txtpb", 80 * GIB, 2039e9, "PCIe 4.0 x16",

@@ -14,7 +14,7 @@ import time
 from momjax.errors import InputError, MomjaxError
 
 COMPILE_CACHE_ENV = "MOMJAX_COMPILATION_CACHE"
-POLICY_NAMES = ("baseline", "mom", "mom-stream")
+POLICY_NAMES = ("baseline", "mom", "mom-stream", "mom-host")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -242,11 +242,13 @@ def resolve_policy(args, cfg, context: int, dtype, log=None, loaded_weight_bytes
     except ValueError as e:  # no policy fits, an unreadable --hbm, weights larger than the budget
         raise UsageError(f"--policy auto: {e}") from None
     rec = result["recommended"]
-    policy = get_policy(rec["policy"]).replace(kv_dtype=rec["kv_dtype"], kv_device_layers=rec["kv_device_layers"])
+    policy = get_policy(rec["policy"]).replace(kv_dtype=rec["kv_dtype"], kv_device_layers=rec["kv_device_layers"],
+                                               minisequence=rec["minisequence"])
     if log is not None:
         log(f"momjax: --policy auto chose {describe_policy(policy, cfg.num_layers)} for {context:,} tokens in "
             f"{format_bytes(hbm)}" + (f" (predicted {rec['decode_tokens_per_s']:.1f} tokens/s on "
-                                      f"{result['target']['name']})" if target else ""))
+                                      f"{result['target']['name']})" if target else "")
+            + (f": {rec['why']}" if rec.get("why") else ""))
     return policy
 
 

@@ -125,8 +125,8 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
                   name=t.name, description=t.description, memory_bytes=t.memory_bytes,
                   memory_bandwidth=t.memory_bandwidth, host_link=t.host_link,
                   host_link_bandwidth=t.host_link_bandwidth, interconnect=t.interconnect,
-                  interconnect_bandwidth=t.interconnect_bandwidth)}
-    for name in ("baseline", "mom", "mom-stream"):
+                  interconnect_bandwidth=t.interconnect_bandwidth, peak_flops=t.peak_flops)}
+    for name in policy_names(host, n):
         policy = get_policy(name).replace(kv_dtype=kv_dtype)
         longest = max_context(cfg, policy, hbm, host, dtype, new_tokens, source="estimate", devices=n)
         if source == "xla" and longest:
@@ -139,6 +139,71 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
     if context is not None:
         _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype, n)
     return result
+
+
+def policy_names(host_bytes, devices: int = 1) -> tuple[str, ...]:
+    """The named policies a plan compares: `mom-host` too when a host budget bounds it (its device memory does not
+    grow with the context, so host memory is its only limit) on one device."""
+    return ("baseline", "mom", "mom-stream") + (("mom-host",) if host_bytes is not None and devices == 1 else ())
+
+
+# Mini-sequence lengths `plan` tries for mom-host: longer chunks stream each earlier block fewer times.
+HOST_CHUNKS = (2048, 4096, 8192, 16384, 32768)
+
+
+def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 1) -> dict:
+    """Predicted time to first token of a prefill on target: a roofline, max(compute seconds, host link seconds).
+
+    compute: the prefill's matmul FLOPs (2 x every layer's weights per token) and attention FLOPs (4 E per visible
+    query-key pair per head, causal, within the sliding window) at the target's dense 16-bit peak (targets.PEAK_FLOPS).
+    host link: the bytes the policy moves each way, at the link's bandwidth per direction: every policy that offloads
+    writes each layer's K/V to the host; mom-host also brings each chunk's residual over and back and, for every
+    chunk, every earlier block of K/V it attends to (so a longer chunk moves fewer bytes). Both figures are
+    predictions (not measured on a GPU); {} without a target."""
+    t = T.get(target)
+    if t is None:
+        return {}
+    policy = get_policy(policy)
+    b = jnp.dtype(dtype).itemsize
+    L, D, H, K, E, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.intermediate_size)
+    S, B, w = seq_len, batch, cfg.sliding_window
+    layer_weights = D * H * E * 2 + 2 * D * K * E + 3 * D * F
+    pairs = S * (S + 1) // 2 if w is None or w >= S else w * (w + 1) // 2 + (S - w) * w
+    flops = 2 * B * S * L * layer_weights + 4 * B * H * E * pairs * L
+    e = E + 4 if policy.quantized_kv else E * b
+    token_kv = 2 * B * K * e  # one token's K and V in one layer
+    to_host = L * S * token_kv if policy.kv_prefill == "pinned_host" else 0
+    to_device = 0
+    if policy.on_host:
+        C = min(policy.minisequence, S)
+        streamed = 0
+        for c in range(-(-S // C)):  # each chunk reads the blocks up to its end, from its window's start
+            end = (c + 1) * C
+            streamed += end if w is None else min(end, C + -(-w // C) * C)
+        to_device = L * (streamed * token_kv + B * S * D * b)
+        to_host += L * B * S * D * b
+    compute_s = flops / t.peak_flops
+    link_s = max(to_device, to_host) / t.host_link_bandwidth
+    return dict(prefill_s=max(compute_s, link_s), prefill_compute_s=compute_s, prefill_link_s=link_s,
+                prefill_flops=int(flops), prefill_to_device_bytes=int(to_device), prefill_to_host_bytes=int(to_host),
+                prefill_bound="host link" if link_s > compute_s else "compute")
+
+
+def host_chunk(cfg: Config, context: int, policy, dtype, hbm, host, new_tokens, target, measure):
+    """mom-host with the shortest mini-sequence (HOST_CHUNKS) whose prefill the host link does not bound on
+    target (or the fastest that fits, when every one is link-bound); the policy unchanged without a target."""
+    if T.get(target) is None:
+        return policy
+    fitting = [policy.replace(minisequence=c) for c in HOST_CHUNKS if c <= max(context, HOST_CHUNKS[0])]
+    fitting = [p for p in fitting if fits(cfg, context, p, dtype, hbm, host, new_tokens, measure)]
+    if not fitting:
+        return policy
+    times = [prefill_time(cfg, context, p, dtype, target) for p in fitting]
+    for p, t in zip(fitting, times):
+        if t["prefill_bound"] == "compute":
+            return p
+    return min(zip(fitting, times), key=lambda pt: pt[1]["prefill_s"])[0]
 
 
 def decode_speed(step: dict, target) -> dict:
@@ -172,17 +237,25 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
     measure = _measure(source, t, devices)
     candidates = {}
     for kv in (None,) if kv_dtype is None else (None, "int8"):
-        for name in ("baseline", "mom", "mom-stream"):
+        for name in policy_names(host, devices):
             policy = get_policy(name).replace(kv_dtype=kv)
-            if name == "mom-stream":
+            if name == "mom-host":
+                policy = host_chunk(cfg, context, policy, dtype, hbm, host, new_tokens, t, measure)
+            if policy.kv_decode == "pinned_host":
                 policy = most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t, devices)
             ok = policy is not None and fits(cfg, context, policy, dtype, hbm, host, new_tokens, measure)
+            streams = name in ("mom-stream", "mom-host")
             entry = dict(policy=name, kv_dtype=kv, fits=bool(ok),
-                         kv_device_layers=None if not ok or name != "mom-stream" else policy.kv_device_layers or 0)
+                         kv_device_layers=None if not ok or not streams else policy.kv_device_layers or 0,
+                         minisequence=policy.minisequence)
             if ok:
                 step = measure(cfg, context, policy, dtype=dtype, phase="decode", new_tokens=new_tokens)
+                before = measure(cfg, context, policy, dtype=dtype, phase="prefill", new_tokens=new_tokens)
                 entry.update(host_to_device_bytes=step["host_to_device_bytes"],
-                             device_read_bytes=step["device_read_bytes"], **decode_speed(step, t))
+                             device_read_bytes=step["device_read_bytes"],
+                             host_bytes=max(step["host_bytes"], before["host_bytes"]),
+                             device_bytes=max(step["device_bytes"], before["device_bytes"]),
+                             **decode_speed(step, t), **prefill_time(cfg, context, policy, dtype, t))
             candidates[name if kv is None else f"{name} int8"] = entry
     result["context"] = int(context)
     result["decode"] = candidates
@@ -194,11 +267,18 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
             + (f" and {format_bytes(host)} of host memory" if host is not None else "")
             + f" with {'int8' if kv_dtype else jnp.dtype(dtype).name} K/V; the longest that fits is {longest:,} "
             "tokens" + ("" if kv_dtype else " (kv_dtype='int8' fits about twice as many)"))
+    # mom-host only when nothing else fits: it moves far more over the host link in prefill than mom-stream.
+    others = [c for c in fitting if c["policy"] != "mom-host"]
+    why = None
+    if not others:
+        why = (f"only mom-host fits {context:,} tokens: the other policies keep the residual stream and a layer's K/V "
+               "on the device during prefill, and mom-host keeps nothing there that grows with the context")
+    fitting = others or fitting
     if t is not None:
         best = max(fitting, key=lambda c: c["decode_tokens_per_s"])
     else:  # no bandwidths: fewest bytes across the host link, then fewest read from device memory
         best = min(fitting, key=lambda c: (c["host_to_device_bytes"], c["device_read_bytes"]))
-    result["recommended"] = dict(best)
+    result["recommended"] = dict(best, why=why)
 
 
 def most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t, devices: int = 1):

@@ -49,7 +49,8 @@ def _decode_table(result: dict) -> str:
                    if n > 1 else "")
                 + " (copies overlapped with compute as the step issues them; not measured on a GPU)"
                 if tgt else " (give --target for predicted speed)"),
-             f"{'policy':<18}{'K/V':<6}{'layers on device':>17}{'host->device/token':>20}{'tokens/s':>10}"]
+             f"{'policy':<18}{'K/V':<6}{'layers on device':>17}{'host->device/token':>20}{'tokens/s':>10}"
+             f"{'prefill s':>11}{'host memory':>13}"]
     for c in result["decode"].values():
         kv = c["kv_dtype"] or result["dtype"].replace("bfloat16", "bf16").replace("float", "f")
         if not c["fits"]:
@@ -57,12 +58,21 @@ def _decode_table(result: dict) -> str:
             continue
         layers = "all" if c["kv_device_layers"] is None else str(c["kv_device_layers"])
         speed = f"{c['decode_tokens_per_s']:>10.2f}" if "decode_tokens_per_s" in c else f"{'-':>10}"
-        lines.append(f"{c['policy']:<18}{kv:<6}{layers:>17}{format_bytes(c['host_to_device_bytes']):>20}{speed}")
+        prefill = f"{c['prefill_s']:>11,.1f}" if "prefill_s" in c else f"{'-':>11}"
+        name = c["policy"] + (f" C={c['minisequence']}" if c["policy"] == "mom-host" else "")
+        lines.append(f"{name:<18}{kv:<6}{layers:>17}{format_bytes(c['host_to_device_bytes']):>20}{speed}{prefill}"
+                     f"{format_bytes(c['host_bytes']):>13}")
     rec = result["recommended"]
     text = rec["policy"] + (f" with kv_device_layers={rec['kv_device_layers']}" if rec["kv_device_layers"] else "")
     text += f", {rec['kv_dtype']} K/V" if rec["kv_dtype"] else ""
     lines.append(f"recommended: {text}"
                  + (f" ({rec['decode_tokens_per_s']:.2f} tokens/s predicted)" if "decode_tokens_per_s" in rec else ""))
+    if rec.get("why"):
+        lines.append(f"  why: {rec['why']}")
+    if tgt:
+        lines.append("prefill s: predicted time to first token, the larger of the FLOPs at the target's dense bf16 "
+                     f"peak ({tgt.get('peak_flops', 0) / 1e12:,.0f} TFLOPS) and the bytes over its host link; C: "
+                     "mom-host's mini-sequence, the shortest whose prefill the host link does not bound")
     return "\n".join(lines)
 
 
@@ -80,5 +90,6 @@ def plan_notes(cfg, result: dict) -> list[str]:
     if result["host_bytes"] is None:
         notes.append(
             "note: no host budget was given (`--host-memory`), so host memory counts as unlimited; mom and "
-            "mom-stream keep the KV cache there (mom-stream for the whole generation)")
+            "mom-stream keep the KV cache there (mom-stream for the whole generation), and mom-host, whose device "
+            "memory does not grow with the context, is planned only against a host budget")
     return [textwrap.fill(n, 110, subsequent_indent="      ", break_on_hyphens=False) for n in notes]
