@@ -17,10 +17,18 @@ from momjax.cache import KVCache
 from momjax.decoding import collect, decode_stream
 from momjax.decoding import prefill as run_prefill
 from momjax.errors import InputError
-from momjax.loading import Model, check_model
+from momjax.loading import Model, check_model, check_weights
 from momjax.mesh import in_mesh, tp_degree
 from momjax.memory.fit import check_fits
 from momjax.policy import MemoryPolicy, get_policy
+
+
+def _one_device(model: Model, policy: MemoryPolicy) -> None:
+    """InputError for mom-host on a model split over a mesh (it runs on one device), and for weights in host memory
+    with any other policy (only mom-host streams them)."""
+    check_weights(model, policy)
+    if policy.on_host and model.mesh is not None:
+        raise InputError("policy 'mom-host' runs on one device; with a mesh use 'mom' or 'mom-stream'")
 
 
 def _padded(prompts: list[list[int]], policy: MemoryPolicy):
@@ -33,6 +41,9 @@ def forward(model: Model, tokens, policy="baseline") -> jax.Array:
     """float32 logits [B, S, V] at every position of tokens [B, S] (all rows the same length)."""
     check_model(model)
     policy = get_policy(policy)
+    if model.weights == "host":
+        raise InputError("forward runs with the weights on the device; load with weights='device' (a model loaded "
+                         "with weights='host' prefills and generates with policy 'mom-host')")
     prompts = checks.prompts(tokens, model.config.vocab_size)
     S = len(prompts[0])
     if any(len(p) != S for p in prompts):
@@ -50,6 +61,7 @@ def prefill(model: Model, tokens, policy="mom", on_layer=None) -> tuple[jax.Arra
     policy = get_policy(policy)
     prompts = checks.prompts(tokens, model.config.vocab_size)
     checks.callback(on_layer)
+    _one_device(model, policy)
     longest = max(len(p) for p in prompts)
     checks.context(model.max_context, longest)
     check_fits(model.config, longest, 0, policy, model.dtype, len(prompts), tp_degree(model.mesh))
@@ -103,6 +115,7 @@ def generate(model: Model, tokens, max_new_tokens: int, policy="mom", temperatur
     prompts = checks.prompts(tokens, cfg.vocab_size)
     max_new_tokens = checks.new_tokens(max_new_tokens)
     checks.callback(on_layer)
+    _one_device(model, policy)
     longest = max(len(p) for p in prompts)
     checks.context(model.max_context, longest, max_new_tokens)
     sampling = checks.sampling(cfg.vocab_size, cfg.eos_token_ids, temperature, top_k, top_p, seed, stop_tokens)

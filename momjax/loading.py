@@ -44,6 +44,7 @@ class Model:
     max_context: int = 0
     tokenizer_path: str | None = field(default=None, repr=False)
     mesh: jax.sharding.Mesh | None = field(default=None, repr=False)  # tensor-parallel mesh (momjax.mesh)
+    weights: str = "device"  # "host": the weights live in pinned host memory (policy 'mom-host' streams them)
     _hash: tuple | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -75,6 +76,19 @@ def check_model(model) -> None:
         raise InputError(f"model must be a momjax.Model from momjax.load(path), got {type(model).__name__}")
 
 
+def check_weights(model: Model, policy) -> None:
+    """InputError when the model's weights are in host memory and the policy is not 'mom-host' (the only one that
+    brings them to the device layer by layer), or when its params are not where model.weights says."""
+    where = model.params.layers[0].wq.sharding.memory_kind if hasattr(model.params.layers[0].wq, "sharding") else None
+    if where is not None and (where == "pinned_host") != (model.weights == "host"):
+        raise InputError(f"the model says weights={model.weights!r} but its params are in {where} memory; load it "
+                         "again with momjax.load(path, weights=...)")
+    if model.weights == "host" and not policy.on_host:
+        raise InputError(f"weights='host' runs with policy 'mom-host' only (it brings each layer's weights to the device "
+                         f"as the layer runs); got policy {policy.name!r}. Use policy='mom-host', or load with "
+                         "weights='device'")
+
+
 def folder_config(path: str) -> Config:
     """The Config of a checkpoint folder (Hugging Face config.json, or an Orbax folder's) or of a GGUF file (its
     metadata), weights unread."""
@@ -85,13 +99,14 @@ def folder_config(path: str) -> Config:
     return hf_config.from_folder(path)
 
 
-def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None, memory_kind: str = "device",
+def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None, weights: str = "device",
          progress: bool = True, max_context: int | None = None) -> Model:
     """Load a HF checkpoint folder (config.json + *.safetensors), an Orbax folder from `momjax convert`, or a GGUF
     file (llama.cpp's format: architectures llama and qwen2, dequantized to dtype; see momjax.gguf).
 
-    dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's). memory_kind: "device" (the only
-    placement the forward programs run from today; "pinned_host" is refused with an explanation).
+    dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's). weights: "device", or "host": the weights
+    stay in pinned host memory and each layer's come to the device when it runs, the next layer's copy in flight
+    (with policy 'mom-host' only, on one device: a model larger than the device runs; see momjax.offload).
     mesh: a jax.sharding.Mesh with a "tp" axis (momjax.make_mesh(tp=N)): every weight is split over it as it
     loads (momjax.mesh says how), each device receiving only its piece, and every program runs tensor-parallel.
     max_context: the longest prompt + new tokens accepted (default: the config's context_length).
@@ -102,12 +117,13 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
     path = os.path.expanduser(os.fspath(path))
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise InputError(f"dtype must be 'float32', 'bfloat16', 'float16' or None, got {dtype!r}")
-    if memory_kind == "pinned_host":
-        raise InputError("memory_kind='pinned_host' (weights in host memory) is not supported: the prefill and decode "
-                         "programs read the weights from the device. Load with memory_kind='device' and keep long "
-                         "prompts' KV cache on the host with policy='mom' or 'mom-stream'")
-    if memory_kind != "device":
-        raise InputError(f"memory_kind must be 'device', got {memory_kind!r}")
+    if weights not in ("device", "host"):
+        raise InputError(f"weights must be 'device' or 'host' (pinned host memory, streamed by policy 'mom-host'), "
+                         f"got {weights!r}")
+    if weights == "host" and mesh is not None:
+        raise InputError("weights='host' runs on one device (policy 'mom-host'); load without a mesh, or keep the "
+                         "weights on the mesh's devices with weights='device'")
+    memory_kind = "pinned_host" if weights == "host" else "device"
     if not isinstance(progress, bool):
         raise InputError(f"progress must be True or False, got {progress!r}")
     if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
@@ -132,7 +148,7 @@ def _placed_model(cfg: Config, leaves, path: str, memory_kind: str, mesh, max_co
     if mesh is not None:
         check_mesh(mesh, cfg)
     return Model(config=cfg, params=place(leaves, memory_kind, mesh), path=path, max_context=max_context or 0,
-                 mesh=mesh)
+                 mesh=mesh, weights="host" if memory_kind == "pinned_host" else "device")
 
 
 def place(leaves: Iterable[tuple[str, np.ndarray]], memory_kind: str = "device", mesh=None) -> Params:

@@ -88,8 +88,26 @@ class HostCache:
 
 
 def _to_device(tree):
-    """Start copying a host block to the device (asynchronous: the copy runs while the caller goes on)."""
+    """Start copying host arrays to the device (asynchronous: the copy runs while the caller goes on)."""
     return jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Device), tree)
+
+
+def weights_on_host(params) -> bool:
+    """Whether the model's weights live in pinned host memory (momjax.load(..., weights="host"))."""
+    return params.layers[0].wq.sharding.memory_kind == HOST
+
+
+def _layer_weights(params, host: bool):
+    """Each layer's weights on the device as the layer starts: with host weights, layer l+1's copy is started when
+    layer l is handed out (so it arrives while layer l runs) and the device holds two layers' weights at most."""
+    if not host:
+        yield from params.layers
+        return
+    arriving = _to_device(params.layers[0])
+    for l in range(len(params.layers)):
+        current = arriving
+        arriving = _to_device(params.layers[l + 1]) if l + 1 < len(params.layers) else None
+        yield current
 
 
 def _streamed(blocks, attend, carry):
@@ -203,9 +221,12 @@ def prefill(params, tokens, start, cfg: Config, policy: MemoryPolicy, on_layer=N
     start_np = np.asarray(start)
     rope_len = jnp.int32(S - int(start_np.min()))  # the longest row's length, as prefill_layer reads it
     tokens = np.asarray(tokens)
-    xs = [_embed_fn(params.embed, jnp.asarray(tokens[:, c * C:(c + 1) * C])) for c in range(N)]
+    host_weights = weights_on_host(params)
+    embed = _to_device(params.embed) if host_weights else params.embed  # on the device for the embedding only
+    xs = [_embed_fn(embed, jnp.asarray(tokens[:, c * C:(c + 1) * C])) for c in range(N)]
+    del embed
     layers, x_last = [], None
-    for l, lp in enumerate(params.layers):
+    for l, lp in enumerate(_layer_weights(params, host_weights)):
         last = policy.last_position_only and l == L - 1
         stored = []  # this layer's blocks so far: stored[j][g]
         for c in range(N):
@@ -224,7 +245,8 @@ def prefill(params, tokens, start, cfg: Config, policy: MemoryPolicy, on_layer=N
         if on_layer is not None:
             jax.block_until_ready(x_last if last else xs[-1])
             on_layer(l)
-    logits = _head_fn(G.head_params(params), x_last if x_last is not None else xs[-1], cfg=cfg)
+    head = G.head_params(params)
+    logits = _head_fn(_to_device(head) if host_weights else head, x_last if x_last is not None else xs[-1], cfg=cfg)
     return logits, HostCache(blocks=layers, start=start, length=S, block=block, heads=heads)
 
 
@@ -351,16 +373,19 @@ def decode_rest(params, cache: HostCache, token, done, program_args: tuple, cfg:
     Gh, E = cfg.num_heads // K, cfg.head_dim
     window = cfg.sliding_window
     head = G.head_params(params)
+    host_weights = weights_on_host(params)
+    # With host weights the token's embedding row is looked up here, not by bringing the whole table over.
+    rows = np.asarray(params.embed) if host_weights else None
     for t in range(1, max_new_tokens):
         t0 = time.perf_counter()
         step = t - 1
         q_index = S + step
         # Prompt blocks wholly outside the new query's window are skipped.
         seen = [j for j in range(S // Bk) if window is None or q_index - ((j + 1) * Bk - 1) < window]
-        x = None
-        for l, lp in enumerate(params.layers):
-            x, q32, k_new, v_new = _dec_qkv_fn(lp, params.embed, token, jnp.int32(q_index), cache.start, x, cfg=cfg,
-                                               quantized=cache.quantized)
+        x = None if rows is None else jnp.asarray(rows[np.asarray(token)][:, None, :])
+        for l, lp in enumerate(_layer_weights(params, host_weights)):
+            x, q32, k_new, v_new = _dec_qkv_fn(lp, None if host_weights else params.embed, token, jnp.int32(q_index),
+                                               cache.start, x, cfg=cfg, quantized=cache.quantized)
             carries = []
             for g in range(K // heads):
                 attend = lambda carry, kv, i: _dec_attend_fn(q32, carry, kv, g, jnp.int32(seen[i] * Bk),
@@ -369,7 +394,7 @@ def decode_rest(params, cache: HostCache, token, done, program_args: tuple, cfg:
                 carries.append(_streamed([blocks[l][j][g] for j in seen], attend, _dec_empty_fn((B, heads, Gh), E)))
             x, tail_k[l], tail_v[l] = _dec_finish_fn(lp, x, q32, tuple(carries), tail_k[l], tail_v[l], k_new, v_new,
                                                      jnp.int32(step), jnp.int32(q_index), jnp.int32(S), cfg=cfg)
-        logits = _head_fn(head, x, cfg=cfg)
+        logits = _head_fn(_to_device(head) if host_weights else head, x, cfg=cfg)
         token, done = _next_fn(logits, key, jnp.int32(t), temperature, top_k, top_p, stop_ids, pad_id, done)
         new, all_done = np.asarray(token)[:, None], bool(np.asarray(done).all())
         stats.decode_s += time.perf_counter() - t0

@@ -111,6 +111,12 @@ class Session:
         check_model(model)
         self.model = model
         self.policy: MemoryPolicy = get_policy(policy)
+        if model.weights == "host":
+            raise InputError("sessions need the weights on the device: a model loaded with weights='host' runs with "
+                             "momjax.generate and policy 'mom-host' only")
+        if self.policy.on_host:
+            raise InputError("sessions do not run with policy 'mom-host' yet (momjax.offload): use 'mom-stream' for a "
+                             "session, or momjax.generate with 'mom-host' for one long prompt")
         self._tokens: list[int] = []
         # Per-layer buffers [1, K, capacity, E] (int8 policy: (int8 buffer, scales [1, K, capacity]) pairs);
         # allocated by the first feed.

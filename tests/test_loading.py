@@ -10,12 +10,12 @@ import momjax.convert
 from momjax.errors import InputError
 
 
-def test_pinned_host_weights_are_refused_at_load(zoo):
-    with pytest.raises(InputError, match="pinned_host"):
-        momjax.load(zoo.folder("llama-gqa"), memory_kind="pinned_host")
-    for bad in ("host", None, 1):
-        with pytest.raises(InputError, match="memory_kind"):
-            momjax.load(zoo.folder("llama-gqa"), memory_kind=bad)
+def test_bad_weights_placements_are_refused_at_load(zoo):
+    for bad in ("pinned_host", None, 1):
+        with pytest.raises(InputError, match="weights must be 'device' or 'host'"):
+            momjax.load(zoo.folder("llama-gqa"), weights=bad)
+    with pytest.raises(InputError, match="one device"):
+        momjax.load(zoo.folder("llama-gqa"), weights="host", mesh=momjax.make_mesh(tp=2))
 
 
 @pytest.mark.parametrize("kwargs, words", [
