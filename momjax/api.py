@@ -64,7 +64,8 @@ def prefill(model: Model, tokens, policy="mom", on_layer=None) -> tuple[jax.Arra
     _one_device(model, policy)
     longest = max(len(p) for p in prompts)
     checks.context(model.max_context, longest)
-    check_fits(model.config, longest, 0, policy, model.dtype, len(prompts), tp_degree(model.mesh))
+    check_fits(model.config, longest, 0, policy, model.dtype, len(prompts), tp_degree(model.mesh),
+               model.weights)
     padded, start = _padded(prompts, policy)
     with in_mesh(model.mesh):
         return run_prefill(model.params, padded, start, model.config, policy, on_layer=on_layer)
@@ -119,7 +120,8 @@ def generate(model: Model, tokens, max_new_tokens: int, policy="mom", temperatur
     longest = max(len(p) for p in prompts)
     checks.context(model.max_context, longest, max_new_tokens)
     sampling = checks.sampling(cfg.vocab_size, cfg.eos_token_ids, temperature, top_k, top_p, seed, stop_tokens)
-    check_fits(cfg, longest, max_new_tokens, policy, model.dtype, len(prompts), tp_degree(model.mesh))
+    check_fits(cfg, longest, max_new_tokens, policy, model.dtype, len(prompts), tp_degree(model.mesh),
+               model.weights)
 
     padded, start = _padded(prompts, policy)
     with in_mesh(model.mesh):

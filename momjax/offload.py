@@ -45,6 +45,7 @@ from momjax.cache import quantize_kv, to_memory_kind
 from momjax.config import Config
 from momjax.errors import InputError
 from momjax.mesh import embed_lookup
+from momjax.params import param_bytes, param_shapes
 from momjax.policy import MemoryPolicy
 from momjax.rope import rope_frequencies
 
@@ -506,3 +507,21 @@ def host_bytes(cfg: Config, policy: MemoryPolicy, seq_len: int, dtype, batch: in
     # Decoding keeps the host blocks of the layers it copies to the device (the prefill's cache holds them).
     return dict(kv=L * layer_kv, layer_kv=layer_kv, residual=residual, streamed=streamed,
                 host=L * layer_kv + residual)
+
+
+def weight_bytes(cfg: Config, dtype, weights: str = "device") -> dict:
+    """Where `mom-host` keeps the weights' bytes: device (all of them; with weights="host" two layers', one running
+    and the next arriving, plus the larger of the embedding and the LM head, each on the device for its own phase),
+    host (with weights="host", all of them), and streamed (what one decode step brings over with host weights: every
+    layer and the LM head; the token's embedding row is looked up on the host)."""
+    total = param_bytes(cfg, dtype)
+    if weights == "device":
+        return dict(device=total, host=0, streamed=0, total=total)
+    if weights != "host":
+        raise InputError(f"weights must be 'device' or 'host', got {weights!r}")
+    b = jnp.dtype(dtype).itemsize
+    shapes = param_shapes(cfg)
+    layer = sum(int(np.prod(s[1:])) for k, s in shapes.items() if k.startswith("layers.")) * b
+    embed = int(np.prod(shapes["embed"])) * b
+    head = int(np.prod(shapes["lm_head"])) * b if "lm_head" in shapes else embed
+    return dict(device=2 * layer + max(embed, head), host=total, streamed=cfg.num_layers * layer + head, total=total)

@@ -236,7 +236,8 @@ def resolve_policy(args, cfg, context: int, dtype, log=None, loaded_weight_bytes
         if hbm is None:
             raise UsageError("--policy auto needs --hbm here (this machine does not say how much memory it has)")
         result = plan(cfg, hbm, ram, dtype=str(dtype), source="estimate", target=target, kv_dtype=args.kv_dtype,
-                      context=context, new_tokens=max(args.max_new_tokens, 1), devices=getattr(args, "devices", 1))
+                      context=context, new_tokens=max(args.max_new_tokens, 1), devices=getattr(args, "devices", 1),
+                      weights=getattr(args, "weights", "device"))
     except UsageError:
         raise
     except ValueError as e:  # no policy fits, an unreadable --hbm, weights larger than the budget

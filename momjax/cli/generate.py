@@ -116,6 +116,9 @@ def add_parser(sub, common) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     add_sampling_args(p, 128)
     add_policy_args(p)
+    p.add_argument("--weights", choices=("device", "host"), default="device",
+                   help="host: keep the weights in host memory and bring each layer's to the device as it runs (policy "
+                        "mom-host only: a model larger than the device runs, decoding bound by the host link)")
     add_device_args(p)
     p.add_argument("--allow-long-context", action="store_true",
                    help="accept prompts longer than the model's trained context")
@@ -159,9 +162,16 @@ def run(args) -> int:
     check_context(cfg.context_length)  # before the weights are read: refuse what cannot run, fast
     mesh = start_devices(args, cfg)  # before anything touches a device
     policy = resolve_policy(args, cfg, total, args.dtype or cfg.dtype, None if args.quiet else log)
-    check_fits(cfg, len(ids), args.max_new_tokens, policy, args.dtype or cfg.dtype, devices=tp_degree(mesh))
+    if args.weights == "host" and not policy.on_host:
+        raise UsageError(f"--weights host runs with --policy mom-host only (got {policy.name}); it brings each layer's "
+                         "weights to the device as the layer runs")
+    if policy.on_host and (args.prompt_cache or tp_degree(mesh) > 1):
+        raise UsageError("--policy mom-host runs on one device and without --prompt-cache (sessions do not run with it "
+                         "yet); use mom-stream for those")
+    check_fits(cfg, len(ids), args.max_new_tokens, policy, args.dtype or cfg.dtype, devices=tp_degree(mesh),
+               weights=args.weights)
     note_dtype(args.dtype or cfg.dtype)
-    model = momjax.load(args.model, dtype=args.dtype, mesh=mesh, progress=not args.quiet,
+    model = momjax.load(args.model, dtype=args.dtype, mesh=mesh, weights=args.weights, progress=not args.quiet,
                         max_context=max(cfg.context_length, total))
 
     if args.prompt_cache:

@@ -30,6 +30,9 @@ def add_parser(sub, common) -> None:
     p.add_argument("--devices", type=int, default=1, metavar="N",
                    help="plan the model split tensor-parallel over N devices: --hbm is each device's, --host-memory "
                         "all of theirs together (compiled for N GPUs of the --target without them)")
+    p.add_argument("--weights", choices=("device", "host"), default="device",
+                   help="host: plan the weights in host memory, streamed layer by layer (policy mom-host only; needs "
+                        "--host-memory)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)
 
@@ -54,7 +57,7 @@ def run(args) -> int:
         hbm = None if args.hbm is None else parse_bytes(args.hbm)
         host = None if args.host_memory is None else parse_bytes(args.host_memory)
         result = memory.plan(cfg, hbm, host, dtype=dtype, target=args.target, kv_dtype=args.kv_dtype,
-                             context=args.context, devices=args.devices)
+                             context=args.context, devices=args.devices, weights=args.weights)
     except ValueError as e:  # an unreadable size, a budget that cannot hold the weights, a missing GPU compiler
         raise UsageError(str(e)) from None
     notes = memory.plan_notes(cfg, result)

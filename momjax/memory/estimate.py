@@ -14,7 +14,7 @@ from momjax.policy import get_policy
 
 
 def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase="prefill", batch: int = 1,
-             new_tokens: int = DEFAULT_NEW_TOKENS, devices: int = 1) -> dict:
+             new_tokens: int = DEFAULT_NEW_TOKENS, devices: int = 1, weights: str = "device") -> dict:
     """Closed-form estimate of `memory_report` (same keys, source="estimate"). b = bytes per element,
     S = padded prompt length, C = mini-sequence length (S when the policy has none), N = new_tokens - 1,
     W = all weights, e = bytes of one token's K (or V) of one KV head: E b, or E + 4 with int8 K/V (int8
@@ -67,7 +67,9 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
     logits = 4 * B * V
     extra = {}
     if policy.on_host:
-        return _host_estimate(cfg, seq_len, policy, dtype, phase, batch, new_tokens, n)
+        return _host_estimate(cfg, seq_len, policy, dtype, phase, batch, new_tokens, n, weights)
+    if weights != "device":
+        raise InputError(f"weights={weights!r} runs with policy 'mom-host' only, got {policy.name!r}")
     if phase == "prefill":
         if policy.minisequence is None or C == S:
             temp = B * b * S * (3 * F + D)
@@ -96,7 +98,8 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
                 dtype=str(jnp.dtype(dtype)), devices=n, **extra)
 
 
-def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new_tokens: int, devices: int) -> dict:
+def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new_tokens: int, devices: int,
+                   weights: str = "device") -> dict:
     """`estimate` for `mom-host` (momjax.offload), whose device bytes do not grow with the context. With C the
     chunk (mini-sequence), Bk x Kg the streamed block (host_block tokens x host_heads KV heads), qb the query
     tile and kb the key tile:
@@ -110,6 +113,8 @@ def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new
     host           = 2 L B K S e (every layer's K/V) + B (S + C) D b in prefill (the residual stream, and the
                      chunk being written back)
     Per decode step: host_to_device_bytes = (L - R) layers' K/V; device_read_bytes = W + R layers' K/V + tails.
+    weights="host": W on the device becomes two layers' weights and the larger of the embedding and the LM head,
+    host gains all the weights, and a decode step streams every layer's and the LM head (offload.weight_bytes).
     """
     from momjax import offload  # the policy's own layout and host figures; offload sits above this module
 
@@ -124,7 +129,8 @@ def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new
     block, heads = offload.layout(cfg, policy, C)
     e = E + 4 if policy.quantized_kv else E * b
     blocks = 2 * 2 * B * heads * block * e
-    W = param_bytes(cfg, dtype)
+    w = offload.weight_bytes(cfg, dtype, weights)
+    W = w["device"]
     h = offload.host_bytes(cfg, policy, seq_len, dtype, batch, phase)
     R = policy.device_layers(L)
     extra = {}
@@ -140,10 +146,10 @@ def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new
         tails = 2 * L * B * K * N * e
         temp = blocks + 4 * B * V
         device, kv_bytes = W + tails + R * h["layer_kv"] + temp, h["kv"] + tails
-        extra = dict(host_to_device_bytes=int(h["streamed"]), device_read_bytes=int(W + R * h["layer_kv"] + tails),
-                     allreduce_bytes=0)
+        extra = dict(host_to_device_bytes=int(h["streamed"] + w["streamed"]),
+                     device_read_bytes=int(w["total"] - w["streamed"] + R * h["layer_kv"] + tails), allreduce_bytes=0)
     else:
         raise InputError(f"phase must be 'prefill' or 'decode', got {phase!r}")
-    return dict(device_bytes=int(device), host_bytes=int(h["host"]), weight_bytes=int(W), kv_bytes=int(kv_bytes),
-                temp_bytes=int(temp), source="estimate", seq_len=int(seq_len), phase=phase, policy=policy.name,
-                dtype=str(jnp.dtype(dtype)), devices=1, **extra)
+    return dict(device_bytes=int(device), host_bytes=int(h["host"] + w["host"]), weight_bytes=int(w["total"]),
+                kv_bytes=int(kv_bytes), temp_bytes=int(temp), source="estimate", seq_len=int(seq_len), phase=phase,
+                policy=policy.name, dtype=str(jnp.dtype(dtype)), devices=1, weights=weights, **extra)

@@ -14,7 +14,7 @@ from momjax.units import format_bytes
 
 
 def check_fits(cfg: Config, prompt_len: int, new_tokens: int, policy: MemoryPolicy, dtype, batch: int = 1,
-               devices: int = 1) -> None:
+               devices: int = 1, weights: str = "device") -> None:
     """InputError when a request's prefill or decode cannot fit in this machine's memory by the closed-form
     estimate (instant). Only a sure failure is refused: the estimate is compared with the total memory, not
     what is free now. devices: the model is split over that many devices (each device's share is compared with
@@ -24,7 +24,7 @@ def check_fits(cfg: Config, prompt_len: int, new_tokens: int, policy: MemoryPoli
     phases = [("prefill", prompt_len)] + ([("decode", bucket_length(prompt_len, policy))] if new_tokens else [])
     for phase, n in phases:
         r = estimate(cfg, n, policy, dtype=str(jnp.dtype(dtype)), phase=phase, batch=batch, new_tokens=max(new_tokens, 1),
-                     devices=devices)
+                     devices=devices, weights=weights)
         if device_limit is None:  # CPU: device and host memory are the same RAM, shared by every CPU device
             need, limit, where = devices * r["device_bytes"] + r["host_bytes"], ram, "RAM on this machine"
         elif r["device_bytes"] > device_limit:

@@ -60,7 +60,7 @@ def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="floa
 
 
 def memory_report(model_or_config, seq_len: int, policy="mom", dtype=None, phase="prefill", batch: int = 1,
-                  new_tokens: int = DEFAULT_NEW_TOKENS, target=None, devices: int = 1) -> dict:
+                  new_tokens: int = DEFAULT_NEW_TOKENS, target=None, devices: int = 1, weights=None) -> dict:
     """Bytes the compiled programs need, from XLA's memory analysis (no memory is allocated).
 
     model_or_config: a Model, a Config or a preset name. phase: "prefill" (the prompt of seq_len tokens)
@@ -86,6 +86,9 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype=None, phase
     GPUs of the target in one host, without GPUs. Every figure is then per device except host_bytes (all
     devices' together), and a decode step adds allreduce_bytes (its all-reduces, read from the compiled program,
     as the bytes each device sends in a ring).
+    weights: "device", or "host" (momjax.load(..., weights="host"); policy 'mom-host' only): the weights counted
+    in host_bytes, two layers' and the LM head's on the device, and in decode all of them streamed every step
+    (in host_to_device_bytes). None: a loaded Model's own placement, else "device".
     """
     if dtype is None:  # a loaded model's own dtype; for a Config or a preset, float32 (see above)
         dtype = str(jnp.dtype(model_or_config.dtype)) if hasattr(model_or_config, "params") else "float32"
@@ -98,11 +101,12 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype=None, phase
     if t is not None:
         T.check_compiler()
     padded = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
+    weights = _weights_placement(model_or_config, weights, policy)
     if policy.on_host:
         if n > 1:
             raise InputError("policy 'mom-host' runs on one device; plan several devices with 'mom' or 'mom-stream'")
         report = dict(_host_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens,
-                                   None if t is None else t.name))
+                                   None if t is None else t.name, weights))
         report["seq_len"] = int(seq_len)
         return report
     report = dict(_memory_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens,
@@ -202,13 +206,25 @@ def _host_programs(cfg: Config, policy: MemoryPolicy, dtype: str, phase: str, ba
     return tuple(out)
 
 
+def _weights_placement(model_or_config, weights, policy: MemoryPolicy) -> str:
+    """"device" or "host": the weights argument of a report, a loaded Model's own placement when it is None."""
+    if weights is None:
+        weights = getattr(model_or_config, "weights", "device")
+    if weights not in ("device", "host"):
+        raise InputError(f"weights must be 'device' or 'host', got {weights!r}")
+    if weights == "host" and not policy.on_host:
+        raise InputError(f"weights='host' runs with policy 'mom-host' only, got {policy.name!r}")
+    return weights
+
+
 def _host_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, phase: str, batch: int,
-                 new_tokens: int, target: str | None) -> dict:
+                 new_tokens: int, target: str | None, weights: str = "device") -> dict:
     """memory_report for `mom-host` (momjax.offload): the peak over its programs of what each holds besides the
     weights, plus what stays on the device between them, plus the weights. The programs' shapes do not grow with
     the context, so they are compiled once and only the resident layers' blocks (kv_device_layers) and the host
     figures depend on seq_len."""
-    weights = param_bytes(cfg, dtype)
+    w = offload.weight_bytes(cfg, dtype, weights)
+    weights = w["device"]
     chunk = min(policy.minisequence, seq_len)
     programs = _host_programs(cfg, policy, dtype, phase, batch, new_tokens, target, chunk)
     # `held` of the resident layers' blocks depends on seq_len: recompute it for this length (no compile).
@@ -220,17 +236,17 @@ def _host_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, ph
         if weights + own + held[name] > device:
             device, temp = weights + own + held[name], program_temp
     h = offload.host_bytes(cfg, policy, seq_len, dtype, batch, phase)
-    report = dict(device_bytes=int(device), host_bytes=int(h["host"]), weight_bytes=int(weights),
+    report = dict(device_bytes=int(device), host_bytes=int(h["host"] + w["host"]), weight_bytes=int(w["total"]),
                   kv_bytes=int(h["kv"]), temp_bytes=int(temp), host_argument_counted_bytes=0, devices=1,
                   source=T.source_name(target), target=target or "cpu", seq_len=int(seq_len), phase=phase,
-                  policy=policy.name, dtype=dtype)
+                  policy=policy.name, dtype=dtype, weights=weights)
     if phase == "decode":
         n = max(new_tokens - 1, 1)
         e = cfg.head_dim + 4 if policy.quantized_kv else cfg.head_dim * jnp.dtype(dtype).itemsize
         tails = 2 * cfg.num_layers * batch * cfg.num_kv_heads * n * e
         resident = policy.device_layers(cfg.num_layers) * h["layer_kv"]
-        report.update(kv_bytes=int(h["kv"] + tails), host_to_device_bytes=int(h["streamed"]),
-                      device_read_bytes=int(weights + resident + tails), allreduce_bytes=0)
+        report.update(kv_bytes=int(h["kv"] + tails), host_to_device_bytes=int(h["streamed"] + w["streamed"]),
+                      device_read_bytes=int(w["total"] - w["streamed"] + resident + tails), allreduce_bytes=0)
     return report
 
 

@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from momjax import checks
+from momjax import checks, offload
 from momjax import targets as T
 from momjax.config import Config
 from momjax.errors import InputError
@@ -34,24 +34,24 @@ def fits(cfg, seq_len, policy, dtype, hbm, host, new_tokens, measure) -> bool:
     return True
 
 
-def _measure(source: str, target=None, devices: int = 1):
+def _measure(source: str, target=None, devices: int = 1, weights: str = "device"):
     """memory_report or estimate as a function of (cfg, seq_len, policy, dtype, phase, new_tokens), for the model
-    split over `devices` devices (per-device figures)."""
+    split over `devices` devices (per-device figures), its weights in device or host memory."""
     if source == "estimate":
-        return functools.partial(estimate, devices=devices)
-    return functools.partial(memory_report, target=target, devices=devices)
+        return functools.partial(estimate, devices=devices, weights=weights)
+    return functools.partial(memory_report, target=target, devices=devices, weights=weights)
 
 
 def max_context(cfg: Config, policy, hbm_bytes: int, host_bytes: int | None = None, dtype="bfloat16",
                 new_tokens: int = DEFAULT_NEW_TOKENS, source: str = "estimate", resolution: int = 1024,
-                target=None, devices: int = 1) -> int:
+                target=None, devices: int = 1, weights: str = "device") -> int:
     """The longest prompt (to `resolution` tokens) whose prefill and decode both fit; 0 if none does.
 
     source="estimate" uses `estimate` (instant); source="xla" compiles the programs at each step (for
     `target`, see memory_report).
     """
     policy = get_policy(policy)
-    measure = _measure(source, target, devices)
+    measure = _measure(source, target, devices, weights)
     fits_at = lambda n: fits(cfg, n, policy, dtype, hbm_bytes, host_bytes, new_tokens, measure)
     if not fits_at(resolution):
         return 0
@@ -71,7 +71,8 @@ def _on_gpu() -> bool:
 
 
 def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new_tokens: int = DEFAULT_NEW_TOKENS,
-         source: str = "auto", target=None, kv_dtype=None, context: int | None = None, devices: int = 1) -> dict:
+         source: str = "auto", target=None, kv_dtype=None, context: int | None = None, devices: int = 1,
+         weights: str = "device") -> dict:
     """Maximum context per policy for a device budget (and optional host budget), and at `context` tokens the
     predicted decode speed of each policy and the one to use.
 
@@ -92,6 +93,9 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
     devices: plan the model split tensor-parallel over this many devices (momjax.mesh): hbm_bytes is each device's
     budget, host_bytes all devices' together (one host), and the decode roofline adds the two all-reduces per
     layer over the target's interconnect (decode_speed).
+    weights: "device", or "host" (the weights in host memory, momjax.load(..., weights="host")): then only
+    mom-host is planned (the one policy that streams them), with two layers' weights and the LM head on the device,
+    all of them in the host budget, and every decode step bringing them over the host link.
     Raises InputError when the budget cannot hold even the weights (TargetError for an unknown target),
     InputError when no policy fits `context`.
     """
@@ -109,7 +113,12 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
     if t is not None and source != "estimate":
         T.check_compiler()
     hbm, host = parse_bytes(hbm_bytes), (None if host_bytes is None else parse_bytes(host_bytes))
-    weights = param_bytes(cfg, dtype, n)
+    if weights not in ("device", "host"):
+        raise InputError(f"weights must be 'device' or 'host', got {weights!r}")
+    if weights == "host" and (n > 1 or host is None):
+        raise InputError("weights='host' plans policy 'mom-host' on one device and needs a host budget (host_bytes)")
+    placement = weights
+    weights = param_bytes(cfg, dtype, n) if placement == "device" else offload.weight_bytes(cfg, dtype, "host")["device"]
     if weights >= hbm:
         raise InputError(
             f"the weights alone need {format_bytes(weights)} in {jnp.dtype(dtype)}"
@@ -126,24 +135,28 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
                   memory_bandwidth=t.memory_bandwidth, host_link=t.host_link,
                   host_link_bandwidth=t.host_link_bandwidth, interconnect=t.interconnect,
                   interconnect_bandwidth=t.interconnect_bandwidth, peak_flops=t.peak_flops)}
-    for name in policy_names(host, n):
+    for name in policy_names(host, n, placement):
         policy = get_policy(name).replace(kv_dtype=kv_dtype)
-        longest = max_context(cfg, policy, hbm, host, dtype, new_tokens, source="estimate", devices=n)
+        longest = max_context(cfg, policy, hbm, host, dtype, new_tokens, source="estimate", devices=n, weights=placement)
         if source == "xla" and longest:
             # Refine around the estimate with the compiled programs (a few compiles, not a full search).
-            longest = _refine_with_xla(cfg, policy, longest, hbm, host, dtype, new_tokens, target=t, devices=n)
+            longest = _refine_with_xla(cfg, policy, longest, hbm, host, dtype, new_tokens, target=t, devices=n,
+                                       weights=placement)
         result["max_context"][name] = longest
         result["source"][name] = T.source_name(t) if source == "xla" else source
         result["limits"][name] = _limiting_phase(cfg, policy, longest, hbm, host, dtype, new_tokens, source,
-                                                 target=t, devices=n)
+                                                 target=t, devices=n, weights=placement)
+    result["weights"] = placement
     if context is not None:
-        _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype, n)
+        _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype, n, placement)
     return result
 
 
-def policy_names(host_bytes, devices: int = 1) -> tuple[str, ...]:
+def policy_names(host_bytes, devices: int = 1, weights: str = "device") -> tuple[str, ...]:
     """The named policies a plan compares: `mom-host` too when a host budget bounds it (its device memory does not
-    grow with the context, so host memory is its only limit) on one device."""
+    grow with the context, so host memory is its only limit) on one device; only it with weights in host memory."""
+    if weights == "host":
+        return ("mom-host",)
     return ("baseline", "mom", "mom-stream") + (("mom-host",) if host_bytes is not None and devices == 1 else ())
 
 
@@ -151,15 +164,15 @@ def policy_names(host_bytes, devices: int = 1) -> tuple[str, ...]:
 HOST_CHUNKS = (2048, 4096, 8192, 16384, 32768)
 
 
-def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 1) -> dict:
+def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 1, weights: str = "device") -> dict:
     """Predicted time to first token of a prefill on target: a roofline, max(compute seconds, host link seconds).
 
     compute: the prefill's matmul FLOPs (2 x every layer's weights per token) and attention FLOPs (4 E per visible
     query-key pair per head, causal, within the sliding window) at the target's dense 16-bit peak (targets.PEAK_FLOPS).
     host link: the bytes the policy moves each way, at the link's bandwidth per direction: every policy that offloads
     writes each layer's K/V to the host; mom-host also brings each chunk's residual over and back and, for every
-    chunk, every earlier block of K/V it attends to (so a longer chunk moves fewer bytes). Both figures are
-    predictions (not measured on a GPU); {} without a target."""
+    chunk, every earlier block of K/V it attends to (so a longer chunk moves fewer bytes); with weights="host" every
+    layer's weights come over once. Both figures are predictions (not measured on a GPU); {} without a target."""
     t = T.get(target)
     if t is None:
         return {}
@@ -183,6 +196,8 @@ def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 
             streamed += end if w is None else min(end, C + -(-w // C) * C)
         to_device = L * (streamed * token_kv + B * S * D * b)
         to_host += L * B * S * D * b
+    if weights == "host":
+        to_device += offload.weight_bytes(cfg, dtype, "host")["streamed"]
     compute_s = flops / t.peak_flops
     link_s = max(to_device, to_host) / t.host_link_bandwidth
     return dict(prefill_s=max(compute_s, link_s), prefill_compute_s=compute_s, prefill_link_s=link_s,
@@ -232,17 +247,18 @@ def decode_speed(step: dict, target) -> dict:
                 bound="host link" if overlapped > device_s else "device memory", overlap="overlapped")
 
 
-def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype, devices=1) -> None:
+def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype, devices=1,
+                 weights: str = "device") -> None:
     """result["decode"] and result["recommended"] for a prompt of `context` tokens (see plan)."""
-    measure = _measure(source, t, devices)
+    measure = _measure(source, t, devices, weights)
     candidates = {}
     for kv in (None,) if kv_dtype is None else (None, "int8"):
-        for name in policy_names(host, devices):
+        for name in policy_names(host, devices, weights):
             policy = get_policy(name).replace(kv_dtype=kv)
             if name == "mom-host":
                 policy = host_chunk(cfg, context, policy, dtype, hbm, host, new_tokens, t, measure)
             if policy.kv_decode == "pinned_host":
-                policy = most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t, devices)
+                policy = most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t, devices, weights)
             ok = policy is not None and fits(cfg, context, policy, dtype, hbm, host, new_tokens, measure)
             streams = name in ("mom-stream", "mom-host")
             entry = dict(policy=name, kv_dtype=kv, fits=bool(ok),
@@ -255,7 +271,7 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
                              device_read_bytes=step["device_read_bytes"],
                              host_bytes=max(step["host_bytes"], before["host_bytes"]),
                              device_bytes=max(step["device_bytes"], before["device_bytes"]),
-                             **decode_speed(step, t), **prefill_time(cfg, context, policy, dtype, t))
+                             **decode_speed(step, t), **prefill_time(cfg, context, policy, dtype, t, weights=weights))
             candidates[name if kv is None else f"{name} int8"] = entry
     result["context"] = int(context)
     result["decode"] = candidates
@@ -270,7 +286,9 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
     # mom-host only when nothing else fits: it moves far more over the host link in prefill than mom-stream.
     others = [c for c in fitting if c["policy"] != "mom-host"]
     why = None
-    if not others:
+    if weights == "host":
+        why = "the weights are in host memory, and mom-host is the policy that streams them layer by layer"
+    elif not others:
         why = (f"only mom-host fits {context:,} tokens: the other policies keep the residual stream and a layer's K/V "
                "on the device during prefill, and mom-host keeps nothing there that grows with the context")
     fitting = others or fitting
@@ -281,32 +299,34 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
     result["recommended"] = dict(best, why=why)
 
 
-def most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t, devices: int = 1):
+def most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t, devices: int = 1,
+                  weights: str = "device"):
     """mom-stream with the most layers' prompt K/V kept on the device that still fits at `context` (the
     estimate chooses, the compiled programs confirm when source is "xla"); None when even 0 does not fit."""
     L = cfg.num_layers
     fits_estimate = lambda r: fits(cfg, context, policy.replace(kv_device_layers=r), dtype, hbm, host, new_tokens,
-                                    _measure("estimate", devices=devices))
+                                    _measure("estimate", devices=devices, weights=weights))
     r = next((r for r in range(L, -1, -1) if fits_estimate(r)), None)
     if r is None:
         r = 0
     if source == "xla":
         confirm = lambda r: fits(cfg, context, policy.replace(kv_device_layers=r), dtype, hbm, host, new_tokens,
-                                  _measure("xla", t, devices))
+                                  _measure("xla", t, devices, weights))
         while r > 0 and not confirm(r):
             r -= 1
     return policy.replace(kv_device_layers=r)
 
 
-def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, target=None, devices: int = 1) -> int:
+def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, target=None, devices: int = 1,
+                     weights: str = "device") -> int:
     """Bisect with the compiled programs within +-30% of the estimate (about ten compiles per policy)."""
     fits_at = lambda n: fits(cfg, n, get_policy(policy), dtype, hbm, host, new_tokens,
-                             _measure("xla", target, devices))
+                             _measure("xla", target, devices, weights))
     resolution = max(1024, guess // 200 // 1024 * 1024)
     lo, hi = max(int(guess * 0.7) // 1024 * 1024, 1024), int(guess * 1.3) // 1024 * 1024 + 1024
     if not fits_at(lo):
         return max_context(cfg, policy, hbm, host, dtype, new_tokens, source="xla", resolution=resolution,
-                           target=target, devices=devices)
+                           target=target, devices=devices, weights=weights)
     if fits_at(hi):
         return hi
     while hi - lo > resolution:
@@ -315,9 +335,10 @@ def _refine_with_xla(cfg, policy, guess, hbm, host, dtype, new_tokens, target=No
     return lo
 
 
-def _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source, target=None, devices: int = 1) -> str:
+def _limiting_phase(cfg, policy, n, hbm, host, dtype, new_tokens, source, target=None, devices: int = 1,
+                    weights: str = "device") -> str:
     """Which budget stops a longer context: 'prefill', 'decode' or 'host'."""
-    measure = _measure(source, target, devices)
+    measure = _measure(source, target, devices, weights)
     step = max(n // 50, 1024)
     for phase in ("prefill", "decode"):
         r = measure(cfg, n + step, policy, dtype=dtype, phase=phase, new_tokens=new_tokens)

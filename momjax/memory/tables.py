@@ -16,6 +16,8 @@ def plan_table(result: dict) -> str:
         + (f", host budget {format_bytes(result['host_bytes'])}" + (" (all devices')" if n > 1 else "")
            if result["host_bytes"] else "")
         + f", {result['dtype']}, weights {format_bytes(result['weight_bytes'])}" + (" per device" if n > 1 else "")
+        + (" on the device at a time (all of them in host memory, streamed layer by layer)"
+           if result.get("weights") == "host" else "")
         + f", room for {result['new_tokens']} new tokens",
         f"{'policy':<12}{'max context':>14}  {'limited by':<11}source",
     ]
