@@ -79,7 +79,7 @@ def test_demo_runs_and_policies_agree(tmp_path, monkeypatch, capsys):
     code, out, err = run(["demo", "--max-new-tokens", "8"], capsys)
     out = "".join(out)
     assert code == 0, out + err
-    assert "✓ all 3 policies generated the same 8 tokens" in out
+    assert "✓ all 4 policies generated the same 8 tokens" in out
     assert "max context" in out and "mom-stream" in out  # the plan table
     assert os.path.isdir(tmp_path / "demo" / "orbax")
     code, out, _ = run(["demo", "--max-new-tokens", "8"], capsys)  # the second run uses the cached checkpoint

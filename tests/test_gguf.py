@@ -372,7 +372,7 @@ def test_smollm2_download_demo_real_answers_equal_transformers_for_every_policy(
     assert code == 0 and "✓ all 3 policies gave the same answers, token for token" in out
     assert out.count("\nQ: ") == 2 and out.count("\nA: ") == 2 and "mom-stream  decode" in out
     (result,) = results
-    assert set(result.runs) == set(momjax.POLICIES) and not result.differing
+    assert set(result.runs) == set(momjax.policy.SESSION_POLICIES) and not result.differing
     run = result.runs["baseline"]
     assert all(r.answers == run.answers and r.prompts == run.prompts for r in result.runs.values())
 

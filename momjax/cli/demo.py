@@ -126,8 +126,10 @@ def demo(prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 24, rebuild: bool =
             r = report.result()
             cells = [_mib(r.get(k)) for k in ("device_bytes", "host_bytes", "weight_bytes", "kv_bytes", "temp_bytes")]
             log(f"  {p:<11} {ph:<8} " + " ".join(f"{c:>12}" for c in cells) + f"   ({r.get('source', '?')})")
-        log("  prefill: mom and mom-stream run alike (mini-sequences, KV cache sent to the host layer by layer).\n"
-            "  decode (one step): mom copies the KV cache back to the device, mom-stream leaves it on the host.\n"
+        log("  prefill: mom and mom-stream run alike (mini-sequences, KV cache sent to the host layer by layer);\n"
+            "  mom-host also keeps the residual stream on the host and streams the K/V back in blocks.\n"
+            "  decode (one step): mom copies the KV cache back to the device, mom-stream leaves it on the host\n"
+            "  and brings one layer at a time, mom-host one block at a time.\n"
             "  host = pinned host memory, the CPU RAM beside a GPU. On this CPU device and host are the same RAM;\n"
             "  the columns show how a GPU would split it.")
 
