@@ -84,8 +84,8 @@ def check_weights(model: Model, policy) -> None:
         raise InputError(f"the model says weights={model.weights!r} but its params are in {where} memory; load it "
                          "again with momjax.load(path, weights=...)")
     if model.weights == "host" and not policy.on_host:
-        raise InputError(f"weights='host' runs with policy 'mom-host' only (it brings each layer's weights to the device "
-                         f"as the layer runs); got policy {policy.name!r}. Use policy='mom-host', or load with "
+        raise InputError("weights='host' runs with policy 'mom-host' only (it brings each layer's weights to the "
+                         f"device as the layer runs); got policy {policy.name!r}. Use policy='mom-host', or load with "
                          "weights='device'")
 
 

@@ -182,9 +182,10 @@ def test_plan_json(capsys):
                          capsys)
     assert code == 0, err
     result = json.loads("".join(out))
-    assert set(result["max_context"]) == {"baseline", "mom", "mom-stream"}
+    assert set(result["max_context"]) == {"baseline", "mom", "mom-stream", "mom-host"}  # mom-host: a host budget
     assert all(isinstance(n, int) and n > 0 for n in result["max_context"].values())
     assert result["max_context"]["mom"] >= result["max_context"]["baseline"]
+    assert result["max_context"]["mom-host"] > result["max_context"]["mom-stream"] and result["limits"]["mom-host"] == "host"
 
 
 def test_demo_refuses_bad_input_before_building_or_loading(tmp_path, monkeypatch, capsys):

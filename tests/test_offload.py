@@ -141,7 +141,7 @@ def test_bad_knobs_are_refused_when_the_policy_is_made():
 def test_bad_requests_are_refused_before_anything_runs(zoo, monkeypatch):
     model = zoo.model("llama-gqa")  # 2 KV heads
     ran = []
-    monkeypatch.setattr(offload, "_embed_fn", lambda *a: ran.append(a))
+    monkeypatch.setattr(offload.P, "embed_fn", lambda *a: ran.append(a))
     with pytest.raises(InputError, match="host_heads \\(3\\) must divide the model's 2 KV heads"):
         momjax.generate(model, mixed_prompts(model), 2, HOST.replace(host_heads=3))
     with pytest.raises(InputError, match="sessions do not run with policy 'mom-host'"):

@@ -14,7 +14,9 @@ from momjax import MemoryPolicy
 
 def test_named_policies():
     P = momjax.POLICIES
-    assert set(P) == {"baseline", "mom", "mom-stream"}
+    assert set(P) == {"baseline", "mom", "mom-stream", "mom-host"}
+    assert P["mom-host"].on_host and not any(P[n].on_host for n in ("baseline", "mom", "mom-stream"))
+    assert momjax.policy.SESSION_POLICIES == ("baseline", "mom", "mom-stream")
     assert P["baseline"].minisequence is None and not P["baseline"].last_position_only
     assert (P["baseline"].kv_prefill, P["baseline"].kv_decode) == ("device", "device")
     assert P["mom"].minisequence and P["mom"].last_position_only
@@ -36,6 +38,8 @@ def test_named_policies():
     ({"kv_prefill": "device", "kv_decode": "pinned_host"}, "kv_decode"),
     ({"q_block": 0}, "blocks"),
     ({"kv_block": -1}, "blocks"),
+    ({"residual": "gpu"}, "residual"),
+    ({"residual": "pinned_host"}, "minisequence"),  # mom-host runs whole layers in mini-sequences
 ])
 def test_policy_validation(kwargs, words):
     with pytest.raises(ValueError, match=words):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from momjax import checks
+from momjax import checks, offload_programs
 from momjax import generation as G
 from momjax.errors import InputError
 from momjax.memory.shapes import DEFAULT_NEW_TOKENS, resolve
@@ -38,8 +38,7 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
     decode device       = W + temporaries + R layers' prompt KV + tail KV (2 L B K N e) + logits (4 B V)
     host                = the prompt KV the policy places in pinned host memory (L - R layers' in decode).
     Per decode step: host_to_device_bytes = (L - R) layers' prompt K/V; device_read_bytes = W + R layers'
-    prompt K/V + tail (every argument of the step is read once).
-    Weights and K/V are read in place (per-layer arrays): no slice of either is copied.
+    prompt K/V + tail (every argument of the step is read once). Weights and K/V are read in place.
 
     devices = n > 1: the model split tensor-parallel over n devices (momjax.mesh); every figure but host_bytes is
     per device. W is each device's share (params.param_bytes), K, H and F (when it divides) become K/n, H/n and
@@ -47,7 +46,7 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
     when it divides. host_bytes is all devices' together (what one host holds for them). A decode step adds
     allreduce_bytes = (2 L + 1) x (2 (n - 1) / n) B D b: the two all-reduces of the residual stream per layer and
     the embedding lookup's (when the vocabulary splits), as the bytes each device sends in a ring all-reduce.
-    """
+    mom-host and weights="host": `_host_estimate`."""
     cfg = resolve(model_or_config)
     policy = get_policy(policy)
     b = jnp.dtype(dtype).itemsize
@@ -66,10 +65,8 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
     kv_prompt = L * layer_kv
     logits = 4 * B * V
     extra = {}
-    if policy.on_host:
+    if policy.on_host or weights != "device":  # mom-host, or weights in host memory (which only mom-host runs)
         return _host_estimate(cfg, seq_len, policy, dtype, phase, batch, new_tokens, n, weights)
-    if weights != "device":
-        raise InputError(f"weights={weights!r} runs with policy 'mom-host' only, got {policy.name!r}")
     if phase == "prefill":
         if policy.minisequence is None or C == S:
             temp = B * b * S * (3 * F + D)
@@ -114,10 +111,11 @@ def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new
                      chunk being written back)
     Per decode step: host_to_device_bytes = (L - R) layers' K/V; device_read_bytes = W + R layers' K/V + tails.
     weights="host": W on the device becomes two layers' weights and the larger of the embedding and the LM head,
-    host gains all the weights, and a decode step streams every layer's and the LM head (offload.weight_bytes).
+    host gains all the weights, and a decode step streams every layer's and the LM head
+    (offload_programs.weight_bytes).
     """
-    from momjax import offload  # the policy's own layout and host figures; offload sits above this module
-
+    if not policy.on_host:
+        raise InputError(f"weights={weights!r} runs with policy 'mom-host' only, got {policy.name!r}")
     if devices > 1:
         raise InputError("policy 'mom-host' runs on one device; plan several devices with 'mom' or 'mom-stream'")
     b = jnp.dtype(dtype).itemsize
@@ -126,12 +124,12 @@ def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new
     B = batch
     S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
     C = min(policy.minisequence, S)
-    block, heads = offload.layout(cfg, policy, C)
+    block, heads = offload_programs.layout(cfg, policy, C)
     e = E + 4 if policy.quantized_kv else E * b
     blocks = 2 * 2 * B * heads * block * e
-    w = offload.weight_bytes(cfg, dtype, weights)
+    w = offload_programs.weight_bytes(cfg, dtype, weights)
     W = w["device"]
-    h = offload.host_bytes(cfg, policy, seq_len, dtype, batch, phase)
+    h = offload_programs.host_bytes(cfg, policy, seq_len, dtype, batch, phase)
     R = policy.device_layers(L)
     extra = {}
     if phase == "prefill":

@@ -16,7 +16,7 @@ import numpy as np
 
 from momjax import checks
 from momjax import generation as G
-from momjax import offload
+from momjax import offload_programs
 from momjax import targets as T
 from momjax.cache import sharding
 from momjax.config import Config
@@ -196,7 +196,7 @@ def _host_programs(cfg: Config, policy: MemoryPolicy, dtype: str, phase: str, ba
     where = lambda kind: sharding(kind)
     out = []
     weights = {id(params.embed)} | {id(a) for a in jax.tree.leaves((params.layers[0], G.head_params(params)))}
-    for stage, held in offload.stages(params, cfg, policy, chunk, phase, batch, new_tokens, where):
+    for stage, held in offload_programs.stages(params, cfg, policy, chunk, phase, batch, new_tokens, where):
         _, b = T.compile(stage.fn, *stage.args, target=target, **stage.static)
         # What the program holds besides the weights: its arguments counted without the weights (XLA leaves the
         # weights a program does not read out of its argument size, so they cannot simply be subtracted).
@@ -223,19 +223,19 @@ def _host_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, ph
     weights, plus what stays on the device between them, plus the weights. The programs' shapes do not grow with
     the context, so they are compiled once and only the resident layers' blocks (kv_device_layers) and the host
     figures depend on seq_len."""
-    w = offload.weight_bytes(cfg, dtype, weights)
+    w = offload_programs.weight_bytes(cfg, dtype, weights)
     weights = w["device"]
     chunk = min(policy.minisequence, seq_len)
     programs = _host_programs(cfg, policy, dtype, phase, batch, new_tokens, target, chunk)
     # `held` of the resident layers' blocks depends on seq_len: recompute it for this length (no compile).
     params = abstract_params(cfg, jnp.dtype(dtype), sharding=sharding("device"))
-    held = {s.name: h for s, h in offload.stages(params, cfg, policy, seq_len, phase, batch, new_tokens,
+    held = {s.name: h for s, h in offload_programs.stages(params, cfg, policy, seq_len, phase, batch, new_tokens,
                                                   lambda kind: sharding(kind))}
     device, temp = 0, 0
     for name, own, _, program_temp in programs:
         if weights + own + held[name] > device:
             device, temp = weights + own + held[name], program_temp
-    h = offload.host_bytes(cfg, policy, seq_len, dtype, batch, phase)
+    h = offload_programs.host_bytes(cfg, policy, seq_len, dtype, batch, phase)
     report = dict(device_bytes=int(device), host_bytes=int(h["host"] + w["host"]), weight_bytes=int(w["total"]),
                   kv_bytes=int(h["kv"]), temp_bytes=int(temp), host_argument_counted_bytes=0, devices=1,
                   source=T.source_name(target), target=target or "cpu", seq_len=int(seq_len), phase=phase,

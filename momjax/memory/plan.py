@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from momjax import checks, offload
+from momjax import checks, offload_programs
 from momjax import targets as T
 from momjax.config import Config
 from momjax.errors import InputError
@@ -113,12 +113,7 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
     if t is not None and source != "estimate":
         T.check_compiler()
     hbm, host = parse_bytes(hbm_bytes), (None if host_bytes is None else parse_bytes(host_bytes))
-    if weights not in ("device", "host"):
-        raise InputError(f"weights must be 'device' or 'host', got {weights!r}")
-    if weights == "host" and (n > 1 or host is None):
-        raise InputError("weights='host' plans policy 'mom-host' on one device and needs a host budget (host_bytes)")
-    placement = weights
-    weights = param_bytes(cfg, dtype, n) if placement == "device" else offload.weight_bytes(cfg, dtype, "host")["device"]
+    placement, weights = weights, _device_weights(cfg, dtype, n, weights, host)
     if weights >= hbm:
         raise InputError(
             f"the weights alone need {format_bytes(weights)} in {jnp.dtype(dtype)}"
@@ -137,7 +132,8 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
                   interconnect_bandwidth=t.interconnect_bandwidth, peak_flops=t.peak_flops)}
     for name in policy_names(host, n, placement):
         policy = get_policy(name).replace(kv_dtype=kv_dtype)
-        longest = max_context(cfg, policy, hbm, host, dtype, new_tokens, source="estimate", devices=n, weights=placement)
+        longest = max_context(cfg, policy, hbm, host, dtype, new_tokens, source="estimate", devices=n,
+                              weights=placement)
         if source == "xla" and longest:
             # Refine around the estimate with the compiled programs (a few compiles, not a full search).
             longest = _refine_with_xla(cfg, policy, longest, hbm, host, dtype, new_tokens, target=t, devices=n,
@@ -150,6 +146,18 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
     if context is not None:
         _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, kv_dtype, n, placement)
     return result
+
+
+def _device_weights(cfg: Config, dtype, devices: int, weights: str, host) -> int:
+    """The weight bytes each device holds: all of its share, or with weights="host" (mom-host only, one device, a
+    host budget given) two layers' and the LM head."""
+    if weights not in ("device", "host"):
+        raise InputError(f"weights must be 'device' or 'host', got {weights!r}")
+    if weights == "device":
+        return param_bytes(cfg, dtype, devices)
+    if devices > 1 or host is None:
+        raise InputError("weights='host' plans policy 'mom-host' on one device and needs a host budget (host_bytes)")
+    return offload_programs.weight_bytes(cfg, dtype, "host")["device"]
 
 
 def policy_names(host_bytes, devices: int = 1, weights: str = "device") -> tuple[str, ...]:
@@ -197,7 +205,7 @@ def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 
         to_device = L * (streamed * token_kv + B * S * D * b)
         to_host += L * B * S * D * b
     if weights == "host":
-        to_device += offload.weight_bytes(cfg, dtype, "host")["streamed"]
+        to_device += offload_programs.weight_bytes(cfg, dtype, "host")["streamed"]
     compute_s = flops / t.peak_flops
     link_s = max(to_device, to_host) / t.host_link_bandwidth
     return dict(prefill_s=max(compute_s, link_s), prefill_compute_s=compute_s, prefill_link_s=link_s,
