@@ -9,6 +9,8 @@ compiler (host offload, layouts, a fusion it cannot emit) fails a test here, sin
 2. Llama-3.1-8B at 128k tokens in bfloat16: the compiled figures against `estimate`, and the prompt's KV
    in host memory for `mom` and `mom-stream`, put there by the compiled program itself.
 3. The planner's answer for Llama-3.1-8B on an A100 80GB, confirmed by compiled programs.
+4. mom-host (momjax.offload_programs): its programs for every GPU, nothing on the device growing with the context,
+   and the long-context targets on the GPUs people have (RTX 4090, T4, one A100) with weights in host memory.
 """
 
 import jax
@@ -23,6 +25,7 @@ from momjax.params import abstract_params
 
 GPUS = ("a100-80gb", "h100", "h200")
 POLICIES = tuple(momjax.POLICIES)
+LAYER_POLICIES = momjax.policy.SESSION_POLICIES  # the policies whose prefill is generation.py's per-layer program
 GiB = 2**30
 TINY = momjax.Config(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=32)
@@ -30,7 +33,7 @@ TINY_LEN = 4096  # two 2048-token mini-sequences for mom and mom-stream
 
 
 @pytest.mark.parametrize("gpu", GPUS)
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", LAYER_POLICIES)
 @pytest.mark.parametrize("phase", ("prefill", "decode"))
 def test_tiny_programs_compile_for_the_gpu(gpu, policy, phase):
     r = memory.memory_report(TINY, TINY_LEN, policy, dtype="bfloat16", phase=phase, target=gpu)
@@ -43,7 +46,7 @@ def test_tiny_programs_compile_for_the_gpu(gpu, policy, phase):
 
 
 @pytest.mark.parametrize("gpu", GPUS)
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", LAYER_POLICIES)
 def test_tiny_generate_programs_compile_for_the_gpu(gpu, policy):
     """The forward pass over every position and the sampling decode loop that `generate` jits."""
     policy = momjax.get_policy(policy)
@@ -202,3 +205,36 @@ def test_decode_on_8_gpus_holds_two_all_reduces_per_layer_and_gathers_nothing():
     ops = re.findall(r"\} (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", text)
     assert ops.count("all-reduce") == 2 * cfg.num_layers + 1, ops
     assert set(ops) == {"all-reduce"}, ops
+
+
+@pytest.mark.parametrize("gpu", GPUS + ("rtx4090", "l4", "t4"))
+@pytest.mark.parametrize("phase", ("prefill", "decode"))
+def test_mom_host_programs_compile_and_do_not_grow_with_the_context(gpu, phase):
+    host = momjax.POLICIES["mom-host"]
+    short, long = (memory.memory_report(TINY, n, host, dtype="bfloat16", phase=phase, target=gpu)
+                   for n in (TINY_LEN, 16 * TINY_LEN))
+    assert short["source"] == f"xla-gpu:{gpu}" and short["device_bytes"] == long["device_bytes"]
+    kv = lambda n: 2 * TINY.num_layers * TINY.num_kv_heads * n * TINY.head_dim * 2
+    residual = (TINY_LEN + 2048) * TINY.hidden_size * 2 if phase == "prefill" else 0  # and one chunk written back
+    assert short["host_bytes"] == kv(TINY_LEN) + residual and long["kv_bytes"] >= kv(16 * TINY_LEN)
+
+
+def test_mom_host_reaches_headinfers_context_on_an_rtx_4090():
+    """Llama-3.1-8B bf16 on a 24 GB RTX 4090 with 2 TiB of host memory: at least 4,096K tokens exact and 6M with
+    int8 K/V (HeadInfer measured 4,096K on the card), the device bytes the same at 128k and 4M."""
+    cfg, host = momjax.preset("llama-3.1-8b"), momjax.POLICIES["mom-host"]
+    fits = lambda p: memory.max_context(cfg, p, 24 * GiB, 2**41, "bfloat16", source="xla", target="rtx4090",
+                                        resolution=1 << 20)
+    assert fits(host) >= 4_194_304 and fits(host.replace(kv_dtype="int8")) >= 6_000_000
+    device = [max(memory.memory_report(cfg, n, host, dtype="bfloat16", phase=ph, target="rtx4090")["device_bytes"]
+                  for ph in ("prefill", "decode")) for n in (131072, 4_194_304)]
+    assert abs(device[1] - device[0]) < GiB and device[1] < 24 * GiB
+
+
+@pytest.mark.parametrize("model, gpu, hbm", [("llama-3.1-8b", "t4", 16), ("llama-3.1-70b", "a100-80gb", 80)])
+def test_host_weights_run_big_models_on_small_gpus(model, gpu, hbm):
+    """Weights in host memory: an 8B model on a 16 GB T4 and a 70B model on one A100 80GB, each to at least 1M
+    tokens with 1 TiB of host memory, compiled for the GPU."""
+    n = memory.max_context(momjax.preset(model), momjax.POLICIES["mom-host"], hbm * GiB, 2**40, "bfloat16",
+                           source="xla", target=gpu, resolution=1 << 18, weights="host")
+    assert n >= 2**20
