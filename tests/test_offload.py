@@ -10,6 +10,8 @@ memory. Weights in host memory. Bad input: one clear error each, before anything
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -82,6 +84,11 @@ def test_weights_in_host_memory(zoo):
         momjax.forward(model, prompt_tokens(model))
     with pytest.raises(InputError, match="sessions need the weights on the device"):
         momjax.Session(model, "mom-host")
+    # A model whose params are on the device but that says they are in host memory (or the reverse): refused.
+    on_device = zoo.model("qwen2")
+    for wrong in (dataclasses.replace(on_device, weights="host"), dataclasses.replace(model, weights="device")):
+        with pytest.raises(InputError, match="load it again with momjax.load"):
+            momjax.generate(wrong, mixed_prompts(wrong), 2, SMALL)
 
 
 def test_nothing_on_the_device_grows_with_the_context():
