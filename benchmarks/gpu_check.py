@@ -14,8 +14,9 @@ every measurement inside one, so a run cut short keeps what it measured. The sta
                 pinned-host <-> device copies (jax.device_put) in GB/s.
   exact         float32 tiny random checkpoints of three families (Llama GQA, Qwen2 with biases, Mistral with
                 a sliding window) built with transformers in the process: every policy, `mom-stream` with
-                kv_device_layers 0..L and int8 K/V give the same greedy tokens as `baseline` and as transformers
-                on the same GPU (int8: equal across policies); a Session (feed a document, two questions,
+                kv_device_layers 0..L, `mom-host` (16-token chunks in 8-token blocks streamed from pinned host
+                memory) and int8 K/V give the same greedy tokens as `baseline` and as transformers on the same
+                GPU (int8: equal across policies); a Session (feed a document, two questions,
                 rewind, save, load) equals one-shot generate; the arrays that should be in host memory report
                 memory_kind "pinned_host". Matmuls in float32 at "highest" precision on both sides (no TF32).
   long          Llama-3.1-8B shapes, random bfloat16 weights made on the device: `baseline`, `mom` and
@@ -223,6 +224,10 @@ def child_exact(spec: dict) -> dict:
         # (--tiny runs fewer variants: it tests the script's paths, not the GPU's arithmetic)
         for name in POLICY_NAMES if not spec["tiny"] else ("baseline", "mom-stream"):
             variants[f"{name} int8"] = small(name).replace(kv_dtype="int8")
+        # mom-host: 16-token chunks cut in 8-token blocks, streamed from pinned host memory by momjax.offload.
+        variants["mom-host"] = small("mom-host").replace(host_block=8)
+        if not spec["tiny"]:
+            variants["mom-host int8"] = variants["mom-host"].replace(kv_dtype="int8")
         tokens = {}
         for name, policy in variants.items():
             t0 = time.perf_counter()
@@ -246,9 +251,12 @@ def child_exact(spec: dict) -> dict:
         kinds["mom-stream kv_device_layers=1 decode, per layer"] = [placed.k[l].sharding.memory_kind for l in range(L)]
         _, cache = momjax.prefill(model, [prompt], policy=variants["baseline"])
         kinds["baseline prefill cache"] = cache.memory_kind
+        _, cache = momjax.prefill(model, [prompt], policy=variants["mom-host"])
+        kinds["mom-host prefill cache"] = cache.memory_kind
         del cache, decode_cache, placed
         expect = {"mom prefill cache": "pinned_host", "mom decode cache": "device", "baseline prefill cache": "device",
-                  "mom-stream kv_device_layers=1 decode, per layer": ["device"] + ["pinned_host"] * (L - 1)}
+                  "mom-stream kv_device_layers=1 decode, per layer": ["device"] + ["pinned_host"] * (L - 1),
+                  "mom-host prefill cache": "pinned_host"}
         r["memory_kinds"] = kinds
         r["memory_kinds_as_expected"] = kinds == expect
 
