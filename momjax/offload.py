@@ -4,24 +4,28 @@
 so their device memory grows with the prompt. `mom-host` keeps both in pinned host memory and runs each layer
 chunk by chunk, from Python, over small jitted programs whose shapes do not depend on the prompt's length:
 
-    for each layer, for each chunk of C tokens (the mini-sequence):
-        _qkv_fn      the chunk's residual comes to the device; its q, k, v; its K/V go to host memory, cut in
-                     blocks of Bk tokens and Kg KV heads (policy.host_block, policy.host_heads)
-        _attend_fn   for each group of Kg KV heads: the online-softmax state of the chunk's queries after each
-                     earlier block of that group's keys and values, streamed from host memory one block at a
-                     time (the next block's copy in flight while the current one is attended to), then after
-                     the chunk's own keys (already on the device)
-        _finish_fn   o-projection and MLP; the chunk's new residual goes back to host memory
+    for each layer, for each chunk of C tokens (the mini-sequence), with the programs of offload_programs:
+        qkv_fn      the chunk's residual comes to the device; its q, k, v; its K/V go to host memory, cut in
+                    blocks of Bk tokens and Kg KV heads (policy.host_block, policy.host_heads)
+        attend_fn   for each group of Kg KV heads: the online-softmax state of the chunk's queries after each
+                    block of that group's keys and values up to the chunk's end (its own included), streamed
+                    from host memory one block at a time, the next block's copy in flight while the current
+                    one is attended to
+        finish_fn   o-projection and MLP; the chunk's new residual goes back to host memory
 
 The device holds the weights, one chunk's activations and queries, the attention state of one group, and two
 K/V blocks: the same bytes at 128k tokens as at 4M. What grows (the K/V and the residual stream) is in host
 memory; `memory_report`, `estimate` and `plan` count it there.
 
-Decoding streams the same blocks (`decode_stream`): each step, each layer's new query attends to the prompt's
+Decoding streams the same blocks (`decode_rest`, which momjax.decoding.decode_stream runs): each step, each layer's new query attends to the prompt's
 blocks one at a time (again with the next block's copy in flight), then to the generated tokens' tail, which
 lives on the device. With policy.kv_device_layers = R the first R layers' blocks are brought to the device once
 and stay. Every step is the same function as `mom-stream`'s, computed in a different order (blocks of keys
 instead of whole layers): greedy tokens equal `baseline`'s (tests/test_offload.py).
+
+With weights in host memory (momjax.load(..., weights="host")) each layer's weights come to the device as its
+layer starts, the next layer's copy in flight, so the device holds two layers' weights; the embedding (prefill)
+and the LM head come over for their own phase, and decoding looks up each token's embedding row on the host.
 
 Sessions (Session.feed) and several devices do not run with `mom-host` yet; they refuse it with a clear error.
 """
@@ -106,7 +110,6 @@ def _streamed(blocks, attend, carry):
     return carry
 
 
-
 # ---------------------------------------------------------------------- prefill
 
 
@@ -150,8 +153,6 @@ def prefill(params, tokens, start, cfg: Config, policy: MemoryPolicy, on_layer=N
     return logits, HostCache(blocks=layers, start=start, length=S, block=block, heads=heads)
 
 
-
-
 def _attend_chunk(q, stored, q_first: int, block: int, heads: int, start, cfg: Config, policy: MemoryPolicy):
     """Every group's attention state for a chunk's queries (first at q_first) over the layer's blocks so far
     (stored: the chunk's own included), streamed from the host one block at a time."""
@@ -167,7 +168,6 @@ def _attend_chunk(q, stored, q_first: int, block: int, heads: int, start, cfg: C
                                                  start, **common)
         carries.append(_streamed([stored[j][g] for j in seen], attend, P.empty_fn((Nq, Bq, heads, rows), E)))
     return tuple(carries)
-
 
 
 # ---------------------------------------------------------------------- decode

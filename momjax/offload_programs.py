@@ -40,7 +40,6 @@ def layout(cfg: Config, policy: MemoryPolicy, chunk: int) -> tuple[int, int]:
     return block, heads
 
 
-
 # ---------------------------------------------------------------------- prefill programs
 
 
@@ -125,7 +124,6 @@ def head_fn(head: M.Params, x, cfg: Config):
     return M.lm_head(head, M.rms_norm(x, head.final_norm, cfg.rms_norm_eps))[:, 0]
 
 
-
 # ---------------------------------------------------------------------- decode programs
 
 
@@ -195,7 +193,6 @@ def next_fn(logits, key, t, temperature, top_k: int, top_p, stop_ids, pad_id, do
     """New token t of each row, as the decode loop of the other policies samples it (generation.decode_loop)."""
     token = jnp.where(done, pad_id, G.sample(logits, jax.random.fold_in(key, t), temperature, top_k, top_p))
     return token, done | G.is_stop(token, stop_ids)
-
 
 
 # ---------------------------------------------------------------------- the programs, for memory reports
