@@ -11,6 +11,7 @@ memory. Weights in host memory. Bad input: one clear error each, before anything
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -168,3 +169,32 @@ def test_one_device_only(zoo):
     with pytest.raises(InputError, match="runs on one device"):
         memory_report("llama-3.1-8b", 4096, "mom-host", devices=2)
     assert jax.device_count() >= 2
+
+
+def _cli(argv, capsys):
+    from momjax.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_command_line(cli_model, capsys):
+    """generate --policy mom-host (with --weights host too) prints mom's text; what cannot run is one line, exit 2,
+    before the weights load; plan --weights host plans mom-host alone."""
+    base = ["generate", "--model", cli_model, "--prompt", "Hello there", "--max-new-tokens", "12", "--quiet"]
+    code, want, err = _cli(base + ["--policy", "mom"], capsys)
+    assert code == 0, err
+    for extra in (["--policy", "mom-host"], ["--policy", "mom-host", "--weights", "host"]):
+        code, out, err = _cli(base + extra, capsys)
+        assert code == 0 and out == want, err
+    for argv, needle in ((base + ["--weights", "host"], "--weights host runs with --policy mom-host only"),
+                         (base + ["--policy", "mom-host", "--prompt-cache", "x.cache"], "without --prompt-cache")):
+        code, out, err = _cli(argv, capsys)
+        assert code == 2 and err.strip().startswith("momjax: error:") and needle in err and not out, err
+    code, out, err = _cli(["chat", "--model", cli_model, "--policy", "mom-host"], capsys)  # keeps a session
+    assert code == 2 and "invalid choice: 'mom-host'" in err, err
+    code, out, err = _cli(["plan", "--model", "llama-3.1-8b", "--hbm", "16GiB", "--host-memory", "1TiB", "--weights",
+                           "host", "--json"], capsys)
+    assert code == 0, err
+    assert list(json.loads(out)["max_context"]) == ["mom-host"]
