@@ -71,13 +71,9 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
     qb = _divisor_block(S, q_block)
     kb = _divisor_block(T, kv_block)
     Nq, M = S // qb, G * qb  # query blocks; rows of one block's matrix
-    scale = 1.0 / math.sqrt(E)
     dtype = q.dtype
-    quantized = k_scale is not None
     q = query_tiles(q, K, qb)  # [Nq, B, K, G*qb, E]
     padded_to = jnp.max(start)  # keys below this index are padding for some row
-    scores_dims = (((3,), (3,)), ((0, 1), (0, 1)))  # [B, K, M, E] x [B, K, kb, E] -> [B, K, M, kb]
-    values_dims = (((3,), (2,)), ((0, 1), (0, 1)))  # [B, K, M, kb] x [B, K, kb, E] -> [B, K, M, E]
 
     def one_query_block(args):
         qblk, i = args  # [B, K, M, E], block index
@@ -85,39 +81,14 @@ def blockwise_attention(q, k, v, q_offset, start, *, window=None, q_block=512, k
         lo, full_lo, full_hi, hi = _key_block_runs(first_q, qb, kb, T, window, padded_to)
         q_idx = jnp.tile(first_q + jnp.arange(qb), G)[:, None]  # [M, 1]: each row's sequence index
 
-        def visible(j):  # [B, 1, M, kb] bool: key j*kb + t is visible to row r
-            k_idx = j * kb + jnp.arange(kb)
-            ok = (k_idx <= q_idx)[None, None] & (k_idx >= start[:, None])[:, None, None, :]
-            if window is not None:
-                ok &= (q_idx - k_idx < window)[None, None]
-            return ok
-
         def step(masked):
-            def body(j, carry):
-                m, l, acc = carry  # [B, K, M], [B, K, M], [B, K, M, E]
-                kj = jax.lax.dynamic_slice_in_dim(k, j * kb, kb, axis=2).astype(dtype)  # [B, K, kb, E]
-                vj = jax.lax.dynamic_slice_in_dim(v, j * kb, kb, axis=2).astype(dtype)
-                s = jax.lax.dot_general(qblk, kj, scores_dims, preferred_element_type=jnp.float32) * scale
-                if quantized:
-                    s = s * jax.lax.dynamic_slice_in_dim(k_scale, j * kb, kb, axis=2)[:, :, None, :]
-                if masked:
-                    s = jnp.where(visible(j), s, MASKED)
-                m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.exp(s - m_new[..., None])  # f32 probabilities
-                alpha = jnp.exp(m - m_new)
-                l = alpha * l + p.sum(-1)
-                if quantized:
-                    p = p * jax.lax.dynamic_slice_in_dim(v_scale, j * kb, kb, axis=2)[:, :, None, :]
-                pv = jax.lax.dot_general(p.astype(dtype), vj, values_dims, preferred_element_type=jnp.float32)
-                return m_new, l, alpha[..., None] * acc + pv
+            def body(j, carry):  # carry: m, l [B, K, M], acc [B, K, M, E]
+                mask = _visible(q_idx, j * kb, kb, start, window) if masked else None
+                return _key_tile(qblk, k, v, k_scale, v_scale, j, kb, carry, mask)
 
             return body
 
-        carry = (
-            jnp.full((B, K, M), MASKED, jnp.float32),
-            jnp.zeros((B, K, M), jnp.float32),
-            jnp.zeros((B, K, M, E), jnp.float32),
-        )
+        carry = empty_carry((B, K, M), E)
         carry = jax.lax.fori_loop(lo, full_lo, step(True), carry)
         carry = jax.lax.fori_loop(full_lo, full_hi, step(False), carry)
         _, l, acc = jax.lax.fori_loop(full_hi, hi, step(True), carry)
@@ -138,6 +109,43 @@ def from_tiles(out, G: int):
     Nq, B, K, M, E = out.shape
     qb = M // G
     return out.reshape(Nq, B, K, G, qb, E).transpose(1, 0, 4, 2, 3, 5).reshape(B, Nq * qb, K * G, E)
+
+
+def _visible(q_idx, first_key, kb: int, start, window):
+    """[B, 1, M, kb] bool: key first_key + t is visible to the row at sequence index q_idx [M, 1] (causal, not left
+    padding of its batch row, within the window)."""
+    k_idx = first_key + jnp.arange(kb)
+    ok = (k_idx <= q_idx)[None, None] & (k_idx >= start[:, None])[:, None, None, :]
+    if window is not None:
+        ok &= (q_idx - k_idx < window)[None, None]
+    return ok
+
+
+def _key_tile(q, k, v, k_scale, v_scale, j: int, kb: int, carry, visible=None):
+    """The online-softmax state (m, l, acc) of query rows q [B, K, M, E] after also seeing key tile j (kb keys at
+    j*kb of k, v [B, K, T, E]; int8 with their scales [B, K, T], or the scales None). visible [B, 1|K, M, kb]
+    masks the scores (None: the whole tile is seen). Float32 statistics; products in q's dtype."""
+    m, l, acc = carry
+    dtype = q.dtype
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, j * kb, kb, axis=2)
+    kj, vj = take(k).astype(dtype), take(v).astype(dtype)  # [B, K, kb, E]
+    s = jax.lax.dot_general(q, kj, _SCORES_DIMS, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
+    if k_scale is not None:
+        s = s * take(k_scale)[:, :, None, :]
+    if visible is not None:
+        s = jnp.where(visible, s, MASKED)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])  # f32 probabilities
+    alpha = jnp.exp(m - m_new)
+    l = alpha * l + p.sum(-1)
+    if v_scale is not None:
+        p = p * take(v_scale)[:, :, None, :]
+    pv = jax.lax.dot_general(p.astype(dtype), vj, _VALUES_DIMS, preferred_element_type=jnp.float32)
+    return m_new, l, alpha[..., None] * acc + pv
+
+
+_SCORES_DIMS = (((3,), (3,)), ((0, 1), (0, 1)))  # [B, K, M, E] x [B, K, kb, E] -> [B, K, M, kb]
+_VALUES_DIMS = (((3,), (2,)), ((0, 1), (0, 1)))  # [B, K, M, kb] x [B, K, kb, E] -> [B, K, M, E]
 
 
 def decode_attention(q, k, v, tail_k, tail_v, k_new, v_new, q_index, step, start, *, window=None, prompt_end=None,
@@ -264,11 +272,6 @@ def attend_block(q, k, v, carry, q_first, k_first, start, *, G: int, window=None
     T = k.shape[2]
     qb = M // G
     kb = _divisor_block(T, kv_block)
-    scale = 1.0 / math.sqrt(E)
-    dtype = q.dtype
-    quantized = k_scale is not None
-    scores_dims = (((3,), (3,)), ((0, 1), (0, 1)))
-    values_dims = (((3,), (2,)), ((0, 1), (0, 1)))
 
     def one_tile(args):
         qt, m, l, acc, i = args
@@ -278,25 +281,8 @@ def attend_block(q, k, v, carry, q_first, k_first, start, *, G: int, window=None
         lo = 0 if window is None else jnp.clip((first - window + 1 - k_first) // kb, 0, hi)
 
         def body(j, carry):
-            m, l, acc = carry
-            kj = jax.lax.dynamic_slice_in_dim(k, j * kb, kb, axis=2).astype(dtype)
-            vj = jax.lax.dynamic_slice_in_dim(v, j * kb, kb, axis=2).astype(dtype)
-            s = jax.lax.dot_general(qt, kj, scores_dims, preferred_element_type=jnp.float32) * scale
-            if quantized:
-                s = s * jax.lax.dynamic_slice_in_dim(k_scale, j * kb, kb, axis=2)[:, :, None, :]
-            k_idx = k_first + j * kb + jnp.arange(kb)
-            ok = (k_idx <= q_idx)[None, None] & (k_idx >= start[:, None])[:, None, None, :]
-            if window is not None:
-                ok &= (q_idx - k_idx < window)[None, None]
-            s = jnp.where(ok, s, MASKED)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.exp(s - m_new[..., None])
-            alpha = jnp.exp(m - m_new)
-            l = alpha * l + p.sum(-1)
-            if quantized:
-                p = p * jax.lax.dynamic_slice_in_dim(v_scale, j * kb, kb, axis=2)[:, :, None, :]
-            pv = jax.lax.dot_general(p.astype(dtype), vj, values_dims, preferred_element_type=jnp.float32)
-            return m_new, l, alpha[..., None] * acc + pv
+            return _key_tile(qt, k, v, k_scale, v_scale, j, kb, carry, _visible(q_idx, k_first + j * kb, kb, start,
+                                                                                 window))
 
         return jax.lax.fori_loop(lo, hi, body, (m, l, acc))
 
