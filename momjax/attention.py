@@ -111,13 +111,15 @@ def from_tiles(out, G: int):
     return out.reshape(Nq, B, K, G, qb, E).transpose(1, 0, 4, 2, 3, 5).reshape(B, Nq * qb, K * G, E)
 
 
-def _visible(q_idx, first_key, kb: int, start, window):
+def _visible(q_idx, first_key, kb: int, start, window, end=None):
     """[B, 1, M, kb] bool: key first_key + t is visible to the row at sequence index q_idx [M, 1] (causal, not left
-    padding of its batch row, within the window)."""
+    padding of its batch row, within the window, and before `end` when one is given)."""
     k_idx = first_key + jnp.arange(kb)
     ok = (k_idx <= q_idx)[None, None] & (k_idx >= start[:, None])[:, None, None, :]
     if window is not None:
         ok &= (q_idx - k_idx < window)[None, None]
+    if end is not None:
+        ok &= (k_idx < end)[None, None, None, :]
     return ok
 
 
@@ -258,11 +260,12 @@ def empty_carry(rows_shape, E: int):
             jnp.zeros((*rows_shape, E), jnp.float32))
 
 
-def attend_block(q, k, v, carry, q_first, k_first, start, *, G: int, window=None, kv_block=512, k_scale=None,
+def attend_block(q, k, v, carry, q_first, k_first, k_end, start, *, G: int, window=None, kv_block=512, k_scale=None,
                  v_scale=None):
     """One block of keys' share of the attention of a chunk of queries: the online-softmax state `carry` after
-    also seeing keys k, v at sequence indices k_first + [0, T). The block may lie anywhere before or across
-    the queries; what a query cannot see (later keys, left padding, outside its window) is masked.
+    also seeing keys k, v at sequence indices k_first + [0, T), of which those before k_end hold keys (a session's
+    block may end partway: what follows is stale). The block may lie anywhere before or across the queries; what a
+    query cannot see (later keys, left padding, outside its window, past k_end) is masked.
 
     q: [Nq, B, Kg, G*qb, E] (`query_tiles` of queries at q_first + [0, Nq*qb), G query heads per KV head);
     k, v: [B, Kg, T, E] (int8 with k_scale, v_scale [B, Kg, T]); carry: (m, l, acc) [Nq, B, Kg, G*qb] (acc
@@ -277,12 +280,12 @@ def attend_block(q, k, v, carry, q_first, k_first, start, *, G: int, window=None
         qt, m, l, acc, i = args
         first = q_first + i * qb
         q_idx = jnp.tile(first + jnp.arange(qb), G)[:, None]  # [M, 1]: each row's sequence index
-        hi = jnp.clip((first + qb - 1 - k_first) // kb + 1, 0, T // kb)
+        hi = jnp.clip((first + qb - 1 - k_first) // kb + 1, 0, jnp.clip((k_end - k_first + kb - 1) // kb, 0, T // kb))
         lo = 0 if window is None else jnp.clip((first - window + 1 - k_first) // kb, 0, hi)
 
         def body(j, carry):
             return _key_tile(qt, k, v, k_scale, v_scale, j, kb, carry, _visible(q_idx, k_first + j * kb, kb, start,
-                                                                                 window))
+                                                                                 window, k_end))
 
         return jax.lax.fori_loop(lo, hi, body, (m, l, acc))
 

@@ -1,5 +1,5 @@
 """The real-model demo (`momjax demo --real`): SmolLM2-135M-Instruct, a real trained model, answering questions
-about a long real document held in a Session, with every memory policy that runs sessions (all but mom-host).
+about a long real document held in a Session, with every memory policy.
 
 `load` fetches SmolLM2-135M-Instruct's GGUF file once (momjax.gguf.fetch) and loads it with its tokenizer;
 `ask_every_policy` puts the document in a Session per policy, asks the questions one after the other with the
@@ -19,7 +19,7 @@ from momjax.errors import InputError
 from momjax.gguf.fetch import fetch_smollm2
 from momjax.loading import Model, load
 from momjax.memory import memory_report
-from momjax.policy import SESSION_POLICIES
+from momjax.policy import POLICIES
 from momjax.session import Session
 from momjax.tokenizer import Tokenizer, load_tokenizer
 
@@ -108,7 +108,7 @@ def ask_every_policy(model: Model, tok: Tokenizer, document: str, questions=QUES
     if not document.strip() or not questions or not all(isinstance(q, str) and q.strip() for q in questions):
         raise InputError("give a document with some text and at least one question that is not empty")
     n_tokens = len(Conversation(tok, document).document_tokens())
-    policies = list(SESSION_POLICIES)
+    policies = list(POLICIES)
     phases = [(p, ph) for p in policies for ph in ("prefill", "decode")]
     with ThreadPoolExecutor(max_workers=len(policies)) as pool:
         reports = {key: pool.submit(memory_report, model, n_tokens, key[0], dtype="float32", phase=key[1])

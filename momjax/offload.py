@@ -27,7 +27,10 @@ With weights in host memory (momjax.load(..., weights="host")) each layer's weig
 layer starts, the next layer's copy in flight, so the device holds two layers' weights; the embedding (prefill)
 and the LM head come over for their own phase, and decoding looks up each token's embedding row on the host.
 
-Sessions (Session.feed) and several devices do not run with `mom-host` yet; they refuse it with a clear error.
+Sessions run with it too (`feed`, which momjax.Session calls): a feed's tokens are right-padded chunks at the
+session's length; their blocks are appended to the session's HostCache, each with the span of positions it holds
+(a feed's last block may end partway, and keys past a block's end are masked: the next feed's overlap them).
+Several devices do not run with `mom-host` yet; they refuse it with a clear error.
 """
 
 from __future__ import annotations
@@ -44,21 +47,44 @@ from momjax import generation as G
 from momjax import model as M
 from momjax import offload_programs as P
 from momjax.config import Config
+from momjax.errors import InputError
 from momjax.policy import MemoryPolicy
 
 layout = P.layout  # (Bk, Kg) of a policy's streamed blocks: offload_programs.layout
 
+# mom-host's programs compile when first called (their shapes are known only then), so the time spent compiling
+# is read from JAX's own compile events: compile_seconds() before and after a call.
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compiling = [0.0]
+
+
+def _count_compile(event: str, seconds: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compiling[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling JAX programs so far (every program, not only mom-host's)."""
+    return _compiling[0]
+
 
 @dataclass
 class HostCache:
-    """A prompt's K/V as `mom-host` keeps them: blocks[l][j][g] = (k, v), or (k, v, k_scale, v_scale) with int8
-    K/V, each [B, Kg, Bk, E] (scales [B, Kg, Bk]): layer l's keys at sequence indices j*Bk + [0, Bk) of KV heads
-    g*Kg + [0, Kg), in pinned host memory (or on the device, for the layers decoding keeps there)."""
+    """K/V as `mom-host` keeps them: blocks[l][b][g] = (k, v), or (k, v, k_scale, v_scale) with int8 K/V, each
+    [B, Kg, T, E] (scales [B, Kg, T]): layer l's keys of KV heads g*Kg + [0, Kg) at sequence indices
+    first + [0, T), where spans[b] = (first, end) and only the keys before `end` are valid (a session's last block
+    of a feed may end partway; the rest is stale). In pinned host memory, or on the device for the layers decoding
+    keeps there. A prompt's cache (prefill) has blocks of one size covering [0, S) exactly; a session's (feed)
+    gains blocks at each feed."""
 
     blocks: list
+    spans: list  # [(first, end)] per block, the same for every layer
     start: jax.Array  # [B] int32: each row's left padding
-    length: int  # the padded prompt's length S
-    block: int  # Bk
+    length: int  # the sequence index the next token takes: the padded prompt's length, or the session's
     heads: int  # Kg
 
     @property
@@ -72,6 +98,55 @@ class HostCache:
     @property
     def memory_kind(self) -> str:
         return self.blocks[-1][0][0][0].sharding.memory_kind
+
+    @property
+    def capacity(self) -> int:
+        """Positions the blocks have room for (stale ones included)."""
+        return sum(layer_block[0][0].shape[2] for layer_block in self.blocks[0]) if self.blocks else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in jax.tree.leaves(self.blocks))
+
+    def rewind(self, n: int) -> None:
+        """Keep the keys before sequence index n: blocks wholly past it are dropped, the one across it is cut
+        short (its stale keys stay masked)."""
+        keep = [b for b, (first, _) in enumerate(self.spans) if first < n]
+        self.spans = [(self.spans[b][0], min(self.spans[b][1], n)) for b in keep]
+        self.blocks = [[layer[b] for b in keep] for layer in self.blocks]
+        self.length = n
+
+    def layer_arrays(self, l: int, n: int) -> tuple:
+        """Layer l's first n keys and values as host numpy arrays: (k, v) [B, K, n, E], or with int8 K/V
+        (k, v, k_scale, v_scale) with scales [B, K, n] (a session file's layout)."""
+        out = None
+        for (first, end), groups in zip(self.spans, self.blocks[l]):
+            end = min(end, n)
+            if end <= first:
+                continue
+            parts = [np.concatenate([np.asarray(jax.device_get(g[i])) for g in groups], axis=1)
+                     for i in range(len(groups[0]))]
+            if out is None:
+                out = [np.zeros((p.shape[0], p.shape[1], n, *p.shape[3:]), p.dtype) for p in parts]
+            for o, p in zip(out, parts):
+                o[:, :, first:end] = p[:, :, :end - first]
+        return tuple(out)
+
+
+def cut_positions(a: np.ndarray, n: int, block: int, heads: int, where) -> list:
+    """One layer's keys, values or scales a [B, K, n, ...] (host numpy, a session file's layout) as pieces[b][g]:
+    positions b*block + [0, block) (the last block padded with zeros) of KV heads g*heads + [0, heads), placed at
+    `where` (a sharding). With `spans(n, block)`, the blocks of a HostCache."""
+    pad = -n % block
+    if pad:
+        a = np.concatenate([a, np.zeros((*a.shape[:2], pad, *a.shape[3:]), a.dtype)], axis=2)
+    return [[jax.device_put(np.ascontiguousarray(a[:, g * heads:(g + 1) * heads, first:first + block]), where)
+             for g in range(a.shape[1] // heads)] for first in range(0, n, block)]
+
+
+def spans(n: int, block: int) -> list:
+    """The (first, end) of the blocks `cut_positions` cuts n positions into."""
+    return [(first, min(first + block, n)) for first in range(0, n, block)]
 
 
 def _to_device(tree):
@@ -110,35 +185,70 @@ def _streamed(blocks, attend, carry):
     return carry
 
 
-# ---------------------------------------------------------------------- prefill
+# ---------------------------------------------------------------------- prefill and feed
 
 
 def prefill(params, tokens, start, cfg: Config, policy: MemoryPolicy, on_layer=None):
     """Last-position logits [B, V] and the prompt's HostCache, as generation.prefill_fn gives them for the other
     policies. tokens: [B, S] left-padded, S a multiple of the mini-sequence length C. on_layer(i) after layer i."""
-    B, S = tokens.shape
-    C = M.chunk_length(S, policy)
-    block, heads = layout(cfg, policy, C)
-    N, L = S // C, cfg.num_layers
-    K, H = cfg.num_kv_heads, cfg.num_heads
+    S = tokens.shape[1]
     start_np = np.asarray(start)
-    rope_len = jnp.int32(S - int(start_np.min()))  # the longest row's length, as prefill_layer reads it
-    tokens = np.asarray(tokens)
+    rope_len = S - int(start_np.min())  # the longest row's length, as prefill_layer reads it
+    cache = HostCache(blocks=[[] for _ in range(cfg.num_layers)], spans=[], start=start, length=0,
+                      heads=layout(cfg, policy, M.chunk_length(S, policy))[1])
+    return _run(params, np.asarray(tokens), S, cache, rope_len, cfg, policy, on_layer), cache
+
+
+def feed(params, ids: list[int], cache: HostCache | None, cfg: Config, policy: MemoryPolicy, on_layer=None):
+    """A session's feed (momjax.Session): logits [1, V] after the last of ids, their K/V appended to `cache` (a
+    new one when None) at its length. ids are right-padded to a length bucket; chunks of padding only are not
+    run, and blocks of padding only are not kept. The result is what a prefill of the session's tokens and ids
+    together computes: the new queries see every valid key before them."""
+    n = len(ids)
+    width = G.bucket_length(n, policy)
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :n] = ids
+    if cache is None:
+        cache = HostCache(blocks=[[] for _ in range(cfg.num_layers)], spans=[], start=jnp.zeros((1,), jnp.int32),
+                          length=0, heads=layout(cfg, policy, M.chunk_length(width, policy))[1])
+    return _run(params, tokens, n, cache, cache.length + n, cfg, policy, on_layer), cache
+
+
+def _run(params, tokens: np.ndarray, n: int, cache: HostCache, rope_len: int, cfg: Config, policy: MemoryPolicy,
+         on_layer):
+    """Run tokens [B, W] (the first n of each row real, the rest right padding) through every layer chunk by chunk,
+    at sequence indices cache.length + [0, W), appending their blocks to cache (in place; its length grows by n).
+    Returns the logits [B, V] at the last real token."""
+    B, W = tokens.shape
+    C = M.chunk_length(W, policy)
+    block, heads = layout(cfg, policy, C)
+    if heads != cache.heads:
+        raise InputError(f"this cache's blocks hold {cache.heads} KV heads each; host_heads={heads} cannot extend it")
+    offset, end = cache.length, cache.length + n
+    N, L, K, H = -(-n // C), cfg.num_layers, cfg.num_kv_heads, cfg.num_heads  # chunks with a real token
+    rope_len = jnp.int32(rope_len)
     host_weights = weights_on_host(params)
     embed = _to_device(params.embed) if host_weights else params.embed  # on the device for the embedding only
     xs = [P.embed_fn(embed, jnp.asarray(tokens[:, c * C:(c + 1) * C])) for c in range(N)]
     del embed
-    layers, x_last = [], None
+    # The new blocks: chunk c's block j at offset + c*C + j*block, kept when it holds a real token.
+    firsts = [offset + c * C + j * block for c in range(N) for j in range(C // block)]
+    kept = [f < end for f in firsts]
+    spans = list(cache.spans) + [(f, min(f + block, end)) for f in firsts if f < end]
+    at = jnp.int32((n - 1) % C)  # the last real token's position in the last chunk
+    x_last, layers = None, []
     for l, lp in enumerate(_layer_weights(params, host_weights)):
         last = policy.last_position_only and l == L - 1
-        stored = []  # this layer's blocks so far: stored[j][g]
+        stored = list(cache.blocks[l])  # this layer's blocks so far: stored[b][g]
         for c in range(N):
-            x, q, blocks = P.qkv_fn(lp, xs[c], jnp.int32(c * C), start, rope_len, cfg=cfg, policy=policy,
+            q_first = offset + c * C
+            x, q, blocks = P.qkv_fn(lp, xs[c], jnp.int32(q_first), cache.start, rope_len, cfg=cfg, policy=policy,
                                    block=block, heads=heads)
-            stored.extend(blocks)
+            chunk_kept = kept[c * (C // block):(c + 1) * (C // block)]
+            stored.extend(b for b, keep in zip(blocks, chunk_kept) if keep)
             if not last or c == N - 1:
-                carries = _attend_chunk(q, stored, c * C, block, heads, start, cfg, policy)
-                out = P.finish_fn(lp, x, carries, cfg=cfg, G=H // K, last=last)
+                carries = _attend_chunk(q, stored, spans[:len(stored)], q_first, heads, cache.start, cfg, policy)
+                out = P.finish_fn(lp, x, carries, at, cfg=cfg, G=H // K, last=last)
                 if last:
                     x_last = out
                 else:
@@ -148,25 +258,28 @@ def prefill(params, tokens, start, cfg: Config, policy: MemoryPolicy, on_layer=N
         if on_layer is not None:
             jax.block_until_ready(x_last if last else xs[-1])
             on_layer(l)
+    cache.blocks, cache.spans, cache.length = layers, spans, end  # all at once: a failed feed changes nothing
     head = G.head_params(params)
-    logits = P.head_fn(_to_device(head) if host_weights else head, x_last if x_last is not None else xs[-1], cfg=cfg)
-    return logits, HostCache(blocks=layers, start=start, length=S, block=block, heads=heads)
+    head = _to_device(head) if host_weights else head
+    return P.head_fn(head, x_last, jnp.int32(0), cfg=cfg) if x_last is not None else P.head_fn(head, xs[-1], at,
+                                                                                              cfg=cfg)
 
 
-def _attend_chunk(q, stored, q_first: int, block: int, heads: int, start, cfg: Config, policy: MemoryPolicy):
+def _attend_chunk(q, stored, spans, q_first: int, heads: int, start, cfg: Config, policy: MemoryPolicy):
     """Every group's attention state for a chunk's queries (first at q_first) over the layer's blocks so far
-    (stored: the chunk's own included), streamed from the host one block at a time."""
+    (stored, at spans: the chunk's own included), streamed from the host one block at a time."""
     window = cfg.sliding_window
     # Blocks wholly outside every query's window are skipped (the chunk's first query is its earliest).
-    seen = [j for j in range(len(stored)) if window is None or q_first - ((j + 1) * block - 1) < window]
+    seen = [b for b, (_, end) in enumerate(spans) if window is None or q_first - (end - 1) < window]
     Nq, Bq, _, rows, E = q.shape
     G = cfg.num_heads // cfg.num_kv_heads
     common = dict(G=G, window=window, kv_block=policy.kv_block, heads=heads)
     carries = []
     for g in range(cfg.num_kv_heads // heads):
-        attend = lambda carry, kv, i: P.attend_fn(q, carry, kv, g, jnp.int32(q_first), jnp.int32(seen[i] * block),
-                                                 start, **common)
-        carries.append(_streamed([stored[j][g] for j in seen], attend, P.empty_fn((Nq, Bq, heads, rows), E)))
+        def attend(carry, kv, i, g=g):
+            first, end = spans[seen[i]]
+            return P.attend_fn(q, carry, kv, g, jnp.int32(q_first), jnp.int32(first), jnp.int32(end), start, **common)
+        carries.append(_streamed([stored[b][g] for b in seen], attend, P.empty_fn((Nq, Bq, heads, rows), E)))
     return tuple(carries)
 
 
@@ -196,7 +309,7 @@ def decode_rest(params, cache: HostCache, token, done, program_args: tuple, cfg:
               for l, layer in enumerate(cache.blocks)]
     kv_dtype = blocks[0][0][0][0].dtype
     tail_k, tail_v = _tails(cache, kv_dtype, max_new_tokens - 1, cfg)
-    B, S, Bk, heads = cache.start.shape[0], cache.length, cache.block, cache.heads
+    B, S, heads = cache.start.shape[0], cache.length, cache.heads
     Gh, E = cfg.num_heads // K, cfg.head_dim
     window = cfg.sliding_window
     head = G.head_params(params)
@@ -208,20 +321,21 @@ def decode_rest(params, cache: HostCache, token, done, program_args: tuple, cfg:
         step = t - 1
         q_index = S + step
         # Prompt blocks wholly outside the new query's window are skipped.
-        seen = [j for j in range(S // Bk) if window is None or q_index - ((j + 1) * Bk - 1) < window]
+        seen = [b for b, (_, end) in enumerate(cache.spans) if window is None or q_index - (end - 1) < window]
         x = None if rows is None else jnp.asarray(rows[np.asarray(token)][:, None, :])
         for l, lp in enumerate(_layer_weights(params, host_weights)):
             x, q32, k_new, v_new = P.dec_qkv_fn(lp, None if host_weights else params.embed, token, jnp.int32(q_index),
                                                cache.start, x, cfg=cfg, quantized=cache.quantized)
             carries = []
             for g in range(K // heads):
-                attend = lambda carry, kv, i: P.dec_attend_fn(q32, carry, kv, g, jnp.int32(seen[i] * Bk),
-                                                             jnp.int32(q_index), cache.start, window=window,
-                                                             heads=heads)
-                carries.append(_streamed([blocks[l][j][g] for j in seen], attend, P.dec_empty_fn((B, heads, Gh), E)))
+                def attend(carry, kv, i, g=g):
+                    first, end = cache.spans[seen[i]]
+                    return P.dec_attend_fn(q32, carry, kv, g, jnp.int32(first), jnp.int32(end), jnp.int32(q_index),
+                                           cache.start, window=window, heads=heads)
+                carries.append(_streamed([blocks[l][b][g] for b in seen], attend, P.dec_empty_fn((B, heads, Gh), E)))
             x, tail_k[l], tail_v[l] = P.dec_finish_fn(lp, x, q32, tuple(carries), tail_k[l], tail_v[l], k_new, v_new,
                                                      jnp.int32(step), jnp.int32(q_index), jnp.int32(S), cfg=cfg)
-        logits = P.head_fn(_to_device(head) if host_weights else head, x, cfg=cfg)
+        logits = P.head_fn(_to_device(head) if host_weights else head, x, jnp.int32(0), cfg=cfg)
         token, done = P.next_fn(logits, key, jnp.int32(t), temperature, top_k, top_p, stop_ids, pad_id, done)
         new, all_done = np.asarray(token)[:, None], bool(np.asarray(done).all())
         stats.decode_s += time.perf_counter() - t0

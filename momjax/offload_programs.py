@@ -88,13 +88,14 @@ def kv_order(b):
 
 
 @functools.partial(jax.jit, static_argnames=("G", "window", "kv_block", "heads"), donate_argnames=("carry",))
-def attend_fn(q, carry, kv, group, q_first, k_first, start, *, G: int, window, kv_block: int, heads: int):
+def attend_fn(q, carry, kv, group, q_first, k_first, k_end, start, *, G: int, window, kv_block: int, heads: int):
     """carry (one group's online-softmax state) after keys and values kv = (k, v[, k_scale, v_scale]) [B, Kg, T, E]
-    at k_first + [0, T), a host block already on the device. q: all heads' query tiles; the group's are taken."""
+    at k_first + [0, T), those before k_end valid, a host block already on the device. q: all heads' query tiles;
+    the group's are taken."""
     qg = jax.lax.dynamic_slice_in_dim(q, group * heads, heads, axis=2)
     k, v, *scales = kv
     k_scale, v_scale = scales if scales else (None, None)
-    return attend_block(qg, k, v, carry, q_first, k_first, start, G=G, window=window, kv_block=kv_block,
+    return attend_block(qg, k, v, carry, q_first, k_first, k_end, start, G=G, window=window, kv_block=kv_block,
                         k_scale=k_scale, v_scale=v_scale)
 
 
@@ -105,22 +106,22 @@ def empty_fn(rows: tuple, E: int):
 
 # x is not donated: the output goes to host memory, and XLA's CPU backend would alias it to x's device buffer.
 @functools.partial(jax.jit, static_argnames=("cfg", "G", "last"))
-def finish_fn(lp, x, carries, cfg: Config, G: int, last: bool):
+def finish_fn(lp, x, carries, at, cfg: Config, G: int, last: bool):
     """The rest of the layer for a chunk (x [B, C, D] on the device) from its groups' attention states: its new
-    residual in host memory, or with `last` only the last position's, on the device ([B, 1, D])."""
+    residual in host memory, or with `last` only position `at`'s (the last real token), on the device ([B, 1, D])."""
     out = jnp.concatenate([acc / l[..., None] for _, l, acc in carries], axis=2)  # [Nq, B, K, G*qb, E]
     o = from_tiles(out, G).astype(x.dtype)  # [B, C, H, E]
     if last:
-        x, o = x[:, -1:], o[:, -1:]
+        x, o = (jax.lax.dynamic_slice_in_dim(a, at, 1, axis=1) for a in (x, o))
     x = x + M.project_o(lp, o)
     x = x + M.mlp(lp, M.rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
     return x if last else to_memory_kind(x, HOST)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def head_fn(head: M.Params, x, cfg: Config):
-    """Logits [B, V] at the last position of x [B, C, D] (on the device, or in host memory)."""
-    x = to_memory_kind(x, DEVICE)[:, -1:]
+def head_fn(head: M.Params, x, at, cfg: Config):
+    """Logits [B, V] at position `at` of x [B, C, D] (on the device, or in host memory)."""
+    x = jax.lax.dynamic_slice_in_dim(to_memory_kind(x, DEVICE), at, 1, axis=1)
     return M.lm_head(head, M.rms_norm(x, head.final_norm, cfg.rms_norm_eps))[:, 0]
 
 
@@ -147,13 +148,13 @@ def dec_qkv_fn(lp, embed, token, q_index, start, x, cfg: Config, quantized: bool
 
 
 @functools.partial(jax.jit, static_argnames=("window", "heads"), donate_argnames=("carry",))
-def dec_attend_fn(q32, carry, kv, group, k_first, q_index, start, *, window, heads: int):
+def dec_attend_fn(q32, carry, kv, group, k_first, k_end, q_index, start, *, window, heads: int):
     """One group's decode attention state after a prompt block kv = (k, v[, k_scale, v_scale]) [B, Kg, T, E] at
-    k_first + [0, T), on the device."""
+    k_first + [0, T), those before k_end valid, on the device."""
     qg = jax.lax.dynamic_slice_in_dim(q32, group * heads, heads, axis=1)
     k, v, *scales = kv
     j = k_first + jnp.arange(k.shape[2])
-    visible = j[None, :] >= start[:, None]  # [B, T]
+    visible = (j[None, :] >= start[:, None]) & (j < k_end)[None, :]  # [B, T]
     if window is not None:
         visible &= (q_index - j < window)[None, :]
     return attend_one(qg, k, v, carry, visible, *scales)
@@ -248,11 +249,11 @@ def stages(params, cfg: Config, policy: MemoryPolicy, seq_len: int, phase: str, 
             (G.Stage("embed", embed_fn, (params.embed, abstract((B, C), jnp.int32, DEVICE, where)), {}), 0),
             (G.Stage("qkv", qkv_fn, (lp, x_host, scalar, start, scalar),
                      dict(cfg=cfg, policy=policy, block=block, heads=heads)), 0),
-            (G.Stage("attend", attend_fn, (q, carry, blk, scalar, scalar, scalar, start),
+            (G.Stage("attend", attend_fn, (q, carry, blk, scalar, scalar, scalar, scalar, start),
                      dict(G=Gh, kv_block=policy.kv_block, **common)), nbytes((x, carries[1:], blk))),
-            (G.Stage("finish", finish_fn, (lp, x, carries), dict(cfg=cfg, G=Gh, last=False)), 0),
-            (G.Stage("last", finish_fn, (lp, x, carries), dict(cfg=cfg, G=Gh, last=True)), 0),
-            (G.Stage("logits", head_fn, (head, x_last), dict(cfg=cfg)), 0),
+            (G.Stage("finish", finish_fn, (lp, x, carries, scalar), dict(cfg=cfg, G=Gh, last=False)), 0),
+            (G.Stage("last", finish_fn, (lp, x, carries, scalar), dict(cfg=cfg, G=Gh, last=True)), 0),
+            (G.Stage("logits", head_fn, (head, x_last, scalar), dict(cfg=cfg)), 0),
         ]
     if phase != "decode":
         raise InputError(f"phase must be 'prefill' or 'decode', got {phase!r}")
@@ -275,11 +276,11 @@ def stages(params, cfg: Config, policy: MemoryPolicy, seq_len: int, phase: str, 
     return [
         (G.Stage("qkv", dec_qkv_fn, (lp, params.embed, token, scalar, start, x),
                  dict(cfg=cfg, quantized=policy.quantized_kv)), tails + resident),
-        (G.Stage("attend", dec_attend_fn, (q32, carry, blk, scalar, scalar, scalar, start), common),
+        (G.Stage("attend", dec_attend_fn, (q32, carry, blk, scalar, scalar, scalar, scalar, start), common),
          tails + resident + nbytes((x, k_new, v_new, carries[1:], blk))),
         (G.Stage("finish", dec_finish_fn, (lp, x, q32, carries, tail, tail, k_new, v_new, scalar, scalar, scalar),
                  dict(cfg=cfg)), tails - 2 * nbytes(tail) + resident),
-        (G.Stage("logits", head_fn, (head, x), dict(cfg=cfg)), tails + resident),
+        (G.Stage("logits", head_fn, (head, x, scalar), dict(cfg=cfg)), tails + resident),
     ]
 
 

@@ -140,10 +140,6 @@ POLICIES: dict[str, MemoryPolicy] = {
 }
 
 
-# The named policies a Session runs with (mom-host does not run sessions yet: momjax.offload).
-SESSION_POLICIES = tuple(name for name, p in POLICIES.items() if not p.on_host)
-
-
 def get_policy(policy) -> MemoryPolicy:
     """A policy name ("baseline", "mom", "mom-stream", "mom-host") or a MemoryPolicy -> the MemoryPolicy."""
     if isinstance(policy, MemoryPolicy):

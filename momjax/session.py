@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from momjax import checks, session_file
+from momjax import checks, offload, session_file
 from momjax import generation as G
+from momjax import model as M
 from momjax.api import Generation
 from momjax.cache import KVCache, place_for_decode, sharding, to_memory_kind
 from momjax.decoding import DecodeStats, collect, decode_stream
@@ -111,13 +112,15 @@ class Session:
         check_model(model)
         self.model = model
         self.policy: MemoryPolicy = get_policy(policy)
-        if model.weights == "host":
-            raise InputError("sessions need the weights on the device: a model loaded with weights='host' runs with "
-                             "momjax.generate and policy 'mom-host' only")
-        if self.policy.on_host:
-            raise InputError("sessions do not run with policy 'mom-host' yet (momjax.offload): use 'mom-stream' for a "
-                             "session, or momjax.generate with 'mom-host' for one long prompt")
+        if model.weights == "host" and not self.policy.on_host:
+            raise InputError(f"a model loaded with weights='host' runs with policy 'mom-host' only, not "
+                             f"{self.policy.name!r}: pass policy='mom-host', or load the model with weights='device'")
+        if self.policy.on_host and model.mesh is not None:
+            raise InputError("policy 'mom-host' runs on one device: load the model without a mesh, or use "
+                             "'mom-stream' on the mesh")
         self._tokens: list[int] = []
+        # mom-host: the K/V as streamed blocks in host memory (momjax.offload.HostCache), made by the first feed.
+        self._host: offload.HostCache | None = None
         # Per-layer buffers [1, K, capacity, E] (int8 policy: (int8 buffer, scales [1, K, capacity]) pairs);
         # allocated by the first feed.
         self._k: tuple = ()
@@ -143,7 +146,9 @@ class Session:
 
     @property
     def capacity(self) -> int:
-        """Positions the buffers have room for (grows as needed)."""
+        """Positions the buffers have room for (grows as needed; mom-host's blocks grow with each feed)."""
+        if self.policy.on_host:
+            return self._host.capacity if self._host else 0
         return jax.tree.leaves(self._k[0])[0].shape[2] if self._k else 0
 
     @property
@@ -154,12 +159,15 @@ class Session:
     @property
     def buffer_memory_kind(self) -> str | None:
         """Where the cache's buffers really are, read from the arrays themselves (None before the first feed)."""
+        if self.policy.on_host:
+            return self._host.memory_kind if self._host and self._host.spans else None
         return jax.tree.leaves(self._k[0])[0].sharding.memory_kind if self._k else None
 
     @property
     def nbytes(self) -> int:
         """Bytes the cache's buffers hold (the whole capacity, int8 scales included), wherever they live."""
-        return sum(leaf.nbytes for leaf in jax.tree.leaves((self._k, self._v)))
+        return sum(leaf.nbytes for leaf in jax.tree.leaves((self._k, self._v))) + (self._host.nbytes if self._host
+                                                                                    else 0)
 
     def __repr__(self) -> str:
         return f"Session(length={self.length}, capacity={self.capacity}, policy={self.policy.name!r})"
@@ -171,8 +179,11 @@ class Session:
         if not 0 <= n <= self.length:
             raise SessionError(f"cannot rewind to {n} tokens: the session holds {self.length}; pass 0 to "
                                f"{self.length}")
-        # The K/V past n stay in the buffers: later feeds overwrite them and nothing reads them before.
+        # The K/V past n stay in the buffers: later feeds overwrite them and nothing reads them before. mom-host
+        # drops the blocks past n and masks the rest of the one across it.
         del self._tokens[int(n):]
+        if self._host is not None:
+            self._host.rewind(int(n))
 
     def reset(self) -> None:
         """Forget every token (the buffers are kept for the next feed)."""
@@ -195,7 +206,7 @@ class Session:
         # A feed never needs more memory than a one-shot prefill of all the tokens (tests/test_session.py):
         # refuse what that prefill could not do.
         check_fits(self.model.config, self.length + len(ids), new_tokens, self.policy, self.model.dtype,
-                   devices=tp_degree(self.model.mesh))
+                   devices=tp_degree(self.model.mesh), weights=self.model.weights)
         return ids
 
     def feed(self, tokens, on_layer=None) -> jax.Array:
@@ -207,6 +218,12 @@ class Session:
 
     def _feed(self, ids: list[int], on_layer=None) -> jax.Array:
         cfg, n, offset = self.model.config, len(ids), self.length
+        if self.policy.on_host:  # chunk by chunk over blocks in host memory; programs compile as they are first run
+            compiled = offload.compile_seconds()
+            logits, self._host = offload.feed(self.model.params, ids, self._host, cfg, self.policy, on_layer)
+            self.last_feed_compile_s = offload.compile_seconds() - compiled
+            self._tokens.extend(ids)
+            return logits
         width = G.bucket_length(n, self.policy)
         # Room for the real tokens only (their padding may be dropped at the end): the capacity is then the
         # length bucket a one-shot prefill of all the tokens would use, never more.
@@ -224,8 +241,9 @@ class Session:
         return logits
 
     def _reserve(self, needed: int) -> None:
-        """Make room for `needed` positions: allocate, or grow to the next bucket one layer at a time."""
-        if needed <= self.capacity:
+        """Make room for `needed` positions: allocate, or grow to the next bucket one layer at a time (mom-host's
+        blocks are added by each feed: nothing to reserve)."""
+        if needed <= self.capacity or self.policy.on_host:
             return
         cfg, kind = self.model.config, self.memory_kind
         capacity = G.bucket_length(needed, self.policy)
@@ -251,7 +269,10 @@ class Session:
 
     def decode_cache(self) -> KVCache:
         """The cache as decoding reads it: the buffers, with the keys past `length` masked, placed as the policy
-        says for decoding (mom: a device copy; the session's own buffers stay where they are)."""
+        says for decoding (mom: a device copy; the session's own buffers stay where they are). mom-host: its
+        HostCache, whose blocks decoding streams."""
+        if self.policy.on_host:
+            return self._host
         scales = {}
         if self.policy.quantized_kv:
             (k, k_scale), (v, v_scale) = zip(*self._k), zip(*self._v)
@@ -287,9 +308,13 @@ class Session:
         finishes; one closed early keeps what was yielded. stats, if given, receives fed (tokens fed),
         time_to_first_token_s (feed and first token, compilation included), feed_compile_s, decode_s (compilation
         excluded), decode_compile_s and new_tokens."""
-        for chunk in self._answer(tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, None,
-                                  stats if stats is not None else {}, streamed=True):
-            yield chunk[0].tolist()
+        answer = self._answer(tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, None,
+                              stats if stats is not None else {}, streamed=True)
+        try:
+            for chunk in answer:
+                yield chunk[0].tolist()
+        finally:  # closed early: the answer is fed now, while the caller waits, not whenever Python collects it
+            answer.close()
 
     def _answer(self, tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, on_layer, stats: dict,
                 streamed: bool):
@@ -308,10 +333,11 @@ class Session:
         stats["feed_compile_s"] = self.last_feed_compile_s
         decoding = DecodeStats()
         answer = []
+        chunks = iterate_in(self.model.mesh, decode_stream(self.model.params, self.decode_cache(), logits, sampling,
+                                                           cfg, self.policy, max_new_tokens, stats=decoding,
+                                                           streamed=streamed))
         try:
-            chunks = decode_stream(self.model.params, self.decode_cache(), logits, sampling, cfg, self.policy,
-                                   max_new_tokens, stats=decoding, streamed=streamed)
-            for chunk in iterate_in(self.model.mesh, chunks):
+            for chunk in chunks:
                 if not answer:
                     stats["time_to_first_token_s"] = time.perf_counter() - t0
                 stats.update(decode_s=decoding.decode_s, decode_compile_s=decoding.decode_compile_s,
@@ -323,6 +349,7 @@ class Session:
                 answer.extend(row)
                 yield chunk
         finally:
+            chunks.close()  # decoding ends here, before the answer is fed
             if answer:
                 self._feed(answer)  # the answer's K/V, as a prefill of it would compute them
 
@@ -336,12 +363,20 @@ class Session:
         parts = session_file.layer_tensors(cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.policy.quantized_kv,
                                            n)
         for i in range(cfg.num_layers):
-            for name, bufs in (("k", self._k), ("v", self._v)):
-                pieces = bufs[i] if self.policy.quantized_kv and bufs else (bufs[i],) if bufs else ()
+            for name, pieces in self._layer_pieces(i, n).items():
                 for j, (suffix, shape, dtype) in enumerate(parts):
                     valid = np.asarray(jax.device_get(pieces[j]))[:, :, :n] if pieces else np.zeros(shape, dtype)
                     tensors[f"{name}{suffix}.{i}"] = np.ascontiguousarray(valid)
         session_file.write(path, tensors, self.policy, session_file.fingerprint(self.model), self.info)
+
+    def _layer_pieces(self, i: int, n: int) -> dict:
+        """Layer i's K and V as the file stores them: {"k": (values[, scales]), "v": (...)}, each [1, K, >= n, ...]
+        with the first n positions valid (() before the first feed)."""
+        if self.policy.on_host:
+            arrays = self._host.layer_arrays(i, n) if n else ()  # (k, v[, k_scale, v_scale])
+            return {"k": arrays[0::2], "v": arrays[1::2]}
+        pieces = lambda bufs: (bufs[i] if self.policy.quantized_kv else (bufs[i],)) if bufs else ()
+        return {"k": pieces(self._k), "v": pieces(self._v)}
 
     @classmethod
     def load(cls, model: Model, path: str, policy=None, capacity: int = 0) -> Session:
@@ -376,15 +411,27 @@ class Session:
         # One tensor at a time (the checksum is built as they are read), so loading holds the session's
         # buffers and one layer's K or V, not a second copy of the whole cache.
         room, kind = G.bucket_length(max(n, int(capacity), 1), session.policy), session.memory_kind
+        on_host = session.policy.on_host
+        if on_host:  # mom-host: blocks as a feed of the n tokens would cut them
+            block, heads = offload.layout(cfg, session.policy, M.chunk_length(room, session.policy))
         buffers = {}
         for name, t in session_file.read_tensors(header, expected):
             if name == "tokens":
                 ids = t.tolist()
+            elif n and on_host:
+                buffers[name] = offload.cut_positions(t, n, block, heads, sharding(kind))
             elif n:
                 buffers[name] = _placed_buffer(t, room, _buffer_sharding(model, t.ndim, kind))
         if any(not 0 <= t < cfg.vocab_size for t in ids):
             raise SessionError(f"{where} holds token ids outside the vocabulary")
-        if n:
+        if n and on_host:
+            names = lambda i: (f"k.{i}", f"v.{i}") + ((f"k_scale.{i}", f"v_scale.{i}") if pair else ())
+            pair, spans = session.policy.quantized_kv, offload.spans(n, block)
+            blocks = [[tuple(tuple(buffers[name][b][g] for name in names(i)) for g in range(cfg.num_kv_heads // heads))
+                       for b in range(len(spans))] for i in range(cfg.num_layers)]
+            session._host = offload.HostCache(blocks=blocks, spans=spans, start=jnp.zeros((1,), jnp.int32), length=n,
+                                              heads=heads)
+        elif n:
             pair = session.policy.quantized_kv
             layer = lambda name, i: (buffers[f"{name}.{i}"], buffers[f"{name}_scale.{i}"]) if pair else \
                 buffers[f"{name}.{i}"]

@@ -369,10 +369,10 @@ def test_smollm2_download_demo_real_answers_equal_transformers_for_every_policy(
     monkeypatch.setattr(demo_real, "ask_every_policy", recorded)
     code = demo.real(text[:1500], demo_real.QUESTIONS, max_new_tokens=NEW, source="its first lines")
     out = capsys.readouterr().out
-    assert code == 0 and "✓ all 3 policies gave the same answers, token for token" in out
-    assert out.count("\nQ: ") == 2 and out.count("\nA: ") == 2 and "mom-stream  decode" in out
+    assert code == 0 and "✓ all 4 policies gave the same answers, token for token" in out
+    assert out.count("\nQ: ") == 2 and out.count("\nA: ") == 2 and "mom-host    decode" in out
     (result,) = results
-    assert set(result.runs) == set(momjax.policy.SESSION_POLICIES) and not result.differing
+    assert set(result.runs) == set(momjax.POLICIES) and not result.differing
     run = result.runs["baseline"]
     assert all(r.answers == run.answers and r.prompts == run.prompts for r in result.runs.values())
 

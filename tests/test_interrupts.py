@@ -6,9 +6,11 @@ error: Segmentation fault")."""
 
 from __future__ import annotations
 
+import glob
 import os
 import pty
 import select
+import signal
 import sys
 import time
 
@@ -25,6 +27,9 @@ class Terminal:
         env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: a session leader with this terminal as its controlling terminal
+            # As a shell starts a foreground job: Ctrl-C not ignored, whatever this test process inherited (a shell
+            # starts a background job, and everything it runs, with SIGINT ignored, and exec keeps that).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execvpe(sys.executable, [sys.executable, "-m", "momjax.cli", *argv], env)
         self.text = ""
 
@@ -62,8 +67,23 @@ class Terminal:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
+        state = _signal_state(self.pid)  # what each thread blocks, ignores and has pending, for the message below
         os.kill(self.pid, 9)
-        raise AssertionError(f"still running after {timeout} s:\n{self.text[-3000:]}")
+        raise AssertionError(f"still running after {timeout} s:\n{self.text[-3000:]}\n{state}")
+
+
+def _signal_state(pid: int) -> str:
+    """Each thread's state and signal masks (pending, blocked, ignored, caught) as /proc shows them (Linux)."""
+    lines = []
+    for task in sorted(glob.glob(f"/proc/{pid}/task/*")):
+        try:
+            with open(f"{task}/status") as f:
+                fields = [line.split()[:2] for line in f if line.startswith(("State", "SigPnd", "ShdPnd", "SigBlk",
+                                                                               "SigIgn", "SigCgt"))]
+        except OSError:
+            continue
+        lines.append(f"thread {os.path.basename(task)}: " + " ".join(f"{k}{v}" for k, v in fields))
+    return "\n".join(lines)
 
 
 def _answer_started(term: Terminal, after: int, chars: int = 12) -> None:
@@ -118,3 +138,21 @@ def test_generate_prompt_cache_ctrl_c_saves_the_cache_and_exits_130(cli_model, t
     assert code == 130, term.text[-2000:]
     assert not any(c in term.text for c in CRASH), term.text[-3000:]
     assert "interrupted" in term.text and momjax.session_file.is_session_file(str(cache))
+
+
+def test_a_process_started_with_ctrl_c_ignored_keeps_ignoring_it():
+    """A shell's background job starts with SIGINT ignored: Ctrl-C at the terminal is not for it, so holding Ctrl-C
+    back while an answer streams leaves it ignored, and a foreground process gets its handler back afterwards."""
+    from momjax.cli.common import Interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with Interrupts():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with Interrupts():
+            assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -11,6 +11,7 @@ memory. Weights in host memory. Bad input: one clear error each, before anything
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import jax
@@ -38,7 +39,8 @@ def test_greedy_tokens_and_logits_equal_baseline(model):
     ours, cache = momjax.prefill(model, prompt_tokens(model), SMALL)
     base, _ = momjax.prefill(model, prompt_tokens(model), "baseline")
     assert rel_err(ours, base) < RTOL
-    assert isinstance(cache, offload.HostCache) and cache.block == 4 and cache.heads == 1
+    assert isinstance(cache, offload.HostCache) and cache.heads == 1
+    assert cache.spans == [(j * 4, j * 4 + 4) for j in range(128 // 4)] and cache.length == 128
     kinds = {a.sharding.memory_kind for layer in cache.blocks for bj in layer for bg in bj for a in bg}
     assert kinds == {"pinned_host"}
     assert len(cache.blocks) == model.config.num_layers and len(cache.blocks[0]) == 128 // 4
@@ -83,8 +85,8 @@ def test_weights_in_host_memory(zoo):
             call()
     with pytest.raises(InputError, match="forward runs with the weights on the device"):
         momjax.forward(model, prompt_tokens(model))
-    with pytest.raises(InputError, match="sessions need the weights on the device"):
-        momjax.Session(model, "mom-host")
+    with pytest.raises(InputError, match="weights='host' runs with policy 'mom-host' only"):
+        momjax.Session(model, "mom")
     # A model whose params are on the device but that says they are in host memory (or the reverse): refused.
     on_device = zoo.model("qwen2")
     for wrong in (dataclasses.replace(on_device, weights="host"), dataclasses.replace(model, weights="device")):
@@ -152,8 +154,6 @@ def test_bad_requests_are_refused_before_anything_runs(zoo, monkeypatch):
     monkeypatch.setattr(offload.P, "embed_fn", lambda *a: ran.append(a))
     with pytest.raises(InputError, match="host_heads \\(3\\) must divide the model's 2 KV heads"):
         momjax.generate(model, mixed_prompts(model), 2, HOST.replace(host_heads=3))
-    with pytest.raises(InputError, match="sessions do not run with policy 'mom-host'"):
-        momjax.Session(model, "mom-host")
     # Host memory too small for the context: the estimate's K/V and residual stream exceed this machine's RAM.
     cfg = momjax.preset("llama-3.1-8b")
     with pytest.raises(InputError, match="cannot fit.*mom-host"):
@@ -167,8 +167,84 @@ def test_one_device_only(zoo):
     with pytest.raises(InputError, match="runs on one device"):
         momjax.generate(model, mixed_prompts(model), 2, "mom-host")
     with pytest.raises(InputError, match="runs on one device"):
+        momjax.Session(model, "mom-host")
+    with pytest.raises(InputError, match="runs on one device"):
         memory_report("llama-3.1-8b", 4096, "mom-host", devices=2)
     assert jax.device_count() >= 2
+
+
+# ---------------------------------------------------------------------- sessions
+
+
+def feed_in_pieces(session, tokens, piece=7):
+    """Feed in 7-token pieces: each is padded to a 16-token bucket (two 8-token chunks, the second all padding)
+    and leaves a 4-token block that ends partway, which the next piece's keys overlap."""
+    for i in range(0, len(tokens), piece):
+        session.feed(tokens[i:i + piece])
+
+
+def ask(session, tokens, n=NEW_TOKENS) -> list[int]:
+    return session.generate(tokens, n, temperature=0, stop_tokens=[]).tokens[0].tolist()
+
+
+def test_session_equals_one_shot(model):
+    """A document fed in pieces, then a question: baseline's one-shot greedy tokens, for every family; rewound to
+    nothing, the other prompt likewise."""
+    row0, row1 = mixed_prompts(model)
+    want = greedy(model, "baseline")
+    s = momjax.Session(model, SMALL)
+    feed_in_pieces(s, row0[:60])
+    assert s.length == 60 and s.buffer_memory_kind == "pinned_host"
+    assert ask(s, row0[60:]) == want[0]
+    assert s.length == len(row0) + NEW_TOKENS  # the answer is kept
+    s.rewind(0)
+    assert s.capacity == 0 and s.nbytes == 0
+    feed_in_pieces(s, row1[:30])
+    assert ask(s, row1[30:]) == want[1]
+
+
+def test_session_turns_rewind_save_and_load(zoo, tmp_path):
+    """Turns, a rewind into the middle of a block, and a session file read back by mom-host and by mom (and mom's
+    read back by mom-host): transformers' greedy tokens each time (sliding window, GQA)."""
+    from conftest import hf_greedy
+
+    model, hf = zoo.model("mistral-window"), zoo.hf("mistral-window")
+    rng = np.random.default_rng(7)
+    doc, q1, q2 = (rng.integers(4, model.config.vocab_size, n).tolist() for n in (70, 9, 5))
+    s = momjax.Session(model, SMALL)
+    feed_in_pieces(s, doc, piece=30)
+    a1 = ask(s, q1, 6)
+    assert a1 == hf_greedy(hf, doc + q1, 6)
+    assert ask(s, q2, 6) == hf_greedy(hf, doc + q1 + a1 + q2, 6)
+    s.rewind(len(doc) + 3)  # 73: inside the block that holds q1
+    want = hf_greedy(hf, doc + q1[:3] + q2, 6)
+    assert ask(s, q2, 6) == want
+    s.rewind(len(doc) + 3)
+    s.save(str(tmp_path / "host.session"))
+    for policy in (None, "mom"):
+        t = momjax.Session.load(model, str(tmp_path / "host.session"), policy=policy)
+        assert t.policy.name == (policy or SMALL.name) and t.tokens == doc + q1[:3]
+        assert ask(t, q2, 6) == want
+        t.rewind(len(doc) + 3)
+        t.save(str(tmp_path / "again.session"))
+        u = momjax.Session.load(model, str(tmp_path / "again.session"), policy=SMALL)
+        assert ask(u, q2, 6) == want
+
+
+def test_session_int8_and_host_weights(zoo):
+    """With int8 K/V a mom-host session answers as a mom session does; with host weights, as baseline does."""
+    model = zoo.model("llama-gqa")
+    row0 = mixed_prompts(model)[0]
+    answers = []
+    for policy in (momjax.POLICIES["mom"].replace(kv_dtype="int8"), SMALL.replace(kv_dtype="int8")):
+        s = momjax.Session(model, policy)
+        feed_in_pieces(s, row0[:60])
+        answers.append(ask(s, row0[60:]))
+    assert answers[0] == answers[1]
+    on_host = momjax.load(zoo.folder("llama-gqa"), weights="host", progress=False)
+    s = momjax.Session(on_host, SMALL)
+    feed_in_pieces(s, row0[:60])
+    assert ask(s, row0[60:]) == greedy(model, "baseline")[0]
 
 
 def _cli(argv, capsys):
@@ -179,21 +255,30 @@ def _cli(argv, capsys):
     return code, captured.out, captured.err
 
 
-def test_command_line(cli_model, capsys):
-    """generate --policy mom-host (with --weights host too) prints mom's text; what cannot run is one line, exit 2,
-    before the weights load; plan --weights host plans mom-host alone."""
+def test_command_line(cli_model, capsys, tmp_path, monkeypatch):
+    """generate --policy mom-host (with --weights host too, and with --prompt-cache, written then reused) prints
+    mom's text; chat keeps a mom-host session; what cannot run is one line, exit 2, before the weights load;
+    plan --weights host plans mom-host alone."""
     base = ["generate", "--model", cli_model, "--prompt", "Hello there", "--max-new-tokens", "12", "--quiet"]
     code, want, err = _cli(base + ["--policy", "mom"], capsys)
     assert code == 0, err
     for extra in (["--policy", "mom-host"], ["--policy", "mom-host", "--weights", "host"]):
         code, out, err = _cli(base + extra, capsys)
         assert code == 0 and out == want, err
+    cache = str(tmp_path / "prompt.cache")
+    for reused in ("0", "11"):  # the prompt's 12 tokens; the second run reuses all but the last
+        code, out, err = _cli(base + ["--policy", "mom-host", "--prompt-cache", cache], capsys)
+        assert code == 0 and out.startswith(want.rstrip("\n")) and f"({reused} reused from" in err, err
     for argv, needle in ((base + ["--weights", "host"], "--weights host runs with --policy mom-host only"),
-                         (base + ["--policy", "mom-host", "--prompt-cache", "x.cache"], "without --prompt-cache")):
+                         (base + ["--policy", "mom-host", "--devices", "2"], "runs on one device")):
         code, out, err = _cli(argv, capsys)
         assert code == 2 and err.strip().startswith("momjax: error:") and needle in err and not out, err
-    code, out, err = _cli(["chat", "--model", cli_model, "--policy", "mom-host"], capsys)  # keeps a session
-    assert code == 2 and "invalid choice: 'mom-host'" in err, err
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
+    session = str(tmp_path / "chat.session")
+    code, out, err = _cli(["chat", "--model", cli_model, "--policy", "mom-host", "--session", session,
+                           "--max-new-tokens", "12", "--quiet"], capsys)
+    assert code == 0 and out.strip() and momjax.Session.load(momjax.load(cli_model, progress=False), session,
+                                                            policy="mom").policy.name == "mom", err
     code, out, err = _cli(["plan", "--model", "llama-3.1-8b", "--hbm", "16GiB", "--host-memory", "1TiB", "--weights",
                            "host", "--json"], capsys)
     assert code == 0, err

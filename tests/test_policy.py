@@ -16,7 +16,6 @@ def test_named_policies():
     P = momjax.POLICIES
     assert set(P) == {"baseline", "mom", "mom-stream", "mom-host"}
     assert P["mom-host"].on_host and not any(P[n].on_host for n in ("baseline", "mom", "mom-stream"))
-    assert momjax.policy.SESSION_POLICIES == ("baseline", "mom", "mom-stream")
     assert P["baseline"].minisequence is None and not P["baseline"].last_position_only
     assert (P["baseline"].kv_prefill, P["baseline"].kv_decode) == ("device", "device")
     assert P["mom"].minisequence and P["mom"].last_position_only

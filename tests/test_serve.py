@@ -46,8 +46,8 @@ def tok(folder):
     return load_tokenizer(folder)
 
 
-def make_engine(model, tok, budget=2**30, cache_dir=None) -> Engine:
-    policy = momjax.get_policy(POLICY)
+def make_engine(model, tok, budget=2**30, cache_dir=None, policy=POLICY) -> Engine:
+    policy = momjax.get_policy(policy)
     return Engine(model, tok, policy, SessionStore(model, policy, budget, cache_dir), "demo", default_max_tokens=16)
 
 
@@ -149,7 +149,16 @@ def test_completions_take_text_or_token_ids(url, model, tok):
 def test_a_document_then_three_questions_reuses_its_cache(url, model, tok):
     """As a chat front end sends them: the whole conversation every time. The 2nd and 3rd questions find the
     document (and the turns before) in a kept session; every answer equals a fresh run's."""
-    c = client(url)
+    three_questions(client(url), model, tok)
+
+
+def test_mom_host_sessions_serve_the_same_answers(model, tok):
+    """The same conversation served with mom-host, whose kept sessions are blocks in host memory."""
+    with live(make_engine(model, tok, policy="mom-host")) as base:
+        three_questions(client(base), model, tok)
+
+
+def three_questions(c, model, tok):
     doc_tokens = len(tok.render_chat([{"role": "system", "content": DOCUMENT}], generation_prompt=False))
     messages = [{"role": "system", "content": DOCUMENT}]
     cached = []

@@ -25,7 +25,7 @@ from momjax.params import abstract_params
 
 GPUS = ("a100-80gb", "h100", "h200")
 POLICIES = tuple(momjax.POLICIES)
-LAYER_POLICIES = momjax.policy.SESSION_POLICIES  # the policies whose prefill is generation.py's per-layer program
+LAYER_POLICIES = tuple(n for n, p in momjax.POLICIES.items() if not p.on_host)  # prefill: generation.py's per-layer program
 GiB = 2**30
 TINY = momjax.Config(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=32)

@@ -42,7 +42,7 @@ def add_parser(sub, common) -> None:
                    help="load the session from FILE if it exists, and save it there on exit (a new file, or a "
                         "momjax session file: any other file is refused)")
     add_session_args(p)
-    add_policy_args(p, sessions=True)
+    add_policy_args(p)
     add_device_args(p)
     add_sampling_args(p, 256, "longest answer per turn")
     p.add_argument("--allow-long-context", action="store_true",

@@ -140,13 +140,11 @@ def read_prompt(args) -> str:
     return text
 
 
-def add_policy_args(p, sessions: bool = False) -> None:
-    """--policy and its knobs. sessions: the command keeps a Session, which mom-host does not run yet: not offered."""
-    names = tuple(n for n in POLICY_NAMES if not (sessions and n == "mom-host"))
-    p.add_argument("--policy", choices=names + ("auto",), default="mom",
+def add_policy_args(p) -> None:
+    """--policy and its knobs."""
+    p.add_argument("--policy", choices=POLICY_NAMES + ("auto",), default="mom",
                    help="memory policy (default: mom); auto: the fastest that fits this prompt (momjax plan), in "
                         "--hbm or the device's memory")
-    p.set_defaults(sessions=sessions)
     p.add_argument("--kv-dtype", choices=("int8",), default=None,
                    help="int8 K/V cache: about half the memory, approximate (logits change slightly)")
     p.add_argument("--kv-device-layers", type=int, default=None, metavar="N",
@@ -246,10 +244,6 @@ def resolve_policy(args, cfg, context: int, dtype, log=None, loaded_weight_bytes
     except ValueError as e:  # no policy fits, an unreadable --hbm, weights larger than the budget
         raise UsageError(f"--policy auto: {e}") from None
     rec = result["recommended"]
-    if rec["policy"] == "mom-host" and getattr(args, "sessions", False):
-        raise UsageError(f"--policy auto: only mom-host fits {context:,} tokens here, and this command keeps a session, "
-                         "which mom-host does not run yet; use `momjax generate --policy mom-host`, a shorter context "
-                         "or a larger --hbm")
     policy = get_policy(rec["policy"]).replace(kv_dtype=rec["kv_dtype"], kv_device_layers=rec["kv_device_layers"],
                                                minisequence=rec["minisequence"])
     if log is not None:
@@ -273,14 +267,16 @@ def peak_device_memory() -> str:
 class Interrupts:
     """Ctrl-C (SIGINT) held back while a block runs: the block checks `requested` between steps and stops cleanly,
     so a computation is never cut off midway (which could leave JAX's runtime mid-transfer at exit). Outside the
-    main thread nothing changes."""
+    main thread nothing changes, nor in a process started with SIGINT ignored (a shell's background job, which
+    Ctrl-C at the terminal is not meant for)."""
 
     def __init__(self):
         self.requested = False
         self._old = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 

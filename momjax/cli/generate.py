@@ -165,9 +165,8 @@ def run(args) -> int:
     if args.weights == "host" and not policy.on_host:
         raise UsageError(f"--weights host runs with --policy mom-host only (got {policy.name}); it brings each layer's "
                          "weights to the device as the layer runs")
-    if policy.on_host and (args.prompt_cache or tp_degree(mesh) > 1):
-        raise UsageError("--policy mom-host runs on one device and without --prompt-cache (sessions do not run with it "
-                         "yet); use mom-stream for those")
+    if policy.on_host and tp_degree(mesh) > 1:
+        raise UsageError("--policy mom-host runs on one device; use mom-stream with --devices")
     check_fits(cfg, len(ids), args.max_new_tokens, policy, args.dtype or cfg.dtype, devices=tp_degree(mesh),
                weights=args.weights)
     note_dtype(args.dtype or cfg.dtype)

@@ -38,7 +38,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--name", default=None, help="the model's name in the API (default: the folder's name)")
-    add_policy_args(p, sessions=True)
+    add_policy_args(p)
     add_device_args(p, processes=False)  # one process: every request runs where the model is
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: the checkpoint's)")
     p.add_argument("--api-key", default=os.environ.get("MOMJAX_API_KEY"), metavar="KEY",
