@@ -14,9 +14,7 @@ Writes benchmarks/results/host_prefill.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -60,18 +58,14 @@ def main(argv=None) -> int:
         print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in policies), flush=True)
     ratios = {n: [t / m for t, m in zip(times[n], times["mom"])] for n in policies if n != "mom"}
     out = dict(
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                     jax=__import__("jax").__version__),
+        machine=bench.machine(),
         prompt_tokens=args.tokens, rounds=args.rounds, model=bench.MODEL, seconds=times,
         median_seconds={n: statistics.median(t) for n, t in times.items()},
-        ratio_to_mom={n: dict(median=statistics.median(r), min=min(r), max=max(r), per_round=r)
-                      for n, r in ratios.items()},
+        ratio_to_mom={n: bench.spread(r) for n, r in ratios.items()},
         max_relative_logit_difference_to_mom=agree, target_ratio=TARGET,
         meets_target=statistics.median(ratios["mom-host"]) <= TARGET,
     )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    bench.write_result(args.out, out)
     for n, r in out["ratio_to_mom"].items():
         print(f"{n}: {r['median']:.2f}x mom's prefill (per round {r['min']:.2f}-{r['max']:.2f}); logits differ by "
               f"{agree[n]:.1e} of their largest")

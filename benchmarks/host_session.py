@@ -15,9 +15,7 @@ Writes benchmarks/results/host_session.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -68,18 +66,14 @@ def main(argv=None) -> int:
         print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in sessions), flush=True)
     ratios = [h / m for h, m in zip(times["mom-host"], times["mom"])]
     out = dict(
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                     jax=__import__("jax").__version__),
+        machine=bench.machine(),
         document_tokens=args.tokens, question_tokens=len(question), new_tokens=args.new_tokens, rounds=args.rounds,
         model=bench.MODEL, document_feed_seconds_with_compiling=feed_s, turn_seconds=times,
         median_turn_seconds={n: statistics.median(t) for n, t in times.items()},
-        turn_ratio_mom_host_to_mom=dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios),
-                                        per_round=ratios),
+        turn_ratio_mom_host_to_mom=bench.spread(ratios),
         same_answers=answers["mom"] == answers["mom-host"],
     )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    bench.write_result(args.out, out)
     r = out["turn_ratio_mom_host_to_mom"]
     print(f"a turn with mom-host takes {r['median']:.2f}x mom's (per round {r['min']:.2f}-{r['max']:.2f}); same "
           f"answers: {out['same_answers']}")

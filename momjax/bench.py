@@ -44,6 +44,28 @@ TARGET_ROOFLINE = 0.9  # decode at least this fraction of the bandwidth roofline
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
 
 
+def machine() -> dict:
+    """This machine, as the CPU benchmarks' results record it."""
+    import jax
+
+    return dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
+                jax=jax.__version__)
+
+
+def spread(values: list[float]) -> dict:
+    """The median, range and every value of a benchmark's per-round figures."""
+    return dict(median=statistics.median(values), min=min(values), max=max(values), per_round=values)
+
+
+def write_result(path: str, result: dict) -> None:
+    """A benchmark's result as indented JSON at path (its folder made if needed)."""
+    import json
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def available(module: str) -> bool:
     """Whether a module can be imported, without importing it (this process never runs torch)."""
     import importlib.util

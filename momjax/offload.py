@@ -149,6 +149,16 @@ def spans(n: int, block: int) -> list:
     return [(first, min(first + block, n)) for first in range(0, n, block)]
 
 
+def session_cache(pieces: dict, n: int, block: int, heads: int, num_layers: int, quantized: bool) -> HostCache:
+    """A session's HostCache of n positions from a session file's tensors cut by `cut_positions`: pieces[name][b][g]
+    for name k.l, v.l (and k_scale.l, v_scale.l when quantized)."""
+    names = lambda l: (f"k.{l}", f"v.{l}") + ((f"k_scale.{l}", f"v_scale.{l}") if quantized else ())
+    groups = len(pieces["k.0"][0])
+    blocks = [[tuple(tuple(pieces[name][b][g] for name in names(l)) for g in range(groups))
+               for b in range(len(pieces["k.0"]))] for l in range(num_layers)]
+    return HostCache(blocks=blocks, spans=spans(n, block), start=jnp.zeros((1,), jnp.int32), length=n, heads=heads)
+
+
 def _to_device(tree):
     """Start copying host arrays to the device (asynchronous: the copy runs while the caller goes on)."""
     return jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Device), tree)
@@ -231,10 +241,9 @@ def _run(params, tokens: np.ndarray, n: int, cache: HostCache, rope_len: int, cf
     embed = _to_device(params.embed) if host_weights else params.embed  # on the device for the embedding only
     xs = [P.embed_fn(embed, jnp.asarray(tokens[:, c * C:(c + 1) * C])) for c in range(N)]
     del embed
-    # The new blocks: chunk c's block j at offset + c*C + j*block, kept when it holds a real token.
-    firsts = [offset + c * C + j * block for c in range(N) for j in range(C // block)]
-    kept = [f < end for f in firsts]
-    spans = list(cache.spans) + [(f, min(f + block, end)) for f in firsts if f < end]
+    # The new blocks: chunk c's block j starts at offset + c*C + j*block, and is kept when it holds a real token.
+    firsts = [f for f in range(offset, offset + N * C, block) if f < end]
+    spans = list(cache.spans) + [(f, min(f + block, end)) for f in firsts]
     at = jnp.int32((n - 1) % C)  # the last real token's position in the last chunk
     x_last, layers = None, []
     for l, lp in enumerate(_layer_weights(params, host_weights)):
@@ -244,8 +253,7 @@ def _run(params, tokens: np.ndarray, n: int, cache: HostCache, rope_len: int, cf
             q_first = offset + c * C
             x, q, blocks = P.qkv_fn(lp, xs[c], jnp.int32(q_first), cache.start, rope_len, cfg=cfg, policy=policy,
                                    block=block, heads=heads)
-            chunk_kept = kept[c * (C // block):(c + 1) * (C // block)]
-            stored.extend(b for b, keep in zip(blocks, chunk_kept) if keep)
+            stored.extend(b for j, b in enumerate(blocks) if q_first + j * block < end)
             if not last or c == N - 1:
                 carries = _attend_chunk(q, stored, spans[:len(stored)], q_first, heads, cache.start, cfg, policy)
                 out = P.finish_fn(lp, x, carries, at, cfg=cfg, G=H // K, last=last)
@@ -260,9 +268,8 @@ def _run(params, tokens: np.ndarray, n: int, cache: HostCache, rope_len: int, cf
             on_layer(l)
     cache.blocks, cache.spans, cache.length = layers, spans, end  # all at once: a failed feed changes nothing
     head = G.head_params(params)
-    head = _to_device(head) if host_weights else head
-    return P.head_fn(head, x_last, jnp.int32(0), cfg=cfg) if x_last is not None else P.head_fn(head, xs[-1], at,
-                                                                                              cfg=cfg)
+    x, at = (x_last, jnp.int32(0)) if x_last is not None else (xs[-1], at)  # the last layer's one position, or all
+    return P.head_fn(_to_device(head) if host_weights else head, x, at, cfg=cfg)
 
 
 def _attend_chunk(q, stored, spans, q_first: int, heads: int, start, cfg: Config, policy: MemoryPolicy):

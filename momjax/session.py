@@ -425,12 +425,8 @@ class Session:
         if any(not 0 <= t < cfg.vocab_size for t in ids):
             raise SessionError(f"{where} holds token ids outside the vocabulary")
         if n and on_host:
-            names = lambda i: (f"k.{i}", f"v.{i}") + ((f"k_scale.{i}", f"v_scale.{i}") if pair else ())
-            pair, spans = session.policy.quantized_kv, offload.spans(n, block)
-            blocks = [[tuple(tuple(buffers[name][b][g] for name in names(i)) for g in range(cfg.num_kv_heads // heads))
-                       for b in range(len(spans))] for i in range(cfg.num_layers)]
-            session._host = offload.HostCache(blocks=blocks, spans=spans, start=jnp.zeros((1,), jnp.int32), length=n,
-                                              heads=heads)
+            session._host = offload.session_cache(buffers, n, block, heads, cfg.num_layers,
+                                                  session.policy.quantized_kv)
         elif n:
             pair = session.policy.quantized_kv
             layer = lambda name, i: (buffers[f"{name}.{i}"], buffers[f"{name}_scale.{i}"]) if pair else \
