@@ -24,9 +24,9 @@ from momjax.policy import MemoryPolicy, get_policy
 
 
 def _one_device(model: Model, policy: MemoryPolicy) -> None:
-    """InputError for mom-host on a model split over a mesh (it runs on one device), and for weights in host memory
-    with any other policy (only mom-host streams them)."""
-    check_weights(model, policy)
+    """InputError for mom-host on a model split over a mesh (it runs on one device), and for a model whose params
+    are not where it says."""
+    check_weights(model)
     if policy.on_host and model.mesh is not None:
         raise InputError("policy 'mom-host' runs on one device; with a mesh use 'mom' or 'mom-stream'")
 
@@ -41,9 +41,7 @@ def forward(model: Model, tokens, policy="baseline") -> jax.Array:
     """float32 logits [B, S, V] at every position of tokens [B, S] (all rows the same length)."""
     check_model(model)
     policy = get_policy(policy)
-    if model.weights == "host":
-        raise InputError("forward runs with the weights on the device; load with weights='device' (a model loaded "
-                         "with weights='host' prefills and generates with policy 'mom-host')")
+    check_weights(model)
     prompts = checks.prompts(tokens, model.config.vocab_size)
     S = len(prompts[0])
     if any(len(p) != S for p in prompts):

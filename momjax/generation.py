@@ -11,6 +11,10 @@ Decode runs inside `lax.while_loop` (`decode_chunk_fn`, resumable, run in chunks
 walks the layers with a Python loop (model.decode_step); each row stops on its own stop token and the loop ends
 when every row has stopped. Prompt lengths are
 padded (on the left) to a small set of buckets so that many prompt lengths share one compiled prefill.
+
+With weights in host memory (momjax.load(..., weights="host")) prefill and feeds bring each layer's weights to the
+device as the Python loop reaches it, the next layer's copy in flight (params.device_layers), and the embedding
+and the LM head for their own program; the decode step copies them in its program (model.decode_step).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from momjax import model as M
 from momjax.cache import KVCache
 from momjax.config import Config
 from momjax.mesh import embed_lookup
+from momjax.params import device_layers, head_params, to_device
 from momjax.policy import MemoryPolicy
 
 MIN_BUCKET = 16
@@ -122,9 +127,13 @@ def logits_fn(head: M.Params, x, cfg: Config, every_position: bool = False):
     return M.all_logits(head, x, cfg) if every_position else M.last_logits(head, x, cfg)
 
 
-def head_params(params: M.Params) -> M.Params:
-    """The params the LM head reads: the final norm and lm_head (or the tied embedding), no layers."""
-    return params.replace(layers=(), embed=params.embed if params.lm_head is None else None)
+def device_weights(params: M.Params) -> M.Params:
+    """The weights as the prefill and feed programs receive them: abstract, on the device (weights in host memory
+    come over before each program runs), split as they are."""
+    def on_device(a):
+        where = getattr(a, "sharding", None)
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where and where.with_memory_kind("device"))
+    return jax.tree.map(on_device, params)
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,7 @@ def prefill_stages(params, tokens, start, cfg: Config, policy: MemoryPolicy, eve
         policy = exact(policy)
     chunk = M.chunk_length(tokens.shape[1], policy)
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
+    params = device_weights(params)
     x, pos = jax.eval_shape(functools.partial(embed_fn, chunk=chunk), params.embed, tokens, start)
     x, pos = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(start, "sharding", None)) for a in (x, pos))
     L = cfg.num_layers
@@ -181,11 +191,11 @@ def _run_layers(params, tokens, start, cfg, policy, *, every_position, on_layer,
     compiled = compiled or {}
     call = lambda name, fn, *args, **static: compiled[name](*args) if name in compiled else fn(*args, **static)
     chunk = M.chunk_length(tokens.shape[1], policy)
-    x, pos = call("embed", embed_fn, params.embed, tokens, start, chunk=chunk)
+    x, pos = call("embed", embed_fn, to_device(params.embed), tokens, start, chunk=chunk)
     L = cfg.num_layers
     last = policy.last_position_only and not every_position
     ks, vs = [], []
-    for i, lp in enumerate(params.layers):
+    for i, lp in enumerate(device_layers(params)):
         if last and i == L - 1:
             x, k, v = call("last", last_layer_fn, lp, x, pos, start, cfg=cfg, policy=policy)
         elif every_position:
@@ -197,7 +207,7 @@ def _run_layers(params, tokens, start, cfg, policy, *, every_position, on_layer,
         if on_layer is not None:
             x.block_until_ready()  # report a layer when it has finished, not when it was queued
             on_layer(i)
-    logits = call("logits", logits_fn, head_params(params), x, cfg=cfg, every_position=every_position)
+    logits = call("logits", logits_fn, to_device(head_params(params)), x, cfg=cfg, every_position=every_position)
     return logits, ks, vs
 
 
@@ -313,6 +323,7 @@ def feed_stages(params, tokens, k_cache, v_cache, cfg: Config, policy: MemoryPol
     "layer" (runs times), "last" (when the policy computes only the last position) and "logits".
     tokens: [B, W] (W a bucket length); k_cache, v_cache: one layer's buffer [B, K, cap, E] (int8: with its scales)."""
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
+    params = device_weights(params)
     chunk = M.chunk_length(tokens.shape[1], policy)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=getattr(tokens, "sharding", None))
     x, pos = jax.eval_shape(functools.partial(feed_embed_fn, chunk=chunk), params.embed, tokens, scalar)
@@ -347,10 +358,10 @@ def feed_fn(params, tokens, ks, vs, offset: int, count: int, cfg: Config, policy
     call = lambda name, fn, *args, **static: compiled[name](*args) if name in compiled else fn(*args, **static)
     chunk = M.chunk_length(tokens.shape[1], policy)
     offset, count = jnp.int32(offset), jnp.int32(count)
-    x, pos = call("embed", feed_embed_fn, params.embed, tokens, offset, chunk=chunk)
+    x, pos = call("embed", feed_embed_fn, to_device(params.embed), tokens, offset, chunk=chunk)
     L, last = cfg.num_layers, policy.last_position_only
     new_k, new_v = [], []
-    for i, lp in enumerate(params.layers):
+    for i, lp in enumerate(device_layers(params)):
         name, fn = ("last", feed_last_fn) if last and i == L - 1 else ("layer", feed_layer_fn)
         x, k, v = call(name, fn, lp, x, pos, ks[i], vs[i], offset, count, cfg=cfg, policy=policy)
         new_k.append(k)
@@ -358,4 +369,5 @@ def feed_fn(params, tokens, ks, vs, offset: int, count: int, cfg: Config, policy
         if on_layer is not None:
             x.block_until_ready()
             on_layer(i)
-    return call("logits", feed_logits_fn, head_params(params), x, count, cfg=cfg), tuple(new_k), tuple(new_v)
+    logits = call("logits", feed_logits_fn, to_device(head_params(params)), x, count, cfg=cfg)
+    return logits, tuple(new_k), tuple(new_v)

@@ -44,7 +44,7 @@ class Model:
     max_context: int = 0
     tokenizer_path: str | None = field(default=None, repr=False)
     mesh: jax.sharding.Mesh | None = field(default=None, repr=False)  # tensor-parallel mesh (momjax.mesh)
-    weights: str = "device"  # "host": the weights live in pinned host memory (policy 'mom-host' streams them)
+    weights: str = "device"  # "host": the weights live in pinned host memory, each layer's brought over as it runs
     _hash: tuple | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -76,17 +76,12 @@ def check_model(model) -> None:
         raise InputError(f"model must be a momjax.Model from momjax.load(path), got {type(model).__name__}")
 
 
-def check_weights(model: Model, policy) -> None:
-    """InputError when the model's weights are in host memory and the policy is not 'mom-host' (the only one that
-    brings them to the device layer by layer), or when its params are not where model.weights says."""
+def check_weights(model: Model) -> None:
+    """InputError when the model's params are not where model.weights says (device or pinned host memory)."""
     where = model.params.layers[0].wq.sharding.memory_kind if hasattr(model.params.layers[0].wq, "sharding") else None
     if where is not None and (where == "pinned_host") != (model.weights == "host"):
         raise InputError(f"the model says weights={model.weights!r} but its params are in {where} memory; load it "
                          "again with momjax.load(path, weights=...)")
-    if model.weights == "host" and not policy.on_host:
-        raise InputError("weights='host' runs with policy 'mom-host' only (it brings each layer's weights to the "
-                         f"device as the layer runs); got policy {policy.name!r}. Use policy='mom-host', or load with "
-                         "weights='device'")
 
 
 def folder_config(path: str) -> Config:
@@ -106,7 +101,8 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
 
     dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's). weights: "device", or "host": the weights
     stay in pinned host memory and each layer's come to the device when it runs, the next layer's copy in flight
-    (with policy 'mom-host' only, on one device: a model larger than the device runs; see momjax.offload).
+    (with every policy, on one device: a model larger than the device runs; decoding is then bound by the host
+    link, since every token brings every layer over).
     mesh: a jax.sharding.Mesh with a "tp" axis (momjax.make_mesh(tp=N)): every weight is split over it as it
     loads (momjax.mesh says how), each device receiving only its piece, and every program runs tensor-parallel.
     max_context: the longest prompt + new tokens accepted (default: the config's context_length).
@@ -118,11 +114,11 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise InputError(f"dtype must be 'float32', 'bfloat16', 'float16' or None, got {dtype!r}")
     if weights not in ("device", "host"):
-        raise InputError(f"weights must be 'device' or 'host' (pinned host memory, streamed by policy 'mom-host'), "
-                         f"got {weights!r}")
+        raise InputError(f"weights must be 'device' or 'host' (pinned host memory, each layer brought to the device "
+                         f"as it runs), got {weights!r}")
     if weights == "host" and mesh is not None:
-        raise InputError("weights='host' runs on one device (policy 'mom-host'); load without a mesh, or keep the "
-                         "weights on the mesh's devices with weights='device'")
+        raise InputError("weights='host' runs on one device; load without a mesh, or keep the weights on the mesh's "
+                         "devices with weights='device'")
     memory_kind = "pinned_host" if weights == "host" else "device"
     if not isinstance(progress, bool):
         raise InputError(f"progress must be True or False, got {progress!r}")

@@ -31,7 +31,7 @@ from momjax.cache import KVCache, quantize_kv, to_memory_kind
 from momjax.config import Config
 from momjax.mesh import embed_lookup, replicate, tensor_parallel
 from momjax.minisequence import chunk_map, last_position
-from momjax.params import LayerParams, Params
+from momjax.params import LayerParams, Params, head_params, to_device, weights_on_host
 from momjax.policy import MemoryPolicy
 from momjax.rope import rope, rope_frequencies
 
@@ -326,7 +326,12 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
     q_index = cache.prompt_end + step
     positions = (q_index - cache.start)[:, None]  # [B, 1]
     inv_freq = rope_frequencies(cfg, jnp.max(positions) + 1)  # the longest row's length with this token
-    x = embed_lookup(params.embed, token)[:, None, :]  # [B, 1, D]
+    # Weights in host memory (weights="host") are copied to the device here, a layer at a time: layer l+1's copy
+    # waits (an optimization barrier on the residual) for layer l-1 to finish, so it overlaps layer l's compute
+    # and the device holds two layers' weights, never all of them. The embedding comes over for the lookup, the
+    # final norm and LM head for the last layer's duration. Device weights pass through untouched.
+    host_weights = weights_on_host(params)
+    x = embed_lookup(to_device(params.embed), token)[:, None, :]  # [B, 1, D]
     # Layers below `resident` have their prompt K/V on the device (all of them unless the policy streams);
     # the others are fetched from the host one at a time: the first streamed layer's copy is issued before
     # any math, so it overlaps the resident layers' compute, and layer l+1's copy once layer l's attention
@@ -339,7 +344,13 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
 
     kv = fetch(cache.layer(resident)) if resident < L else None
     tails_k, tails_v, tail_scales_k, tail_scales_v = [], [], [], []
-    for l, lp in enumerate(params.layers):
+    stages = [*params.layers, head_params(params)]  # the weights each stage reads: the layers, then the head
+    arriving = to_device(stages[0])
+    for l in range(L):
+        lp, following = arriving, stages[l + 1]
+        if host_weights:  # the next stage's copy starts once layer l-1 is done (x is its output)
+            x, following = jax.lax.optimization_barrier((x, following))
+        arriving = to_device(following)
         k, v, k_scale, v_scale = kv if l >= resident else cache.layer(l)
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         q = project_q(lp, h, positions, inv_freq, cfg.rope_attention_factor)  # [B, 1, H, E]
@@ -366,7 +377,8 @@ def decode_step(params: Params, token, cache: KVCache, cfg: Config, policy: Memo
             tail_scales_v.append(put(cache.tail_v_scale[l], v_new_scale))
         x = replicate(x + project_o(lp, o))
         x = replicate(x + mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)))
-    logits = lm_head(params, rms_norm(x, params.final_norm, cfg.rms_norm_eps))[:, 0]  # [B, V]
+    head = arriving
+    logits = lm_head(head, rms_norm(x, head.final_norm, cfg.rms_norm_eps))[:, 0]  # [B, V]
     cache = cache.replace(tail_k=tuple(tails_k), tail_v=tuple(tails_v), length=step + 1)
     if cache.quantized:
         cache = cache.replace(tail_k_scale=tuple(tail_scales_k), tail_v_scale=tuple(tail_scales_v))

@@ -23,9 +23,10 @@ lives on the device. With policy.kv_device_layers = R the first R layers' blocks
 and stay. Every step is the same function as `mom-stream`'s, computed in a different order (blocks of keys
 instead of whole layers): greedy tokens equal `baseline`'s (tests/test_offload.py).
 
-With weights in host memory (momjax.load(..., weights="host")) each layer's weights come to the device as its
-layer starts, the next layer's copy in flight, so the device holds two layers' weights; the embedding (prefill)
-and the LM head come over for their own phase, and decoding looks up each token's embedding row on the host.
+With weights in host memory (momjax.load(..., weights="host"), which every policy runs) each layer's weights come
+to the device as its layer starts, the next layer's copy in flight (params.device_layers), so the device holds two
+layers' weights; the embedding (prefill) and the LM head come over for their own phase, and mom-host's decoding
+looks up each token's embedding row on the host.
 
 Sessions run with it too (`feed`, which momjax.Session calls): a feed's tokens are right-padded chunks at the
 session's length; their blocks are appended to the session's HostCache, each with the span of positions it holds
@@ -48,6 +49,7 @@ from momjax import model as M
 from momjax import offload_programs as P
 from momjax.config import Config
 from momjax.errors import InputError
+from momjax.params import device_layers, head_params, to_device, weights_on_host
 from momjax.policy import MemoryPolicy
 
 layout = P.layout  # (Bk, Kg) of a policy's streamed blocks: offload_programs.layout
@@ -159,37 +161,14 @@ def session_cache(pieces: dict, n: int, block: int, heads: int, num_layers: int,
     return HostCache(blocks=blocks, spans=spans(n, block), start=jnp.zeros((1,), jnp.int32), length=n, heads=heads)
 
 
-def _to_device(tree):
-    """Start copying host arrays to the device (asynchronous: the copy runs while the caller goes on)."""
-    return jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Device), tree)
-
-
-def weights_on_host(params) -> bool:
-    """Whether the model's weights live in pinned host memory (momjax.load(..., weights="host"))."""
-    return params.layers[0].wq.sharding.memory_kind == P.HOST
-
-
-def _layer_weights(params, host: bool):
-    """Each layer's weights on the device as the layer starts: with host weights, layer l+1's copy is started when
-    layer l is handed out (so it arrives while layer l runs) and the device holds two layers' weights at most."""
-    if not host:
-        yield from params.layers
-        return
-    arriving = _to_device(params.layers[0])
-    for l in range(len(params.layers)):
-        current = arriving
-        arriving = _to_device(params.layers[l + 1]) if l + 1 < len(params.layers) else None
-        yield current
-
-
 def _streamed(blocks, attend, carry):
     """carry after `attend(carry, block on the device, i)` for each host block blocks[i] in order, each brought
     over while the one before it is attended to. Waiting for each step before the next copy starts bounds the
     device to two blocks (the one read, the one arriving), however far ahead Python could queue copies."""
-    arriving = _to_device(blocks[0]) if blocks else None
+    arriving = to_device(blocks[0]) if blocks else None
     for i in range(len(blocks)):
         current = arriving
-        arriving = _to_device(blocks[i + 1]) if i + 1 < len(blocks) else None
+        arriving = to_device(blocks[i + 1]) if i + 1 < len(blocks) else None
         carry = attend(carry, current, i)
         jax.block_until_ready(carry)
     return carry
@@ -237,8 +216,7 @@ def _run(params, tokens: np.ndarray, n: int, cache: HostCache, rope_len: int, cf
     offset, end = cache.length, cache.length + n
     N, L, K, H = -(-n // C), cfg.num_layers, cfg.num_kv_heads, cfg.num_heads  # chunks with a real token
     rope_len = jnp.int32(rope_len)
-    host_weights = weights_on_host(params)
-    embed = _to_device(params.embed) if host_weights else params.embed  # on the device for the embedding only
+    embed = to_device(params.embed)  # with host weights, on the device for the embedding only
     xs = [P.embed_fn(embed, jnp.asarray(tokens[:, c * C:(c + 1) * C])) for c in range(N)]
     del embed
     # The new blocks: chunk c's block j starts at offset + c*C + j*block, and is kept when it holds a real token.
@@ -246,7 +224,7 @@ def _run(params, tokens: np.ndarray, n: int, cache: HostCache, rope_len: int, cf
     spans = list(cache.spans) + [(f, min(f + block, end)) for f in firsts]
     at = jnp.int32((n - 1) % C)  # the last real token's position in the last chunk
     x_last, layers = None, []
-    for l, lp in enumerate(_layer_weights(params, host_weights)):
+    for l, lp in enumerate(device_layers(params)):
         last = policy.last_position_only and l == L - 1
         stored = list(cache.blocks[l])  # this layer's blocks so far: stored[b][g]
         for c in range(N):
@@ -267,9 +245,9 @@ def _run(params, tokens: np.ndarray, n: int, cache: HostCache, rope_len: int, cf
             jax.block_until_ready(x_last if last else xs[-1])
             on_layer(l)
     cache.blocks, cache.spans, cache.length = layers, spans, end  # all at once: a failed feed changes nothing
-    head = G.head_params(params)
+    head = head_params(params)
     x, at = (x_last, jnp.int32(0)) if x_last is not None else (xs[-1], at)  # the last layer's one position, or all
-    return P.head_fn(_to_device(head) if host_weights else head, x, at, cfg=cfg)
+    return P.head_fn(to_device(head), x, at, cfg=cfg)
 
 
 def _attend_chunk(q, stored, spans, q_first: int, heads: int, start, cfg: Config, policy: MemoryPolicy):
@@ -312,14 +290,14 @@ def decode_rest(params, cache: HostCache, token, done, program_args: tuple, cfg:
     key, temperature, top_k, top_p, stop_ids, pad_id = program_args
     L, K = cfg.num_layers, cfg.num_kv_heads
     resident = policy.device_layers(L)  # these layers' blocks come to the device once and stay
-    blocks = [[[_to_device(b) for b in bj] for bj in layer] if l < resident else layer
+    blocks = [[[to_device(b) for b in bj] for bj in layer] if l < resident else layer
               for l, layer in enumerate(cache.blocks)]
     kv_dtype = blocks[0][0][0][0].dtype
     tail_k, tail_v = _tails(cache, kv_dtype, max_new_tokens - 1, cfg)
     B, S, heads = cache.start.shape[0], cache.length, cache.heads
     Gh, E = cfg.num_heads // K, cfg.head_dim
     window = cfg.sliding_window
-    head = G.head_params(params)
+    head = head_params(params)
     host_weights = weights_on_host(params)
     # With host weights the token's embedding row is looked up here, not by bringing the whole table over.
     rows = np.asarray(params.embed) if host_weights else None
@@ -330,7 +308,7 @@ def decode_rest(params, cache: HostCache, token, done, program_args: tuple, cfg:
         # Prompt blocks wholly outside the new query's window are skipped.
         seen = [b for b, (_, end) in enumerate(cache.spans) if window is None or q_index - (end - 1) < window]
         x = None if rows is None else jnp.asarray(rows[np.asarray(token)][:, None, :])
-        for l, lp in enumerate(_layer_weights(params, host_weights)):
+        for l, lp in enumerate(device_layers(params)):
             x, q32, k_new, v_new = P.dec_qkv_fn(lp, None if host_weights else params.embed, token, jnp.int32(q_index),
                                                cache.start, x, cfg=cfg, quantized=cache.quantized)
             carries = []
@@ -342,7 +320,7 @@ def decode_rest(params, cache: HostCache, token, done, program_args: tuple, cfg:
                 carries.append(_streamed([blocks[l][b][g] for b in seen], attend, P.dec_empty_fn((B, heads, Gh), E)))
             x, tail_k[l], tail_v[l] = P.dec_finish_fn(lp, x, q32, tuple(carries), tail_k[l], tail_v[l], k_new, v_new,
                                                      jnp.int32(step), jnp.int32(q_index), jnp.int32(S), cfg=cfg)
-        logits = P.head_fn(_to_device(head) if host_weights else head, x, jnp.int32(0), cfg=cfg)
+        logits = P.head_fn(to_device(head), x, jnp.int32(0), cfg=cfg)
         token, done = P.next_fn(logits, key, jnp.int32(t), temperature, top_k, top_p, stop_ids, pad_id, done)
         new, all_done = np.asarray(token)[:, None], bool(np.asarray(done).all())
         stats.decode_s += time.perf_counter() - t0

@@ -22,7 +22,7 @@ from momjax.cache import quantize_kv, to_memory_kind
 from momjax.config import Config
 from momjax.errors import InputError
 from momjax.mesh import embed_lookup
-from momjax.params import param_bytes, param_shapes
+from momjax.params import head_params, param_bytes, param_shapes
 from momjax.policy import MemoryPolicy
 from momjax.rope import rope_frequencies
 
@@ -233,7 +233,7 @@ def stages(params, cfg: Config, policy: MemoryPolicy, seq_len: int, phase: str, 
     blk = block_avals(cfg, policy, B, block, heads, dtype, DEVICE, where)
     nbytes = lambda tree: sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
     groups = K // heads
-    head = G.head_params(params)
+    head = head_params(params)
     common = dict(window=cfg.sliding_window, heads=heads)
     if phase == "prefill":
         x_host = abstract((B, C, D), dtype, HOST, where)
@@ -301,11 +301,12 @@ def host_bytes(cfg: Config, policy: MemoryPolicy, seq_len: int, dtype, batch: in
                 host=L * layer_kv + residual)
 
 
-def weight_bytes(cfg: Config, dtype, weights: str = "device") -> dict:
-    """Where `mom-host` keeps the weights' bytes: device (all of them; with weights="host" two layers', one running
-    and the next arriving, plus the larger of the embedding and the LM head, each on the device for its own phase),
-    host (with weights="host", all of them), and streamed (what one decode step brings over with host weights: every
-    layer and the LM head; the token's embedding row is looked up on the host)."""
+def weight_bytes(cfg: Config, dtype, weights: str = "device", lookup_on_host: bool = True) -> dict:
+    """Where the weights' bytes are: device (all of them; with weights="host" two layers', one running and the next
+    arriving, plus the larger of the embedding and the LM head, each on the device for its own phase), host (with
+    weights="host", all of them), and streamed (what one decode step brings over with host weights: every layer
+    and the LM head, and the embedding unless the token's row is looked up on the host, as `mom-host` does; the
+    other policies' decode step brings the table over for its lookup)."""
     total = param_bytes(cfg, dtype)
     if weights == "device":
         return dict(device=total, host=0, streamed=0, total=total)
@@ -316,7 +317,9 @@ def weight_bytes(cfg: Config, dtype, weights: str = "device") -> dict:
     layer = sum(int(np.prod(s[1:])) for k, s in shapes.items() if k.startswith("layers.")) * b
     embed = int(np.prod(shapes["embed"])) * b
     head = int(np.prod(shapes["lm_head"])) * b if "lm_head" in shapes else embed
-    return dict(device=2 * layer + max(embed, head), host=total, streamed=cfg.num_layers * layer + head, total=total)
+    head += int(np.prod(shapes["final_norm"])) * b  # the LM head reads the final norm too
+    streamed = cfg.num_layers * layer + head + (0 if lookup_on_host else embed)
+    return dict(device=2 * layer + max(embed, head), host=total, streamed=streamed, total=total)
 
 
 def unpair(kv):

@@ -158,3 +158,41 @@ def init_random(cfg: Config, seed: int = 0, dtype=None) -> Params:
         else:
             flat[name] = init(name, shape, i * 1000)
     return unflatten(flat, lambda _, pieces: pieces)
+
+
+# ---------------------------------------------------------------------- weights in host memory (weights="host")
+
+
+def head_params(params: Params) -> Params:
+    """The params the LM head reads: the final norm and lm_head (or the tied embedding), no layers."""
+    return params.replace(layers=(), embed=params.embed if params.lm_head is None else None)
+
+
+def in_host_memory(a) -> bool:
+    """Whether an array (or, inside jit, a traced argument) lives in pinned host memory."""
+    return getattr(jax.typeof(a), "memory_space", None) == jax.memory.Space.Host
+
+
+def weights_on_host(params: Params) -> bool:
+    """Whether the model's weights live in pinned host memory (momjax.load(..., weights="host"))."""
+    return in_host_memory(params.layers[0].wq)
+
+
+def to_device(tree):
+    """The tree's host arrays copied to the device. Outside jit the copy is asynchronous (it runs while the caller
+    goes on); inside jit it is a copy in the program. Arrays already on the device are left as they are."""
+    return jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Device) if in_host_memory(a) else a, tree)
+
+
+def device_layers(params: Params) -> Iterator[LayerParams]:
+    """Each layer's weights on the device as a Python loop over the layers reaches it. With host weights, layer
+    l+1's copy is started when layer l is handed out, so it arrives while layer l runs and the device holds two
+    layers' weights at most; device weights are handed out as they are."""
+    if not weights_on_host(params):
+        yield from params.layers
+        return
+    arriving = to_device(params.layers[0])
+    for l in range(len(params.layers)):
+        current = arriving
+        arriving = to_device(params.layers[l + 1]) if l + 1 < len(params.layers) else None
+        yield current

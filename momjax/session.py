@@ -39,7 +39,7 @@ from momjax.api import Generation
 from momjax.cache import KVCache, place_for_decode, sharding, to_memory_kind
 from momjax.decoding import DecodeStats, collect, decode_stream
 from momjax.errors import InputError, SessionError
-from momjax.loading import Model, check_model
+from momjax.loading import Model, check_model, check_weights
 from momjax.memory.fit import check_fits
 from momjax.mesh import in_mesh, inputs_on, iterate_in, kv_sharding, tp_degree
 from momjax.policy import MemoryPolicy, get_policy
@@ -112,9 +112,7 @@ class Session:
         check_model(model)
         self.model = model
         self.policy: MemoryPolicy = get_policy(policy)
-        if model.weights == "host" and not self.policy.on_host:
-            raise InputError(f"a model loaded with weights='host' runs with policy 'mom-host' only, not "
-                             f"{self.policy.name!r}: pass policy='mom-host', or load the model with weights='device'")
+        check_weights(model)
         if self.policy.on_host and model.mesh is not None:
             raise InputError("policy 'mom-host' runs on one device: load the model without a mesh, or use "
                              "'mom-stream' on the mesh")

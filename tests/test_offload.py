@@ -20,7 +20,7 @@ import pytest
 from conftest import NEW_TOKENS, mixed_prompts, prompt_tokens, rel_err
 
 import momjax
-from momjax import offload
+from momjax import checks, offload
 from momjax.errors import InputError
 from momjax.memory import check_fits, estimate, memory_report, plan
 
@@ -74,24 +74,60 @@ def test_sampled_tokens_equal_mom_stream(zoo):
     assert sample(SMALL) == sample("mom-stream")
 
 
-def test_weights_in_host_memory(zoo):
-    path = zoo.folder("qwen2")
-    model = momjax.load(path, weights="host", progress=False)
+HOST_WEIGHTS_POLICIES = ["baseline", "mom", momjax.POLICIES["mom-stream"].replace(kv_device_layers=1), SMALL]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral-window"])  # tied embeddings and biases; sliding window
+def test_weights_in_host_memory_give_baseline_tokens_with_every_policy(zoo, family):
+    """Host weights with every policy: prefill and decode bring each layer over as it runs; the tokens are
+    baseline's with the weights on the device, and so are forward's logits."""
+    model = momjax.load(zoo.folder(family), weights="host", progress=False)
+    on_device = zoo.model(family)
     assert model.weights == "host" and model.params.layers[0].wq.sharding.memory_kind == "pinned_host"
-    assert greedy(model, SMALL) == greedy(zoo.model("qwen2"), "baseline")
-    for call in (lambda: momjax.generate(model, mixed_prompts(model), 2, "mom"),
-                 lambda: momjax.prefill(model, mixed_prompts(model), "mom-stream")):
-        with pytest.raises(InputError, match="weights='host' runs with policy 'mom-host' only"):
-            call()
-    with pytest.raises(InputError, match="forward runs with the weights on the device"):
-        momjax.forward(model, prompt_tokens(model))
-    with pytest.raises(InputError, match="weights='host' runs with policy 'mom-host' only"):
-        momjax.Session(model, "mom")
-    # A model whose params are on the device but that says they are in host memory (or the reverse): refused.
+    want = greedy(on_device, "baseline")
+    for policy in HOST_WEIGHTS_POLICIES:
+        assert greedy(model, policy) == want, policy
+    assert np.array_equal(np.asarray(momjax.forward(model, prompt_tokens(model), "mom")),
+                          np.asarray(momjax.forward(on_device, prompt_tokens(model), "mom")))
+    # The weights stayed where they were loaded.
+    assert {a.sharding.memory_kind for a in jax.tree.leaves(model.params)} == {"pinned_host"}
+
+
+def test_host_weights_decode_step_copies_the_weights_in_its_program(zoo):
+    """The decode step of a host-weights model takes every weight as a host argument (none is put on the device
+    before it runs) and copies them inside the program; device weights are device arguments."""
+    from momjax import generation as G
+    from momjax.decoding import decode_program
+    from momjax.memory.shapes import nbytes
+    from momjax.targets import host_parameter_bytes
+
+    host = momjax.load(zoo.folder("llama-gqa"), weights="host", progress=False)
+    device = zoo.model("llama-gqa")
+    analyses = {}
+    for model in (host, device):
+        logits, cache = momjax.prefill(model, prompt_tokens(model), "mom-stream")
+        token = jax.numpy.zeros((cache.start.shape[0],), jax.numpy.int32)
+        sampling = checks.sampling(model.config.vocab_size, model.config.eos_token_ids, 0.0, None, None, 0, [])
+        fn, args, static = decode_program(model.params, cache.with_tail(4), token, token == 1, sampling.program_args(),
+                                          model.config, momjax.POLICIES["mom-stream"], 4)
+        analyses[model.weights] = host_parameter_bytes(fn.lower(*args, **static).compile())
+    assert G.decode_chunk_fn is fn
+    # The same step, the same prompt K/V in host memory; with host weights every weight is a host argument too.
+    assert analyses["host"] - analyses["device"] == nbytes(host.params) > 0
+
+
+def test_host_weights_refusals(zoo):
+    """A model whose params are on the device but that says they are in host memory (or the reverse), and host
+    weights over a mesh: refused with one clear error each."""
+    model = momjax.load(zoo.folder("qwen2"), weights="host", progress=False)
     on_device = zoo.model("qwen2")
     for wrong in (dataclasses.replace(on_device, weights="host"), dataclasses.replace(model, weights="device")):
-        with pytest.raises(InputError, match="load it again with momjax.load"):
-            momjax.generate(wrong, mixed_prompts(wrong), 2, SMALL)
+        for call in (lambda m: momjax.generate(m, mixed_prompts(m), 2, SMALL),
+                     lambda m: momjax.generate(m, mixed_prompts(m), 2, "mom"),
+                     lambda m: momjax.forward(m, prompt_tokens(m)),
+                     lambda m: momjax.Session(m, "mom-stream")):
+            with pytest.raises(InputError, match="load it again with momjax.load"):
+                call(wrong)
 
 
 def test_nothing_on_the_device_grows_with_the_context():
@@ -127,7 +163,9 @@ def test_plans_reach_the_targets_by_the_estimate():
     assert on_4090["mom-host"] >= 4_194_304 > on_4090["mom-stream"]
     assert plan("llama-3.1-8b", 24 * gib, 2 * tib, kv_dtype="int8")["max_context"]["mom-host"] >= 6_000_000
     t4 = plan("llama-3.1-8b", 16 * gib, tib, weights="host")
-    assert t4["max_context"] == {"mom-host": t4["max_context"]["mom-host"]} and t4["max_context"]["mom-host"] >= 2**20
+    longest = t4["max_context"]
+    assert set(longest) == {"baseline", "mom", "mom-stream", "mom-host"}  # host weights run with every policy
+    assert longest["mom-host"] >= 2**20 and longest["mom-host"] > longest["mom-stream"] > longest["mom"] > 0
     assert plan("llama-3.1-70b", 80 * gib, tib, weights="host")["max_context"]["mom-host"] >= 2**20
     decode = plan("llama-3.1-8b", 24 * gib, 2 * tib, kv_dtype="int8", context=2**20, target="rtx4090",
                   source="estimate")
@@ -256,20 +294,21 @@ def _cli(argv, capsys):
 
 
 def test_command_line(cli_model, capsys, tmp_path, monkeypatch):
-    """generate --policy mom-host (with --weights host too, and with --prompt-cache, written then reused) prints
-    mom's text; chat keeps a mom-host session; what cannot run is one line, exit 2, before the weights load;
-    plan --weights host plans mom-host alone."""
+    """generate --policy mom-host (and --prompt-cache, written then reused) prints mom's text, and so does
+    --weights host with every policy; chat keeps a mom-host session, and a session with --weights host; what cannot
+    run is one line, exit 2, before the weights load; plan --weights host plans every policy."""
     base = ["generate", "--model", cli_model, "--prompt", "Hello there", "--max-new-tokens", "12", "--quiet"]
     code, want, err = _cli(base + ["--policy", "mom"], capsys)
     assert code == 0, err
-    for extra in (["--policy", "mom-host"], ["--policy", "mom-host", "--weights", "host"]):
+    for extra in (["--policy", "mom-host"], ["--policy", "mom-host", "--weights", "host"], ["--weights", "host"],
+                  ["--policy", "mom-stream", "--weights", "host"], ["--policy", "baseline", "--weights", "host"]):
         code, out, err = _cli(base + extra, capsys)
         assert code == 0 and out == want, err
     cache = str(tmp_path / "prompt.cache")
     for reused in ("0", "11"):  # the prompt's 12 tokens; the second run reuses all but the last
         code, out, err = _cli(base + ["--policy", "mom-host", "--prompt-cache", cache], capsys)
         assert code == 0 and out.startswith(want.rstrip("\n")) and f"({reused} reused from" in err, err
-    for argv, needle in ((base + ["--weights", "host"], "--weights host runs with --policy mom-host only"),
+    for argv, needle in ((base + ["--weights", "host", "--devices", "2"], "weights='host' runs on one device"),
                          (base + ["--policy", "mom-host", "--devices", "2"], "runs on one device")):
         code, out, err = _cli(argv, capsys)
         assert code == 2 and err.strip().startswith("momjax: error:") and needle in err and not out, err
@@ -279,7 +318,43 @@ def test_command_line(cli_model, capsys, tmp_path, monkeypatch):
                            "--max-new-tokens", "12", "--quiet"], capsys)
     assert code == 0 and out.strip() and momjax.Session.load(momjax.load(cli_model, progress=False), session,
                                                             policy="mom").policy.name == "mom", err
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
+    session = str(tmp_path / "chat-host-weights.session")
+    code, out, err = _cli(["chat", "--model", cli_model, "--weights", "host", "--session", session,
+                           "--max-new-tokens", "12", "--quiet"], capsys)
+    assert code == 0 and out.strip() and momjax.Session.load(momjax.load(cli_model, progress=False), session).length
     code, out, err = _cli(["plan", "--model", "llama-3.1-8b", "--hbm", "16GiB", "--host-memory", "1TiB", "--weights",
                            "host", "--json"], capsys)
     assert code == 0, err
-    assert list(json.loads(out)["max_context"]) == ["mom-host"]
+    assert list(json.loads(out)["max_context"]) == ["baseline", "mom", "mom-stream", "mom-host"]
+
+
+@pytest.mark.parametrize("policy", ["baseline", "mom", "mom-stream"])
+def test_host_weights_decode_bytes_match_the_compiled_step(policy):
+    """What memory_report and estimate say a decode step with host weights brings over the host link is what the
+    compiled step takes from host memory: every weight (the embedding for its lookup, the LM head and final norm
+    included) and the prompt K/V the policy streams. The device keeps two layers' weights and the larger of the
+    embedding and the LM head instead of all of them."""
+    from momjax import generation as G
+    from momjax import targets as T
+    from momjax.cache import sharding
+    from momjax.memory import abstract_cache
+    from momjax.offload_programs import weight_bytes
+    from momjax.params import abstract_params
+
+    cfg = momjax.Config(vocab_size=4000, hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
+                        num_kv_heads=2, head_dim=32)
+    policy = momjax.get_policy(policy)
+    params = abstract_params(cfg, np.float32, sharding=sharding("pinned_host"))
+    token = jax.ShapeDtypeStruct((1,), np.int32, sharding=sharding("device"))
+    compiled, _ = T.compile(G.decode_step_fn, params, token, abstract_cache(cfg, 1024, 64, np.float32, policy, 1, None),
+                            cfg=cfg, policy=policy)
+    on_device = memory_report(cfg, 1024, policy, phase="decode", new_tokens=64)
+    w = weight_bytes(cfg, "float32", "host")
+    for report in (memory_report(cfg, 1024, policy, phase="decode", new_tokens=64, weights="host"),
+                   estimate(cfg, 1024, policy, phase="decode", new_tokens=64, weights="host")):
+        assert report["host_to_device_bytes"] == T.host_parameter_bytes(compiled), report["source"]
+        assert report["weights"] == "host"
+    report = memory_report(cfg, 1024, policy, phase="decode", new_tokens=64, weights="host")
+    assert on_device["device_bytes"] - report["device_bytes"] == w["total"] - w["device"] > 0
+    assert report["host_bytes"] - on_device["host_bytes"] == w["total"]

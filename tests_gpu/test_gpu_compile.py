@@ -238,3 +238,16 @@ def test_host_weights_run_big_models_on_small_gpus(model, gpu, hbm):
     n = memory.max_context(momjax.preset(model), momjax.POLICIES["mom-host"], hbm * GiB, 2**40, "bfloat16",
                            source="xla", target=gpu, resolution=1 << 18, weights="host")
     assert n >= 2**20
+
+
+@pytest.mark.parametrize("policy", ["mom", "mom-stream"])
+def test_host_weights_with_other_policies_compile_for_a_t4(policy):
+    """Weights in host memory with mom and mom-stream: an 8B model's programs at 32k tokens compiled for a 16 GB
+    T4, with the weights' bytes taken off the device (two layers' and the LM head's stay) and put in host memory."""
+    cfg = momjax.preset("llama-3.1-8b")
+    for phase in ("prefill", "decode"):
+        on_device, on_host = (memory.memory_report(cfg, 32768, policy, dtype="bfloat16", phase=phase, target="t4",
+                                                   weights=w) for w in ("device", "host"))
+        assert on_device["device_bytes"] > 16 * GiB > on_host["device_bytes"], phase
+        assert on_host["host_bytes"] - on_device["host_bytes"] == on_device["weight_bytes"]
+        assert on_host["source"] == "xla-gpu:t4"

@@ -18,8 +18,10 @@ from momjax.cli.common import (
     add_device_args,
     add_policy_args,
     add_sampling_args,
+    add_weights_arg,
     check_model_path,
     check_numbers,
+    loaded_weight_bytes,
     log,
     note_dtype,
     note_sampling,
@@ -44,6 +46,7 @@ def add_parser(sub, common) -> None:
     add_session_args(p)
     add_policy_args(p)
     add_device_args(p)
+    add_weights_arg(p)
     add_sampling_args(p, 256, "longest answer per turn")
     p.add_argument("--allow-long-context", action="store_true",
                    help="let the conversation run past the model's trained context (outputs may degrade)")
@@ -55,7 +58,6 @@ def run(args) -> int:
     import jax
 
     import momjax
-    from momjax.params import param_bytes
     from momjax.tokenizer import load_tokenizer
 
     check_model_path(args.model)
@@ -72,13 +74,13 @@ def run(args) -> int:
     cfg = folder_config(args.model)
     note_dtype(args.dtype or cfg.dtype)
     mesh = start_devices(args, cfg)  # before anything touches a device
-    model = momjax.load(args.model, dtype=args.dtype, mesh=mesh, progress=not args.quiet,
+    model = momjax.load(args.model, dtype=args.dtype, mesh=mesh, weights=args.weights, progress=not args.quiet,
                         max_context=LONG_CONTEXT if args.allow_long_context else None)
     convo = Conversation(tok, document)
     doc_ids = convo.document_tokens()
     capacity = len(doc_ids) + 8 * args.max_new_tokens
     policy = resolve_policy(args, model.config, capacity, model.dtype, None if args.quiet else log,
-                            loaded_weight_bytes=param_bytes(model.config, model.dtype))
+                            loaded_weight_bytes=loaded_weight_bytes(model))
     session, loaded = load_or_new_session(model, args.session, policy, capacity, "--session", args.replace_session)
     if loaded:
         saved = session.info.get("chat", {})

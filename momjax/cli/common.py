@@ -204,6 +204,20 @@ def add_sampling_args(p, max_new_tokens: int, max_help: str | None = None) -> No
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: the checkpoint's)")
 
 
+def add_weights_arg(p) -> None:
+    p.add_argument("--weights", choices=("device", "host"), default="device",
+                   help="host: keep the weights in host memory and bring each layer's to the device as it runs, the "
+                        "next one's copy in flight (any policy, one device: a model larger than the device runs; "
+                        "decoding is then bound by the host link)")
+
+
+def loaded_weight_bytes(model) -> int:
+    """The bytes of a loaded model's weights on the device (0 with weights="host"): free for --policy auto's plan."""
+    from momjax.params import param_bytes
+
+    return 0 if model.weights == "host" else param_bytes(model.config, model.dtype)
+
+
 def resolve_policy(args, cfg, context: int, dtype, log=None, loaded_weight_bytes: int = 0):
     """The MemoryPolicy the command line asks for. --policy auto asks momjax.plan for the fastest policy that
     fits `context` tokens in --hbm (or the device's free memory, counting the model's weights as free when

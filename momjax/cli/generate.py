@@ -21,6 +21,7 @@ from momjax.cli.common import (
     add_device_args,
     add_policy_args,
     add_sampling_args,
+    add_weights_arg,
     check_model_path,
     check_numbers,
     log,
@@ -116,9 +117,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     add_sampling_args(p, 128)
     add_policy_args(p)
-    p.add_argument("--weights", choices=("device", "host"), default="device",
-                   help="host: keep the weights in host memory and bring each layer's to the device as it runs (policy "
-                        "mom-host only: a model larger than the device runs, decoding bound by the host link)")
+    add_weights_arg(p)
     add_device_args(p)
     p.add_argument("--allow-long-context", action="store_true",
                    help="accept prompts longer than the model's trained context")
@@ -162,9 +161,6 @@ def run(args) -> int:
     check_context(cfg.context_length)  # before the weights are read: refuse what cannot run, fast
     mesh = start_devices(args, cfg)  # before anything touches a device
     policy = resolve_policy(args, cfg, total, args.dtype or cfg.dtype, None if args.quiet else log)
-    if args.weights == "host" and not policy.on_host:
-        raise UsageError(f"--weights host runs with --policy mom-host only (got {policy.name}); it brings each layer's "
-                         "weights to the device as the layer runs")
     if policy.on_host and tp_degree(mesh) > 1:
         raise UsageError("--policy mom-host runs on one device; use mom-stream with --devices")
     check_fits(cfg, len(ids), args.max_new_tokens, policy, args.dtype or cfg.dtype, devices=tp_degree(mesh),

@@ -19,7 +19,9 @@ from momjax.cli.common import (
     UsageError,
     add_device_args,
     add_policy_args,
+    add_weights_arg,
     check_model_path,
+    loaded_weight_bytes,
     log,
     note_dtype,
     resolve_policy,
@@ -40,6 +42,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--name", default=None, help="the model's name in the API (default: the folder's name)")
     add_policy_args(p)
     add_device_args(p, processes=False)  # one process: every request runs where the model is
+    add_weights_arg(p)
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: the checkpoint's)")
     p.add_argument("--api-key", default=os.environ.get("MOMJAX_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every request (default: $MOMJAX_API_KEY)")
@@ -114,10 +117,11 @@ def run(args) -> int:
     cfg = folder_config(args.model)
     note_dtype(args.dtype or cfg.dtype)
     mesh = start_devices(args, cfg)
-    model = momjax.load(args.model, dtype=args.dtype, mesh=mesh, progress=False,
+    model = momjax.load(args.model, dtype=args.dtype, mesh=mesh, weights=args.weights, progress=False,
                         max_context=2**31 - 1 if args.allow_long_context else None)
     args.max_new_tokens = args.max_tokens  # what --policy auto plans for
-    policy = resolve_policy(args, model.config, model.max_context, model.dtype, log)
+    policy = resolve_policy(args, model.config, model.max_context, model.dtype, log,
+                            loaded_weight_bytes=loaded_weight_bytes(model))
     store = SessionStore(model, policy, budget, args.cache_dir, log=log)
     if args.cache_dir:
         log(f"momjax serve: {len(store)} kept sessions loaded from {args.cache_dir}")

@@ -46,7 +46,7 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
     when it divides. host_bytes is all devices' together (what one host holds for them). A decode step adds
     allreduce_bytes = (2 L + 1) x (2 (n - 1) / n) B D b: the two all-reduces of the residual stream per layer and
     the embedding lookup's (when the vocabulary splits), as the bytes each device sends in a ring all-reduce.
-    mom-host and weights="host": `_host_estimate`."""
+    mom-host: `_host_estimate`. weights="host" (the others): `with_host_weights`."""
     cfg = resolve(model_or_config)
     policy = get_policy(policy)
     b = jnp.dtype(dtype).itemsize
@@ -65,7 +65,7 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
     kv_prompt = L * layer_kv
     logits = 4 * B * V
     extra = {}
-    if policy.on_host or weights != "device":  # mom-host, or weights in host memory (which only mom-host runs)
+    if policy.on_host:
         return _host_estimate(cfg, seq_len, policy, dtype, phase, batch, new_tokens, n, weights)
     if phase == "prefill":
         if policy.minisequence is None or C == S:
@@ -90,9 +90,30 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
                      allreduce_bytes=int((2 * L + embed_split) * 2 * (n - 1) * B * D * b // n))
     else:
         raise InputError(f"phase must be 'prefill' or 'decode', got {phase!r}")
-    return dict(device_bytes=int(device), host_bytes=int(host), weight_bytes=int(W), kv_bytes=int(kv_bytes),
-                temp_bytes=int(temp), source="estimate", seq_len=int(seq_len), phase=phase, policy=policy.name,
-                dtype=str(jnp.dtype(dtype)), devices=n, **extra)
+    report = dict(device_bytes=int(device), host_bytes=int(host), weight_bytes=int(W), kv_bytes=int(kv_bytes),
+                  temp_bytes=int(temp), source="estimate", seq_len=int(seq_len), phase=phase, policy=policy.name)
+    return with_host_weights(dict(report, dtype=str(jnp.dtype(dtype)), devices=n, **extra), cfg, n, weights)
+
+
+def with_host_weights(report: dict, cfg, devices: int, weights: str) -> dict:
+    """A report of baseline, mom or mom-stream with weights on the device, turned into the same policy's with
+    weights="host" (one device): the device holds two layers' weights (one running, the next arriving) and the
+    larger of the embedding and the LM head instead of all of them, host memory holds all of them, and a decode
+    step brings every layer, the embedding (its lookup runs in the step) and the LM head over the host link
+    (offload_programs.weight_bytes). weights="device" returns the report as it is."""
+    if weights == "device":
+        return report
+    if weights != "host":
+        raise InputError(f"weights must be 'device' or 'host', got {weights!r}")
+    if devices > 1:
+        raise InputError("weights='host' runs on one device; plan several devices with the weights on them")
+    w = offload_programs.weight_bytes(cfg, report["dtype"], "host", lookup_on_host=False)
+    out = dict(report, device_bytes=report["device_bytes"] - w["total"] + w["device"],
+               host_bytes=report["host_bytes"] + w["host"], weights="host")
+    if report["phase"] == "decode":
+        out.update(host_to_device_bytes=report["host_to_device_bytes"] + w["streamed"],
+                   device_read_bytes=report["device_read_bytes"] - w["total"] + max(w["total"] - w["streamed"], 0))
+    return out
 
 
 def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new_tokens: int, devices: int,
@@ -114,8 +135,6 @@ def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new
     host gains all the weights, and a decode step streams every layer's and the LM head
     (offload_programs.weight_bytes).
     """
-    if not policy.on_host:
-        raise InputError(f"weights={weights!r} runs with policy 'mom-host' only, got {policy.name!r}")
     if devices > 1:
         raise InputError("policy 'mom-host' runs on one device; plan several devices with 'mom' or 'mom-stream'")
     b = jnp.dtype(dtype).itemsize

@@ -21,9 +21,10 @@ from momjax import targets as T
 from momjax.cache import sharding
 from momjax.config import Config
 from momjax.errors import InputError
+from momjax.memory.estimate import with_host_weights
 from momjax.memory.shapes import DEFAULT_NEW_TOKENS, abstract_cache, kv_leaves, nbytes, placement, resolve
 from momjax.mesh import check_degree
-from momjax.params import abstract_params, param_bytes
+from momjax.params import abstract_params, head_params, param_bytes
 from momjax.policy import MemoryPolicy, get_policy
 
 
@@ -86,9 +87,12 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype=None, phase
     GPUs of the target in one host, without GPUs. Every figure is then per device except host_bytes (all
     devices' together), and a decode step adds allreduce_bytes (its all-reduces, read from the compiled program,
     as the bytes each device sends in a ring).
-    weights: "device", or "host" (momjax.load(..., weights="host"); policy 'mom-host' only): the weights counted
-    in host_bytes, two layers' and the LM head's on the device, and in decode all of them streamed every step
-    (in host_to_device_bytes). None: a loaded Model's own placement, else "device".
+    weights: "device", or "host" (momjax.load(..., weights="host"), one device): the weights counted in
+    host_bytes, two layers' and the larger of the embedding and the LM head on the device, and in decode all of
+    them streamed every step (in host_to_device_bytes). The programs are the same (the weights come over before
+    each prefill program, and a decode step copies them in its program a layer at a time), so the figures are the
+    compiled ones with the weights' bytes moved (memory.estimate.with_host_weights). None: a loaded Model's own
+    placement, else "device".
     """
     if dtype is None:  # a loaded model's own dtype; for a Config or a preset, float32 (see above)
         dtype = str(jnp.dtype(model_or_config.dtype)) if hasattr(model_or_config, "params") else "float32"
@@ -112,7 +116,7 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype=None, phase
     report = dict(_memory_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens,
                                  None if t is None else t.name, n))
     report["seq_len"] = int(seq_len)
-    return report
+    return with_host_weights(report, cfg, n, weights)
 
 
 @functools.lru_cache(maxsize=256)
@@ -195,7 +199,7 @@ def _host_programs(cfg: Config, policy: MemoryPolicy, dtype: str, phase: str, ba
     params = abstract_params(cfg, jnp.dtype(dtype), sharding=dev)
     where = lambda kind: sharding(kind)
     out = []
-    weights = {id(params.embed)} | {id(a) for a in jax.tree.leaves((params.layers[0], G.head_params(params)))}
+    weights = {id(params.embed)} | {id(a) for a in jax.tree.leaves((params.layers[0], head_params(params)))}
     for stage, held in offload_programs.stages(params, cfg, policy, chunk, phase, batch, new_tokens, where):
         _, b = T.compile(stage.fn, *stage.args, target=target, **stage.static)
         # What the program holds besides the weights: its arguments counted without the weights (XLA leaves the
@@ -212,8 +216,6 @@ def _weights_placement(model_or_config, weights, policy: MemoryPolicy) -> str:
         weights = getattr(model_or_config, "weights", "device")
     if weights not in ("device", "host"):
         raise InputError(f"weights must be 'device' or 'host', got {weights!r}")
-    if weights == "host" and not policy.on_host:
-        raise InputError(f"weights='host' runs with policy 'mom-host' only, got {policy.name!r}")
     return weights
 
 

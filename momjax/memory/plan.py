@@ -93,9 +93,9 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
     devices: plan the model split tensor-parallel over this many devices (momjax.mesh): hbm_bytes is each device's
     budget, host_bytes all devices' together (one host), and the decode roofline adds the two all-reduces per
     layer over the target's interconnect (decode_speed).
-    weights: "device", or "host" (the weights in host memory, momjax.load(..., weights="host")): then only
-    mom-host is planned (the one policy that streams them), with two layers' weights and the LM head on the device,
-    all of them in the host budget, and every decode step bringing them over the host link.
+    weights: "device", or "host" (the weights in host memory, momjax.load(..., weights="host"); one device and a
+    host budget): every policy is planned with two layers' weights and the larger of the embedding and the LM head
+    on the device, all of them in the host budget, and every decode step bringing them over the host link.
     Raises InputError when the budget cannot hold even the weights (TargetError for an unknown target),
     InputError when no policy fits `context`.
     """
@@ -149,22 +149,21 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
 
 
 def _device_weights(cfg: Config, dtype, devices: int, weights: str, host) -> int:
-    """The weight bytes each device holds: all of its share, or with weights="host" (mom-host only, one device, a
-    host budget given) two layers' and the LM head."""
+    """The weight bytes each device holds: all of its share, or with weights="host" (one device, a host budget
+    given) two layers' and the larger of the embedding and the LM head."""
     if weights not in ("device", "host"):
         raise InputError(f"weights must be 'device' or 'host', got {weights!r}")
     if weights == "device":
         return param_bytes(cfg, dtype, devices)
     if devices > 1 or host is None:
-        raise InputError("weights='host' plans policy 'mom-host' on one device and needs a host budget (host_bytes)")
+        raise InputError("weights='host' plans one device and needs a host budget (host_bytes) to hold the weights")
     return offload_programs.weight_bytes(cfg, dtype, "host")["device"]
 
 
 def policy_names(host_bytes, devices: int = 1, weights: str = "device") -> tuple[str, ...]:
     """The named policies a plan compares: `mom-host` too when a host budget bounds it (its device memory does not
-    grow with the context, so host memory is its only limit) on one device; only it with weights in host memory."""
-    if weights == "host":
-        return ("mom-host",)
+    grow with the context, so host memory is its only limit) on one device. The same with weights in host memory
+    (which needs a host budget and one device)."""
     return ("baseline", "mom", "mom-stream") + (("mom-host",) if host_bytes is not None and devices == 1 else ())
 
 
@@ -180,7 +179,7 @@ def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 
     host link: the bytes the policy moves each way, at the link's bandwidth per direction: every policy that offloads
     writes each layer's K/V to the host; mom-host also brings each chunk's residual over and back and, for every
     chunk, every earlier block of K/V it attends to (so a longer chunk moves fewer bytes); with weights="host" every
-    layer's weights come over once. Both figures are predictions (not measured on a GPU); {} without a target."""
+    layer's weights, the embedding and the LM head come over once. Both figures are predictions (not measured on a GPU); {} without a target."""
     t = T.get(target)
     if t is None:
         return {}
@@ -205,7 +204,7 @@ def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 
         to_device = L * (streamed * token_kv + B * S * D * b)
         to_host += L * B * S * D * b
     if weights == "host":
-        to_device += offload_programs.weight_bytes(cfg, dtype, "host")["streamed"]
+        to_device += offload_programs.weight_bytes(cfg, dtype, "host", lookup_on_host=False)["streamed"]
     compute_s = flops / t.peak_flops
     link_s = max(to_device, to_host) / t.host_link_bandwidth
     return dict(prefill_s=max(compute_s, link_s), prefill_compute_s=compute_s, prefill_link_s=link_s,
@@ -294,9 +293,7 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
     # mom-host only when nothing else fits: it moves far more over the host link in prefill than mom-stream.
     others = [c for c in fitting if c["policy"] != "mom-host"]
     why = None
-    if weights == "host":
-        why = "the weights are in host memory, and mom-host is the policy that streams them layer by layer"
-    elif not others:
+    if not others:
         why = (f"only mom-host fits {context:,} tokens: the other policies keep the residual stream and a layer's K/V "
                "on the device during prefill, and mom-host keeps nothing there that grows with the context")
     fitting = others or fitting
