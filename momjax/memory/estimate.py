@@ -112,7 +112,7 @@ def with_host_weights(report: dict, cfg, devices: int, weights: str) -> dict:
                host_bytes=report["host_bytes"] + w["host"], weights="host")
     if report["phase"] == "decode":
         out.update(host_to_device_bytes=report["host_to_device_bytes"] + w["streamed"],
-                   device_read_bytes=report["device_read_bytes"] - w["total"] + max(w["total"] - w["streamed"], 0))
+                   device_read_bytes=report["device_read_bytes"] - w["total"])  # every weight arrives by the link
     return out
 
 
