@@ -17,18 +17,10 @@ from momjax.cache import KVCache
 from momjax.decoding import collect, decode_stream
 from momjax.decoding import prefill as run_prefill
 from momjax.errors import InputError
-from momjax.loading import Model, check_model, check_weights
+from momjax.loading import Model, check_model, check_runs, check_weights
 from momjax.mesh import in_mesh, tp_degree
 from momjax.memory.fit import check_fits
 from momjax.policy import MemoryPolicy, get_policy
-
-
-def _one_device(model: Model, policy: MemoryPolicy) -> None:
-    """InputError for mom-host on a model split over a mesh (it runs on one device), and for a model whose params
-    are not where it says."""
-    check_weights(model)
-    if policy.on_host and model.mesh is not None:
-        raise InputError("policy 'mom-host' runs on one device; with a mesh use 'mom' or 'mom-stream'")
 
 
 def _padded(prompts: list[list[int]], policy: MemoryPolicy):
@@ -59,7 +51,7 @@ def prefill(model: Model, tokens, policy="mom", on_layer=None) -> tuple[jax.Arra
     policy = get_policy(policy)
     prompts = checks.prompts(tokens, model.config.vocab_size)
     checks.callback(on_layer)
-    _one_device(model, policy)
+    check_runs(model, policy)
     longest = max(len(p) for p in prompts)
     checks.context(model.max_context, longest)
     check_fits(model.config, longest, 0, policy, model.dtype, len(prompts), tp_degree(model.mesh),
@@ -114,7 +106,7 @@ def generate(model: Model, tokens, max_new_tokens: int, policy="mom", temperatur
     prompts = checks.prompts(tokens, cfg.vocab_size)
     max_new_tokens = checks.new_tokens(max_new_tokens)
     checks.callback(on_layer)
-    _one_device(model, policy)
+    check_runs(model, policy)
     longest = max(len(p) for p in prompts)
     checks.context(model.max_context, longest, max_new_tokens)
     sampling = checks.sampling(cfg.vocab_size, cfg.eos_token_ids, temperature, top_k, top_p, seed, stop_tokens)

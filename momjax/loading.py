@@ -23,7 +23,8 @@ from momjax.errors import CheckpointError, InputError
 from momjax.gguf import read_config, stream_gguf_leaves
 from momjax.hf import config as hf_config
 from momjax.hf.tensors import stream_hf_leaves
-from momjax.mesh import check_mesh, leaf_sharding, place_leaf
+from momjax.mesh import check_mesh, leaf_sharding, place_leaf, tp_degree
+from momjax.offload_programs import stream_heads
 from momjax.params import Params, unflatten
 from momjax.store import orbax
 
@@ -84,6 +85,14 @@ def check_weights(model: Model) -> None:
                          "again with momjax.load(path, weights=...)")
 
 
+def check_runs(model: Model, policy) -> None:
+    """InputError when the model cannot run the policy as it is placed: params not where model.weights says, or a
+    mom-host block grouping (host_heads) that its mesh cannot split."""
+    check_weights(model)
+    if policy.on_host:
+        stream_heads(model.config, policy, tp_degree(model.mesh))
+
+
 def folder_config(path: str) -> Config:
     """The Config of a checkpoint folder (Hugging Face config.json, or an Orbax folder's) or of a GGUF file (its
     metadata), weights unread."""
@@ -101,8 +110,8 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
 
     dtype: "float32" | "bfloat16" | "float16" | None (the checkpoint's). weights: "device", or "host": the weights
     stay in pinned host memory and each layer's come to the device when it runs, the next layer's copy in flight
-    (with every policy, on one device: a model larger than the device runs; decoding is then bound by the host
-    link, since every token brings every layer over).
+    (with every policy, on one device or a mesh, each device keeping its own piece: a model larger than the
+    devices runs; decoding is then bound by the host link, since every token brings every layer over).
     mesh: a jax.sharding.Mesh with a "tp" axis (momjax.make_mesh(tp=N)): every weight is split over it as it
     loads (momjax.mesh says how), each device receiving only its piece, and every program runs tensor-parallel.
     max_context: the longest prompt + new tokens accepted (default: the config's context_length).
@@ -116,9 +125,6 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
     if weights not in ("device", "host"):
         raise InputError(f"weights must be 'device' or 'host' (pinned host memory, each layer brought to the device "
                          f"as it runs), got {weights!r}")
-    if weights == "host" and mesh is not None:
-        raise InputError("weights='host' runs on one device; load without a mesh, or keep the weights on the mesh's "
-                         "devices with weights='device'")
     memory_kind = "pinned_host" if weights == "host" else "device"
     if not isinstance(progress, bool):
         raise InputError(f"progress must be True or False, got {progress!r}")

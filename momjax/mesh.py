@@ -148,9 +148,12 @@ def leaf_sharding(mesh: Mesh, name: str, shape: tuple[int, ...], memory_kind: st
     return NamedSharding(mesh, leaf_spec(name, shape, tp_degree(mesh)), memory_kind=memory_kind)
 
 
-def kv_sharding(mesh: Mesh, ndim: int = 4, memory_kind: str = "device") -> NamedSharding:
-    """A cache array [B, K, T, E] (or an int8 cache's scales [B, K, T]) split on its KV-head axis."""
-    return NamedSharding(mesh, P(None, TP, *([None] * (ndim - 2))), memory_kind=memory_kind)
+def kv_sharding(mesh: Mesh, ndim: int = 4, memory_kind: str = "device", axis: int = 1) -> NamedSharding:
+    """A cache array [B, K, T, E] (or an int8 cache's scales [B, K, T]) split on its KV-head axis; `axis` names
+    another axis for arrays whose heads are elsewhere (mom-host's query tiles [Nq, B, K, rows, E])."""
+    spec = [None] * ndim
+    spec[axis] = TP
+    return NamedSharding(mesh, P(*spec), memory_kind=memory_kind)
 
 
 def replicated(mesh: Mesh, memory_kind: str = "device") -> NamedSharding:
@@ -161,6 +164,13 @@ def inputs_on(mesh: Mesh | None, x):
     """A host input (token ids, offsets) as programs of a model on `mesh` take it: whole on every device of the
     mesh (on the default device without one)."""
     return jax.numpy.asarray(x) if mesh is None else jax.device_put(x, replicated(mesh))
+
+
+def shard_bytes(leaf) -> int:
+    """Bytes of one device's piece of an array or ShapeDtypeStruct (all of it unless split over a mesh)."""
+    s = getattr(leaf, "sharding", None)
+    shape = s.shard_shape(leaf.shape) if isinstance(s, NamedSharding) else leaf.shape
+    return int(np.prod(shape)) * jax.numpy.dtype(leaf.dtype).itemsize
 
 
 def place_leaf(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -202,9 +212,26 @@ def tensor_parallel() -> bool:
     return not mesh.empty and TP in mesh.axis_names and mesh.shape[TP] > 1
 
 
+def traced_degree() -> int:
+    """The tensor-parallel degree of the mesh programs are being traced and run in (`in_mesh`): 1 outside one."""
+    return int(jax.sharding.get_abstract_mesh().shape[TP]) if tensor_parallel() else 1
+
+
 def replicate(x):
     """x held whole on every device of the mesh being traced for (unchanged on one device)."""
     return jax.lax.with_sharding_constraint(x, P()) if tensor_parallel() else x
+
+
+def split_hidden(x):
+    """x [..., D] split on its hidden axis over the mesh being traced for (unchanged on one device; whole on every
+    device when D does not divide): how mom-host keeps the residual stream in host memory, one copy across the
+    devices' host memory rather than one each. Slicing the whole residual costs no communication; bringing it back
+    whole (`replicate`) costs one all-gather."""
+    if not tensor_parallel():
+        return x
+    if x.shape[-1] % traced_degree():
+        return replicate(x)
+    return jax.lax.with_sharding_constraint(x, P(*([None] * (x.ndim - 1)), TP))
 
 
 def embed_lookup(embed, tokens):

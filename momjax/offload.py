@@ -31,7 +31,10 @@ looks up each token's embedding row on the host.
 Sessions run with it too (`feed`, which momjax.Session calls): a feed's tokens are right-padded chunks at the
 session's length; their blocks are appended to the session's HostCache, each with the span of positions it holds
 (a feed's last block may end partway, and keys past a block's end are masked: the next feed's overlap them).
-Several devices do not run with `mom-host` yet; they refuse it with a clear error.
+On a mesh (momjax.mesh) every block is split on its KV heads like the other policies' caches: each device streams
+its own heads' keys and values from its own pinned host memory, holds its share of the weights, and each layer costs
+the same two all-reduces of the residual stream. The residual stream in host memory is split on its hidden axis
+(one copy across the devices' host memory); each chunk's is gathered whole when it comes to the devices.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from momjax import model as M
 from momjax import offload_programs as P
 from momjax.config import Config
 from momjax.errors import InputError
+from momjax.mesh import traced_degree
 from momjax.params import device_layers, head_params, to_device, weights_on_host
 from momjax.policy import MemoryPolicy
 
@@ -184,7 +188,7 @@ def prefill(params, tokens, start, cfg: Config, policy: MemoryPolicy, on_layer=N
     start_np = np.asarray(start)
     rope_len = S - int(start_np.min())  # the longest row's length, as prefill_layer reads it
     cache = HostCache(blocks=[[] for _ in range(cfg.num_layers)], spans=[], start=start, length=0,
-                      heads=layout(cfg, policy, M.chunk_length(S, policy))[1])
+                      heads=P.stream_heads(cfg, policy, traced_degree()))
     return _run(params, np.asarray(tokens), S, cache, rope_len, cfg, policy, on_layer), cache
 
 
@@ -199,7 +203,7 @@ def feed(params, ids: list[int], cache: HostCache | None, cfg: Config, policy: M
     tokens[0, :n] = ids
     if cache is None:
         cache = HostCache(blocks=[[] for _ in range(cfg.num_layers)], spans=[], start=jnp.zeros((1,), jnp.int32),
-                          length=0, heads=layout(cfg, policy, M.chunk_length(width, policy))[1])
+                          length=0, heads=P.stream_heads(cfg, policy, traced_degree()))
     return _run(params, tokens, n, cache, cache.length + n, cfg, policy, on_layer), cache
 
 
@@ -210,7 +214,7 @@ def _run(params, tokens: np.ndarray, n: int, cache: HostCache, rope_len: int, cf
     Returns the logits [B, V] at the last real token."""
     B, W = tokens.shape
     C = M.chunk_length(W, policy)
-    block, heads = layout(cfg, policy, C)
+    block, heads = layout(cfg, policy, C, traced_degree())
     if heads != cache.heads:
         raise InputError(f"this cache's blocks hold {cache.heads} KV heads each; host_heads={heads} cannot extend it")
     offset, end = cache.length, cache.length + n

@@ -13,7 +13,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from momjax import generation as G
 from momjax import model as M
@@ -21,23 +20,35 @@ from momjax.attention import attend_block, attend_one, empty_carry, from_tiles, 
 from momjax.cache import quantize_kv, to_memory_kind
 from momjax.config import Config
 from momjax.errors import InputError
-from momjax.mesh import embed_lookup
-from momjax.params import head_params, param_bytes, param_shapes
+from momjax.mesh import embed_lookup, replicate, shard_bytes, split_hidden
+from momjax.params import head_params, leaf_bytes
 from momjax.policy import MemoryPolicy
 from momjax.rope import rope_frequencies
 
 HOST, DEVICE = "pinned_host", "device"
 
 
-def layout(cfg: Config, policy: MemoryPolicy, chunk: int) -> tuple[int, int]:
-    """(Bk, Kg): tokens and KV heads of one streamed K/V block for a prompt cut in chunks of `chunk` tokens."""
+def layout(cfg: Config, policy: MemoryPolicy, chunk: int, devices: int = 1) -> tuple[int, int]:
+    """(Bk, Kg): tokens and KV heads of one streamed K/V block for a prompt cut in chunks of `chunk` tokens, the
+    model split over `devices` devices (`stream_heads`)."""
     block = min(policy.host_block or chunk, chunk)
-    heads = policy.host_heads or cfg.num_kv_heads
     if chunk % block:
         raise InputError(f"host_block ({block} tokens) must divide the mini-sequence length ({chunk})")
+    return block, stream_heads(cfg, policy, devices)
+
+
+def stream_heads(cfg: Config, policy: MemoryPolicy, devices: int = 1) -> int:
+    """Kg, the KV heads of one streamed block (policy.host_heads, all by default). On a mesh of `devices` devices
+    each block is split on its KV heads like the rest of the cache (each device streams its own heads' keys and
+    values), so a block holds all of them: the mesh already groups them."""
+    heads = policy.host_heads or cfg.num_kv_heads
     if cfg.num_kv_heads % heads:
         raise InputError(f"host_heads ({heads}) must divide the model's {cfg.num_kv_heads} KV heads")
-    return block, heads
+    if devices > 1 and heads != cfg.num_kv_heads:
+        raise InputError(f"host_heads={heads} with the model split over {devices} devices: each device already streams "
+                         f"only its own {cfg.num_kv_heads // devices} KV heads; leave host_heads unset (a smaller "
+                         "host_block makes the streamed blocks smaller)")
+    return heads
 
 
 # ---------------------------------------------------------------------- prefill programs
@@ -45,8 +56,8 @@ def layout(cfg: Config, policy: MemoryPolicy, chunk: int) -> tuple[int, int]:
 
 @jax.jit
 def embed_fn(embed, tokens):
-    """A chunk's tokens [B, C] -> its residual [B, C, D], in host memory."""
-    return to_memory_kind(embed_lookup(embed, tokens), HOST)
+    """A chunk's tokens [B, C] -> its residual [B, C, D], in host memory (split on D over a mesh: `split_hidden`)."""
+    return to_memory_kind(split_hidden(embed_lookup(embed, tokens)), HOST)
 
 
 def cut(kv, block: int, heads: int):
@@ -65,7 +76,7 @@ def qkv_fn(lp, x_host, q_first, start, rope_len, cfg: Config, policy: MemoryPoli
     The chunk's own K/V are not also returned on the device: its attention streams them back like every other
     block (a little more traffic, one program shape; and XLA's CPU backend cannot return one value both on the
     device and in host memory, which a block of the whole chunk would be)."""
-    x = to_memory_kind(x_host, DEVICE)
+    x = replicate(to_memory_kind(x_host, DEVICE))  # on a mesh, each device's share of D gathered
     C = x.shape[1]
     pos = q_first + jnp.arange(C)[None, :] - start[:, None]  # [B, C]; padding gets negative positions
     inv_freq = rope_frequencies(cfg, rope_len)
@@ -113,15 +124,15 @@ def finish_fn(lp, x, carries, at, cfg: Config, G: int, last: bool):
     o = from_tiles(out, G).astype(x.dtype)  # [B, C, H, E]
     if last:
         x, o = (jax.lax.dynamic_slice_in_dim(a, at, 1, axis=1) for a in (x, o))
-    x = x + M.project_o(lp, o)
-    x = x + M.mlp(lp, M.rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
-    return x if last else to_memory_kind(x, HOST)
+    x = replicate(x + M.project_o(lp, o))  # on a mesh: whole on every device, after one all-reduce each
+    x = replicate(x + M.mlp(lp, M.rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)))
+    return x if last else to_memory_kind(split_hidden(x), HOST)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def head_fn(head: M.Params, x, at, cfg: Config):
     """Logits [B, V] at position `at` of x [B, C, D] (on the device, or in host memory)."""
-    x = jax.lax.dynamic_slice_in_dim(to_memory_kind(x, DEVICE), at, 1, axis=1)
+    x = replicate(jax.lax.dynamic_slice_in_dim(to_memory_kind(x, DEVICE), at, 1, axis=1))
     return M.lm_head(head, M.rms_norm(x, head.final_norm, cfg.rms_norm_eps))[:, 0]
 
 
@@ -199,28 +210,38 @@ def next_fn(logits, key, t, temperature, top_k: int, top_p, stop_ids, pad_id, do
 # ---------------------------------------------------------------------- the programs, for memory reports
 
 
-def abstract(shape, dtype, kind=DEVICE, where=None):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=where(kind))
+def abstract(shape, dtype, kind=DEVICE, where=None, heads_axis=None):
+    """An abstract argument in memory kind `kind`: on a mesh split on its KV-head axis `heads_axis` (None: whole
+    on every device). where(kind, ndim, axis): momjax.memory.shapes.placement's."""
+    sharding = where(kind) if heads_axis is None else where(kind, len(shape), heads_axis)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
 def block_avals(cfg: Config, policy: MemoryPolicy, B: int, block: int, heads: int, dtype, kind, where):
     """One host block (k, v[, k_scale, v_scale]) as abstract arrays in memory kind `kind`."""
     E = cfg.head_dim
     if policy.quantized_kv:
-        kv = abstract((B, heads, block, E), jnp.int8, kind, where)
-        scale = abstract((B, heads, block), jnp.float32, kind, where)
+        kv = abstract((B, heads, block, E), jnp.int8, kind, where, 1)
+        scale = abstract((B, heads, block), jnp.float32, kind, where, 1)
         return kv, kv, scale, scale
-    kv = abstract((B, heads, block, E), dtype, kind, where)
+    kv = abstract((B, heads, block, E), dtype, kind, where, 1)
     return kv, kv
 
 
+def _on_device(tree, where, heads_axis):
+    """Abstract values (from eval_shape) on the device, split on their KV-head axis on a mesh."""
+    return jax.tree.map(lambda a: abstract(a.shape, a.dtype, DEVICE, where, heads_axis), tree)
+
+
 def stages(params, cfg: Config, policy: MemoryPolicy, seq_len: int, phase: str, batch: int, new_tokens: int,
-           where) -> list:
+           where, devices: int = 1) -> list:
     """The programs one chunk of a `mom-host` prefill (phase="prefill") or one layer of a decode step runs, with
-    abstract arguments, as (generation.Stage, held): `held` is what else stays on the device while the program
+    abstract arguments, as (generation.Stage, held): `held` is what else stays on each device while the program
     runs (the values kept between programs: the chunk's residual and queries, the other groups' attention
     states, the next block arriving, and in decode the tails and the resident layers' blocks). None of it
-    depends on seq_len except the resident layers' blocks. where(kind): the sharding of an abstract argument."""
+    depends on seq_len except the resident layers' blocks. where(kind, ndim=None, axis=1): the sharding of an
+    abstract argument (momjax.memory.shapes.placement: on a mesh of `devices`, split on the KV heads when ndim is
+    given); params: abstract, placed as where says."""
     dtype = params.embed.dtype
     B, L, K, H, E, D = batch, cfg.num_layers, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, cfg.hidden_size
     Gh = H // K
@@ -229,20 +250,19 @@ def stages(params, cfg: Config, policy: MemoryPolicy, seq_len: int, phase: str, 
     start = abstract((B,), jnp.int32, DEVICE, where)
     S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
     C = M.chunk_length(S, policy) if phase == "prefill" else min(policy.minisequence, S)
-    block, heads = layout(cfg, policy, C)
+    block, heads = layout(cfg, policy, C, devices)
     blk = block_avals(cfg, policy, B, block, heads, dtype, DEVICE, where)
-    nbytes = lambda tree: sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+    nbytes = lambda tree: sum(shard_bytes(a) for a in jax.tree.leaves(tree))  # each device's share
     groups = K // heads
     head = head_params(params)
     common = dict(window=cfg.sliding_window, heads=heads)
     if phase == "prefill":
-        x_host = abstract((B, C, D), dtype, HOST, where)
+        x_host = abstract((B, C, D), dtype, HOST, where, 2 if D % devices == 0 else None)  # split_hidden's
         x, q, _ = jax.eval_shape(functools.partial(qkv_fn, cfg=cfg, policy=policy, block=block, heads=heads), lp,
                                  x_host, scalar, start, scalar)
-        x, q = (abstract(a.shape, a.dtype, DEVICE, where) for a in (x, q))
+        x, q = abstract(x.shape, x.dtype, DEVICE, where), _on_device(q, where, 2)  # q: [Nq, B, K, rows, E]
         Nq, _, _, rows, _ = q.shape
-        carry = tuple(abstract(a.shape, a.dtype, DEVICE, where) for a in
-                      jax.eval_shape(lambda: empty_carry((Nq, B, heads, rows), E)))
+        carry = tuple(_on_device(jax.eval_shape(lambda: empty_carry((Nq, B, heads, rows), E)), where, 2))
         carries = (carry,) * groups
         x_last = abstract((B, 1, D), dtype, DEVICE, where)
         return [
@@ -259,21 +279,22 @@ def stages(params, cfg: Config, policy: MemoryPolicy, seq_len: int, phase: str, 
         raise InputError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     n = max(new_tokens - 1, 1)
     kv_dtype = jnp.int8 if policy.quantized_kv else dtype
-    tail = abstract((B, K, n, E), kv_dtype, DEVICE, where)
+    tail = abstract((B, K, n, E), kv_dtype, DEVICE, where, 1)
     if policy.quantized_kv:
-        tail = (tail, abstract((B, K, n), jnp.float32, DEVICE, where))
+        tail = (tail, abstract((B, K, n), jnp.float32, DEVICE, where, 1))
     x = abstract((B, 1, D), dtype, DEVICE, where)
     token = abstract((B,), jnp.int32, DEVICE, where)
     _, q32, k_new, v_new = jax.eval_shape(functools.partial(dec_qkv_fn, cfg=cfg, quantized=policy.quantized_kv),
                                           lp, params.embed, token, scalar, start, x)
-    q32, k_new, v_new = jax.tree.map(lambda a: abstract(a.shape, a.dtype, DEVICE, where), (q32, k_new, v_new))
-    carry = tuple(abstract(a.shape, a.dtype, DEVICE, where) for a in
-                  jax.eval_shape(lambda: empty_carry((B, heads, Gh), E)))
+    q32, k_new, v_new = _on_device((q32, k_new, v_new), where, 1)  # [B, K, ...]
+    carry = tuple(_on_device(jax.eval_shape(lambda: empty_carry((B, heads, Gh), E)), where, 1))
     carries = (carry,) * groups
     # Between programs: every layer's tail, and the blocks of the layers kept on the device.
     resident = policy.device_layers(L) * (S // block) * groups * nbytes(blk)
     tails = L * 2 * nbytes(tail)
     return [
+        (G.Stage("embed", dec_qkv_fn, (lp, params.embed, token, scalar, start, None),  # the first layer's, on device
+                 dict(cfg=cfg, quantized=policy.quantized_kv)), tails + resident),
         (G.Stage("qkv", dec_qkv_fn, (lp, params.embed, token, scalar, start, x),
                  dict(cfg=cfg, quantized=policy.quantized_kv)), tails + resident),
         (G.Stage("attend", dec_attend_fn, (q32, carry, blk, scalar, scalar, scalar, scalar, start), common),
@@ -284,12 +305,16 @@ def stages(params, cfg: Config, policy: MemoryPolicy, seq_len: int, phase: str, 
     ]
 
 
-def host_bytes(cfg: Config, policy: MemoryPolicy, seq_len: int, dtype, batch: int, phase: str) -> dict:
-    """What `mom-host` keeps in pinned host memory: kv (every layer's K/V, int8 with scales when quantised),
-    residual (the prompt's residual stream, in prefill, plus the chunk being written back), host (both), and
-    streamed (the K/V a decode step brings over: the layers not kept on the device)."""
+def host_bytes(cfg: Config, policy: MemoryPolicy, seq_len: int, dtype, batch: int, phase: str,
+               devices: int = 1) -> dict:
+    """What `mom-host` keeps in pinned host memory, on each device of `devices` (split on the KV heads): kv (every
+    layer's K/V, int8 with scales when quantised), layer_kv (one layer's), residual (the prompt's residual
+    stream, in prefill, plus the chunk being written back; split on the hidden axis), streamed (the K/V a decode
+    step brings over: the layers not kept on the device); and host: all devices' kv and residual together (what
+    one host holds for them)."""
     b = jnp.dtype(dtype).itemsize
-    L, K, E, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    L, K, E, D = cfg.num_layers, cfg.num_kv_heads // devices, cfg.head_dim, cfg.hidden_size
+    D = D // devices if D % devices == 0 else D  # each device's share of the residual (split_hidden)
     S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
     e = E + 4 if policy.quantized_kv else E * b
     layer_kv = 2 * batch * K * S * e
@@ -298,28 +323,27 @@ def host_bytes(cfg: Config, policy: MemoryPolicy, seq_len: int, dtype, batch: in
     streamed = (L - policy.device_layers(L)) * layer_kv if phase == "decode" else 0
     # Decoding keeps the host blocks of the layers it copies to the device (the prefill's cache holds them).
     return dict(kv=L * layer_kv, layer_kv=layer_kv, residual=residual, streamed=streamed,
-                host=L * layer_kv + residual)
+                host=devices * (L * layer_kv + residual))
 
 
-def weight_bytes(cfg: Config, dtype, weights: str = "device", lookup_on_host: bool = True) -> dict:
-    """Where the weights' bytes are: device (all of them; with weights="host" two layers', one running and the next
-    arriving, plus the larger of the embedding and the LM head, each on the device for its own phase), host (with
-    weights="host", all of them), and streamed (what one decode step brings over with host weights: every layer
-    and the LM head, and the embedding unless the token's row is looked up on the host, as `mom-host` does; the
-    other policies' decode step brings the table over for its lookup)."""
-    total = param_bytes(cfg, dtype)
+def weight_bytes(cfg: Config, dtype, weights: str = "device", lookup_on_host: bool = True, devices: int = 1) -> dict:
+    """Where the weights' bytes are, on each device of `devices` (its share when split over a mesh): device (all of
+    them; with weights="host" two layers', one running and the next arriving, plus the larger of the embedding and
+    the LM head, each on the device for its own phase), total (all of them), host (with weights="host", every
+    device's share together: what one host holds), and streamed (what one decode step brings over with host
+    weights: every layer and the LM head, and the embedding unless the token's row is looked up on the host, as
+    `mom-host` does; the other policies' decode step brings the table over for its lookup)."""
+    leaves = leaf_bytes(cfg, dtype, devices)
+    total = sum(leaves.values())
     if weights == "device":
         return dict(device=total, host=0, streamed=0, total=total)
     if weights != "host":
         raise InputError(f"weights must be 'device' or 'host', got {weights!r}")
-    b = jnp.dtype(dtype).itemsize
-    shapes = param_shapes(cfg)
-    layer = sum(int(np.prod(s[1:])) for k, s in shapes.items() if k.startswith("layers.")) * b
-    embed = int(np.prod(shapes["embed"])) * b
-    head = int(np.prod(shapes["lm_head"])) * b if "lm_head" in shapes else embed
-    head += int(np.prod(shapes["final_norm"])) * b  # the LM head reads the final norm too
+    layer = sum(v for k, v in leaves.items() if k.startswith("layers.")) // cfg.num_layers
+    embed = leaves["embed"]
+    head = leaves.get("lm_head", embed) + leaves["final_norm"]  # the LM head reads the final norm too
     streamed = cfg.num_layers * layer + head + (0 if lookup_on_host else embed)
-    return dict(device=2 * layer + max(embed, head), host=total, streamed=streamed, total=total)
+    return dict(device=2 * layer + max(embed, head), host=devices * total, streamed=streamed, total=total)
 
 
 def unpair(kv):

@@ -126,16 +126,22 @@ def abstract_params(cfg: Config, dtype=None, sharding=None, mesh=None) -> Params
     return unflatten(flat, per_layer)
 
 
-def param_bytes(cfg: Config, dtype, tp: int = 1) -> int:
-    """Bytes of the weights on each device when they are split tensor-parallel over tp devices (momjax.mesh):
-    all of them for tp = 1."""
+def leaf_bytes(cfg: Config, dtype, tp: int = 1) -> dict[str, int]:
+    """Flat name -> bytes of that stored leaf (all layers of a "layers." one) on each device when the weights are
+    split tensor-parallel over tp devices (momjax.mesh): all of it for tp = 1, or for a leaf kept whole."""
     size = jnp.dtype(dtype).itemsize
-    total = 0
+    out = {}
     for name, shape in param_shapes(cfg).items():
         per_layer = name.startswith("layers.")
         spec = leaf_spec(name.removeprefix("layers."), shape[per_layer:], tp)
-        total += int(np.prod(shape)) * size // (tp if "tp" in spec else 1)
-    return total
+        out[name] = int(np.prod(shape)) * size // (tp if "tp" in spec else 1)
+    return out
+
+
+def param_bytes(cfg: Config, dtype, tp: int = 1) -> int:
+    """Bytes of the weights on each device when they are split tensor-parallel over tp devices (momjax.mesh):
+    all of them for tp = 1."""
+    return sum(leaf_bytes(cfg, dtype, tp).values())
 
 
 def init_random(cfg: Config, seed: int = 0, dtype=None) -> Params:

@@ -39,7 +39,7 @@ from momjax.api import Generation
 from momjax.cache import KVCache, place_for_decode, sharding, to_memory_kind
 from momjax.decoding import DecodeStats, collect, decode_stream
 from momjax.errors import InputError, SessionError
-from momjax.loading import Model, check_model, check_weights
+from momjax.loading import Model, check_model, check_runs
 from momjax.memory.fit import check_fits
 from momjax.mesh import in_mesh, inputs_on, iterate_in, kv_sharding, tp_degree
 from momjax.policy import MemoryPolicy, get_policy
@@ -112,10 +112,7 @@ class Session:
         check_model(model)
         self.model = model
         self.policy: MemoryPolicy = get_policy(policy)
-        check_weights(model)
-        if self.policy.on_host and model.mesh is not None:
-            raise InputError("policy 'mom-host' runs on one device: load the model without a mesh, or use "
-                             "'mom-stream' on the mesh")
+        check_runs(model, self.policy)
         self._tokens: list[int] = []
         # mom-host: the K/V as streamed blocks in host memory (momjax.offload.HostCache), made by the first feed.
         self._host: offload.HostCache | None = None
@@ -411,13 +408,14 @@ class Session:
         room, kind = G.bucket_length(max(n, int(capacity), 1), session.policy), session.memory_kind
         on_host = session.policy.on_host
         if on_host:  # mom-host: blocks as a feed of the n tokens would cut them
-            block, heads = offload.layout(cfg, session.policy, M.chunk_length(room, session.policy))
+            block, heads = offload.layout(cfg, session.policy, M.chunk_length(room, session.policy),
+                                          tp_degree(model.mesh))
         buffers = {}
         for name, t in session_file.read_tensors(header, expected):
             if name == "tokens":
                 ids = t.tolist()
             elif n and on_host:
-                buffers[name] = offload.cut_positions(t, n, block, heads, sharding(kind))
+                buffers[name] = offload.cut_positions(t, n, block, heads, _buffer_sharding(model, t.ndim, kind))
             elif n:
                 buffers[name] = _placed_buffer(t, room, _buffer_sharding(model, t.ndim, kind))
         if any(not 0 <= t < cfg.vocab_size for t in ids):

@@ -25,12 +25,11 @@ import importlib.util
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from momjax import no_gpu
 from momjax.errors import TargetError
-from momjax.mesh import in_mesh
+from momjax.mesh import in_mesh, shard_bytes
 
 INSTALL_HINT = "pip install 'momjax[gpu-plan]'"
 # What the GPU compiler logs when a program needs more than the target's memory: expected while `plan`
@@ -233,13 +232,6 @@ def abstract_sharding(target, memory_kind: str = "device") -> jax.sharding.Shard
     return jax.sharding.SingleDeviceSharding(topology(t).devices[0])
 
 
-def _nbytes(leaf) -> int:
-    """Bytes of one device's piece of leaf (all of it unless split over a mesh)."""
-    s = getattr(leaf, "sharding", None)
-    shape = s.shard_shape(leaf.shape) if isinstance(s, jax.sharding.NamedSharding) else leaf.shape
-    return int(np.prod(shape)) * jnp.dtype(leaf.dtype).itemsize
-
-
 def _abstract_mesh(args):
     """The AbstractMesh the abstract args are described on (momjax.memory.measure with devices > 1), or None."""
     for x in jax.tree.leaves(args):
@@ -274,7 +266,7 @@ def retarget(args, target, mesh=None):
     mesh's concrete devices), and the per-device bytes of those that were pinned host."""
     t = get(target)
     if t is None and mesh is None:
-        host = sum(_nbytes(x) for x in jax.tree.leaves(args) if _kind(x) == "pinned_host")
+        host = sum(shard_bytes(x) for x in jax.tree.leaves(args) if _kind(x) == "pinned_host")
         return args, host
     device = abstract_sharding(t) if mesh is None else None
     host = 0
@@ -284,7 +276,7 @@ def retarget(args, target, mesh=None):
         if not isinstance(x, jax.ShapeDtypeStruct):
             return x
         if _kind(x) == "pinned_host" and t is not None:
-            host += _nbytes(x)
+            host += shard_bytes(x)
         where = device
         if mesh is not None:  # the same split on the concrete devices; a GPU target's keep no memory kind
             kind = x.sharding.memory_kind if t is None else None
@@ -293,7 +285,7 @@ def retarget(args, target, mesh=None):
 
     moved = jax.tree.map(move, args)
     if t is None:
-        host = sum(_nbytes(x) for x in jax.tree.leaves(moved) if _kind(x) == "pinned_host")
+        host = sum(shard_bytes(x) for x in jax.tree.leaves(moved) if _kind(x) == "pinned_host")
     return moved, host
 
 
@@ -380,7 +372,7 @@ def analyse(compiled, host_argument_bytes: int, target=None) -> dict:
     total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
     compiler_host = ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes
     if t is None:
-        host_outs = sum(_nbytes(x) for x in jax.tree.leaves(output_avals(compiled)) if _kind(x) == "pinned_host")
+        host_outs = sum(shard_bytes(x) for x in jax.tree.leaves(output_avals(compiled)) if _kind(x) == "pinned_host")
         # Host outputs that are arguments passed through (a decode step returns its prompt K/V untouched; split
         # over a mesh their shardings say pinned_host) are not in the output size: they are counted once, as
         # arguments. Such outputs show as more host outputs than the program writes.

@@ -1,9 +1,10 @@
 """Tensor parallelism on a mesh of 1, 2 and 4 virtual CPU devices (conftest.py starts JAX with four).
 
 Each family runs split over the mesh and on one device: greedy tokens identical, logits within float tolerance,
-for every policy, int8 K/V and kv_device_layers, sampling with a seed, and Sessions (feed, generate, rewind,
-save on one mesh and load on another). The compiled decode step is read: each layer holds exactly the two
-all-reduces tensor parallelism needs, and nothing gathers a weight. Families with 2 KV heads run on 2 devices,
+for every policy (mom-host too), int8 K/V and kv_device_layers, sampling with a seed, weights in host memory, and
+Sessions (feed, generate, rewind, save on one mesh and load on another). The compiled decode step (and mom-host's
+programs) are read: each layer holds exactly the two all-reduces tensor parallelism needs, and nothing gathers a
+weight, a key or a value. Families with 2 KV heads run on 2 devices,
 families with 4 KV heads on 4; a degree that does not divide the heads is refused (KV heads are not replicated).
 """
 
@@ -61,8 +62,9 @@ def hf_of(zoo, wide, family):
     return wide[family][0] if family in wide else zoo.hf(family)
 
 
-def load(folder, tp=None):
-    return momjax.load(folder, dtype="float32", progress=False, mesh=None if tp is None else momjax.make_mesh(tp=tp))
+def load(folder, tp=None, weights="device"):
+    return momjax.load(folder, dtype="float32", progress=False, mesh=None if tp is None else momjax.make_mesh(tp=tp),
+                       weights=weights)
 
 
 @pytest.mark.parametrize("family,tp", CASES)
@@ -78,6 +80,32 @@ def test_every_policy_on_a_mesh_equals_one_device_and_transformers(zoo, wide, fa
         assert tokens[0] == reference, policy
         full = np.asarray(prompts[0])[None]
         assert rel_err(momjax.forward(split, full, policy=policy), momjax.forward(one, full, policy=policy)) < 1e-5
+
+
+# mom-host with chunks of 16 tokens and blocks of 8: several of each, and prompts (40, 23) they do not divide.
+SMALL_HOST = momjax.POLICIES["mom-host"].replace(minisequence=16, host_block=8)
+
+
+@pytest.mark.parametrize("family,tp", [("llama-gqa", 2), ("mistral-window", 2), ("qwen2-k4", 4)])
+def test_mom_host_and_host_weights_on_a_mesh_equal_one_device(zoo, wide, family, tp):
+    """mom-host (its blocks split on the KV heads, each device streaming its own from its host memory) and weights
+    in host memory (each device's share brought over layer by layer) give one device's baseline tokens."""
+    folder = folder_of(zoo, wide, family)
+    one, split, split_host = load(folder), load(folder, tp), load(folder, tp, weights="host")
+    prompts = [random_tokens(one.config.vocab_size, (40,), 1).tolist(), random_tokens(one.config.vocab_size, (23,),
+                                                                                     2).tolist()]
+    expected = momjax.generate(one, prompts, NEW, policy="baseline", stop_tokens=[]).as_lists()
+    assert expected[0] == hf_greedy(hf_of(zoo, wide, family), prompts[0], NEW)
+    for model, policy in ((split, SMALL_HOST), (split_host, SMALL_HOST), (split_host, "mom")):
+        assert momjax.generate(model, prompts, NEW, policy=policy, stop_tokens=[]).as_lists() == expected, policy
+    _, cache = momjax.prefill(split, prompts, policy=SMALL_HOST)
+    block = cache.blocks[0][0][0][0]
+    assert block.sharding.spec[1] == "tp" and block.sharding.memory_kind == "pinned_host"
+    assert {s.data.shape[1] for s in block.addressable_shards} == {one.config.num_kv_heads // tp}
+    wq = split_host.params.layers[0].wq
+    assert wq.sharding.memory_kind == "pinned_host" and wq.sharding.spec[1] == "tp"
+    full = np.asarray(prompts[0])[None]
+    assert rel_err(momjax.forward(split_host, full, policy="mom"), momjax.forward(one, full, policy="mom")) < 1e-5
 
 
 def test_each_device_holds_its_share_of_every_split_weight(zoo, wide):
@@ -123,12 +151,42 @@ def test_decode_step_has_two_all_reduces_per_layer_and_gathers_no_weight(zoo, wi
     assert found.get("collective-permute", 0) == 0, found
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+def test_mom_host_programs_and_a_host_weights_decode_step_gather_nothing(zoo, wide, monkeypatch):
+    """mom-host's programs on 4 devices: the layer's finish holds the two all-reduces, attending to a streamed block
+    nothing, and computing a chunk's q/k/v one all-gather (its residual, split on D in host memory); a decode step
+    with the weights in host memory copies each device's share over (the same all-reduces as with the weights on
+    the device, and no gather)."""
+    from momjax import offload_programs
+
+    model = load(folder_of(zoo, wide, "qwen2-k4"), 4)
+    cfg = model.config
+    found = {}
+    for name in ("qkv_fn", "attend_fn", "finish_fn", "dec_qkv_fn", "dec_attend_fn", "dec_finish_fn"):
+        def record(*args, _fn=getattr(offload_programs, name), _name=name, **kwargs):
+            if _name not in found:
+                found[_name] = collectives(_fn.lower(*args, **kwargs).compile().as_text())
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(offload_programs, name, record)
+    momjax.generate(model, [[5] * 40], 3, policy=SMALL_HOST, stop_tokens=[])
+    assert found["finish_fn"] == found["dec_finish_fn"] == {"all-reduce": 2}, found
+    assert found["qkv_fn"] == {"all-gather": 1} and found["attend_fn"] == found["dec_attend_fn"] == {}, found
+    assert found["dec_qkv_fn"] in ({}, {"all-reduce": 1}), found  # the first layer's looks the token up
+    host = load(folder_of(zoo, wide, "qwen2-k4"), 4, weights="host")
+    pol = momjax.get_policy("mom-stream")
+    _, cache = momjax.prefill(host, [[5] * 40], policy=pol)
+    cache = place_for_decode(cache, pol).with_tail(4)
+    with in_mesh(host.mesh):
+        text = G.decode_step_fn.lower(host.params, jnp.zeros((1,), jnp.int32), cache, cfg=cfg,
+                                      policy=pol).compile().as_text()
+    assert collectives(text) == {"all-reduce": 2 * cfg.num_layers + 1}, collectives(text)
+
+
+@pytest.mark.parametrize("policy", [*POLICIES, "mom-host"])
 def test_int8_kv_device_layers_and_sampling_on_a_mesh(zoo, policy):
     one, split = load(zoo.folder("llama-gqa")), load(zoo.folder("llama-gqa"), 2)
     prompts = [random_tokens(one.config.vocab_size, (37,), 3).tolist()] * 2
     pol = momjax.get_policy(policy).replace(kv_dtype="int8")
-    if policy == "mom-stream":
+    if policy in ("mom-stream", "mom-host"):
         pol = pol.replace(kv_device_layers=1)
     args = dict(policy=pol, stop_tokens=[])
     assert momjax.generate(split, prompts, NEW, **args).as_lists() == momjax.generate(one, prompts, NEW,
@@ -138,7 +196,7 @@ def test_int8_kv_device_layers_and_sampling_on_a_mesh(zoo, policy):
                                                                                           **sampled).as_lists()
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", [*POLICIES, "mom-host"])
 def test_session_on_a_mesh_saves_and_loads_across_device_counts(zoo, wide, tmp_path, policy):
     folder = folder_of(zoo, wide, "llama31-mha")
     one, two, four = load(folder), load(folder, 2), load(folder, 4)
@@ -255,6 +313,27 @@ def test_memory_report_on_several_devices_is_per_device_and_the_estimate_follows
         assert split["allreduce_bytes"] == guess["allreduce_bytes"] == int((2 * 4 + 1) * 256 * 4 * ring)
 
 
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+@pytest.mark.parametrize("weights", ["device", "host"])
+def test_mom_host_and_host_weights_memory_on_several_devices_is_per_device(phase, weights):
+    """mom-host's compiled programs on 2 devices: each holds about half of what one device holds, the estimate
+    follows them, and a decode step's all-reduces (read from the compiled programs) are the estimate's."""
+    cfg = momjax.Config(vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
+                        num_kv_heads=4, head_dim=32, max_position_embeddings=8192)
+    policy = momjax.POLICIES["mom-host"].replace(minisequence=512)
+    args = dict(dtype="float32", phase=phase, weights=weights)
+    one = momjax.memory_report(cfg, 4096, policy, **args)
+    split = momjax.memory_report(cfg, 4096, policy, devices=2, **args)
+    guess = momjax.estimate(cfg, 4096, policy, devices=2, **args)
+    assert split["devices"] == 2 and split["kv_bytes"] == one["kv_bytes"] // 2
+    assert 0.45 * one["device_bytes"] < split["device_bytes"] < 0.55 * one["device_bytes"], (one, split)
+    assert abs(guess["device_bytes"] - split["device_bytes"]) < 0.05 * split["device_bytes"], (guess, split)
+    assert guess["host_bytes"] == split["host_bytes"]
+    if phase == "decode":
+        assert split["host_to_device_bytes"] == guess["host_to_device_bytes"] < 0.55 * one["host_to_device_bytes"]
+        assert split["allreduce_bytes"] == guess["allreduce_bytes"] > 0
+
+
 def test_plan_on_several_devices_and_its_errors(capsys):
     with pytest.raises(momjax.InputError, match=r"weights alone need .* more than the 80.00 GiB device budget"):
         momjax.plan("llama-3.1-70b", "80GiB", "1TiB", source="estimate")
@@ -263,6 +342,9 @@ def test_plan_on_several_devices_and_its_errors(capsys):
                         context=131072)
     assert 0 < two["max_context"]["mom"] < eight["max_context"]["mom"]
     assert eight["max_context"]["mom"] >= 1_000_000 and eight["limits"]["mom-stream"] == "host"
+    # mom-host on 8 devices: host memory bounds it too, which also holds the residual stream (once, split on D).
+    assert eight["limits"]["mom-host"] == "host"
+    assert 0.9 * eight["max_context"]["mom-stream"] < eight["max_context"]["mom-host"]
     assert two["max_context"]["mom-stream"] > 0
     speed = eight["decode"]["mom"]
     assert speed["interconnect_s"] > 0 and speed["decode_tokens_per_s"] < 1 / (speed["device_s"] + speed["link_s"])

@@ -207,15 +207,16 @@ def add_sampling_args(p, max_new_tokens: int, max_help: str | None = None) -> No
 def add_weights_arg(p) -> None:
     p.add_argument("--weights", choices=("device", "host"), default="device",
                    help="host: keep the weights in host memory and bring each layer's to the device as it runs, the "
-                        "next one's copy in flight (any policy, one device: a model larger than the device runs; "
+                        "next one's copy in flight (any policy, with --devices too: a model larger than the devices runs; "
                         "decoding is then bound by the host link)")
 
 
 def loaded_weight_bytes(model) -> int:
-    """The bytes of a loaded model's weights on the device (0 with weights="host"): free for --policy auto's plan."""
+    """The bytes of a loaded model's weights on each device (0 with weights="host"): free for --policy auto's plan."""
+    from momjax.mesh import tp_degree
     from momjax.params import param_bytes
 
-    return 0 if model.weights == "host" else param_bytes(model.config, model.dtype)
+    return 0 if model.weights == "host" else param_bytes(model.config, model.dtype, tp_degree(model.mesh))
 
 
 def resolve_policy(args, cfg, context: int, dtype, log=None, loaded_weight_bytes: int = 0):

@@ -161,8 +161,6 @@ def run(args) -> int:
     check_context(cfg.context_length)  # before the weights are read: refuse what cannot run, fast
     mesh = start_devices(args, cfg)  # before anything touches a device
     policy = resolve_policy(args, cfg, total, args.dtype or cfg.dtype, None if args.quiet else log)
-    if policy.on_host and tp_degree(mesh) > 1:
-        raise UsageError("--policy mom-host runs on one device; use mom-stream with --devices")
     check_fits(cfg, len(ids), args.max_new_tokens, policy, args.dtype or cfg.dtype, devices=tp_degree(mesh),
                weights=args.weights)
     note_dtype(args.dtype or cfg.dtype)

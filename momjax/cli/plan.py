@@ -31,7 +31,7 @@ def add_parser(sub, common) -> None:
                    help="plan the model split tensor-parallel over N devices: --hbm is each device's, --host-memory "
                         "all of theirs together (compiled for N GPUs of the --target without them)")
     p.add_argument("--weights", choices=("device", "host"), default="device",
-                   help="host: plan the weights in host memory, streamed layer by layer (every policy, one device; "
+                   help="host: plan the weights in host memory, streamed layer by layer (every policy, any --devices; "
                         "needs --host-memory)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)

@@ -97,17 +97,16 @@ def estimate(model_or_config, seq_len: int, policy="mom", dtype="float32", phase
 
 def with_host_weights(report: dict, cfg, devices: int, weights: str) -> dict:
     """A report of baseline, mom or mom-stream with weights on the device, turned into the same policy's with
-    weights="host" (one device): the device holds two layers' weights (one running, the next arriving) and the
-    larger of the embedding and the LM head instead of all of them, host memory holds all of them, and a decode
-    step brings every layer, the embedding (its lookup runs in the step) and the LM head over the host link
-    (offload_programs.weight_bytes). weights="device" returns the report as it is."""
+    weights="host": each device holds two layers' share of the weights (one running, the next arriving) and the
+    larger of the embedding's and the LM head's instead of all of its share, host memory holds every device's
+    share, and a decode step brings each device's share of every layer, of the embedding (its lookup runs in the
+    step) and of the LM head over its host link (offload_programs.weight_bytes). weights="device" returns the
+    report as it is."""
     if weights == "device":
         return report
     if weights != "host":
         raise InputError(f"weights must be 'device' or 'host', got {weights!r}")
-    if devices > 1:
-        raise InputError("weights='host' runs on one device; plan several devices with the weights on them")
-    w = offload_programs.weight_bytes(cfg, report["dtype"], "host", lookup_on_host=False)
+    w = offload_programs.weight_bytes(cfg, report["dtype"], "host", lookup_on_host=False, devices=devices)
     out = dict(report, device_bytes=report["device_bytes"] - w["total"] + w["device"],
                host_bytes=report["host_bytes"] + w["host"], weights="host")
     if report["phase"] == "decode":
@@ -134,21 +133,28 @@ def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new
     weights="host": W on the device becomes two layers' weights and the larger of the embedding and the LM head,
     host gains all the weights, and a decode step streams every layer's and the LM head
     (offload_programs.weight_bytes).
+    devices = n > 1 (momjax.mesh): per device as `estimate` says (W, K, H, F and V each device's share; a block
+    holds all KV heads, split over the devices; the residual stream in host memory is split on D, and whole on
+    the device); host_bytes is all devices' together, and a decode step adds the same all-reduces as the other
+    policies' (none for the embedding when the token's row is looked up on the host, with host weights).
     """
-    if devices > 1:
-        raise InputError("policy 'mom-host' runs on one device; plan several devices with 'mom' or 'mom-stream'")
+    n = devices
     b = jnp.dtype(dtype).itemsize
     L, D, H, K, E, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                            cfg.intermediate_size, cfg.vocab_size)
+    embed_split = n > 1 and V % n == 0 and weights == "device"  # then the token's lookup ends in an all-reduce
+    H, K = H // n, K // n
+    F = F // n if F % n == 0 else F
+    V = V // n if V % n == 0 else V
     B = batch
     S = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
     C = min(policy.minisequence, S)
-    block, heads = offload_programs.layout(cfg, policy, C)
+    block, heads = offload_programs.layout(cfg, policy, C, n)
     e = E + 4 if policy.quantized_kv else E * b
-    blocks = 2 * 2 * B * heads * block * e
-    w = offload_programs.weight_bytes(cfg, dtype, weights)
+    blocks = 2 * 2 * B * (heads // n) * block * e
+    w = offload_programs.weight_bytes(cfg, dtype, weights, devices=n)
     W = w["device"]
-    h = offload_programs.host_bytes(cfg, policy, seq_len, dtype, batch, phase)
+    h = offload_programs.host_bytes(cfg, policy, seq_len, dtype, batch, phase, n)
     R = policy.device_layers(L)
     extra = {}
     if phase == "prefill":
@@ -164,9 +170,10 @@ def _host_estimate(cfg, seq_len: int, policy, dtype, phase: str, batch: int, new
         temp = blocks + 4 * B * V
         device, kv_bytes = W + tails + R * h["layer_kv"] + temp, h["kv"] + tails
         extra = dict(host_to_device_bytes=int(h["streamed"] + w["streamed"]),
-                     device_read_bytes=int(w["total"] - w["streamed"] + R * h["layer_kv"] + tails), allreduce_bytes=0)
+                     device_read_bytes=int(w["total"] - w["streamed"] + R * h["layer_kv"] + tails),
+                     allreduce_bytes=int((2 * L + embed_split) * 2 * (n - 1) * B * D * b // n))
     else:
         raise InputError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     return dict(device_bytes=int(device), host_bytes=int(h["host"] + w["host"]), weight_bytes=int(w["total"]),
                 kv_bytes=int(kv_bytes), temp_bytes=int(temp), source="estimate", seq_len=int(seq_len), phase=phase,
-                policy=policy.name, dtype=str(jnp.dtype(dtype)), devices=1, weights=weights, **extra)
+                policy=policy.name, dtype=str(jnp.dtype(dtype)), devices=n, weights=weights, **extra)

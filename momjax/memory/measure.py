@@ -39,7 +39,7 @@ def compile_program(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype="floa
     on an abstract mesh and compiled for this machine's first `devices` devices or the target's (per-device bytes).
     """
     dtype = jnp.dtype(dtype)
-    mesh = None if devices == 1 else jax.sharding.AbstractMesh((1, devices), ("dp", "tp"))
+    mesh = _mesh(devices)
     dev = placement(mesh)("device")
     params = abstract_params(cfg, dtype, sharding=dev, mesh=mesh)
     if phase == "prefill":
@@ -87,9 +87,9 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype=None, phase
     GPUs of the target in one host, without GPUs. Every figure is then per device except host_bytes (all
     devices' together), and a decode step adds allreduce_bytes (its all-reduces, read from the compiled program,
     as the bytes each device sends in a ring).
-    weights: "device", or "host" (momjax.load(..., weights="host"), one device): the weights counted in
-    host_bytes, two layers' and the larger of the embedding and the LM head on the device, and in decode all of
-    them streamed every step (in host_to_device_bytes). The programs are the same (the weights come over before
+    weights: "device", or "host" (momjax.load(..., weights="host")): the weights counted in host_bytes, two
+    layers' and the larger of the embedding and the LM head on the device (each device's share of them on a mesh),
+    and in decode all of them streamed every step (in host_to_device_bytes). The programs are the same (the weights come over before
     each prefill program, and a decode step copies them in its program a layer at a time), so the figures are the
     compiled ones with the weights' bytes moved (memory.estimate.with_host_weights). None: a loaded Model's own
     placement, else "device".
@@ -107,10 +107,8 @@ def memory_report(model_or_config, seq_len: int, policy="mom", dtype=None, phase
     padded = G.bucket_length(seq_len, policy) if phase == "prefill" else seq_len
     weights = _weights_placement(model_or_config, weights, policy)
     if policy.on_host:
-        if n > 1:
-            raise InputError("policy 'mom-host' runs on one device; plan several devices with 'mom' or 'mom-stream'")
         report = dict(_host_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens,
-                                   None if t is None else t.name, weights))
+                                   None if t is None else t.name, weights, n))
         report["seq_len"] = int(seq_len)
         return report
     report = dict(_memory_report(cfg, padded, policy, str(jnp.dtype(dtype)), phase, batch, new_tokens,
@@ -190,23 +188,29 @@ def _memory_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, 
     )
 
 
+def _mesh(devices: int):
+    """The abstract mesh programs for `devices` devices are described on (None for one device)."""
+    return None if devices == 1 else jax.sharding.AbstractMesh((1, devices), ("dp", "tp"))
+
+
 @functools.lru_cache(maxsize=64)
 def _host_programs(cfg: Config, policy: MemoryPolicy, dtype: str, phase: str, batch: int, new_tokens: int,
-                   target: str | None, chunk: int) -> tuple:
+                   target: str | None, chunk: int, devices: int = 1) -> tuple:
     """`mom-host`'s programs compiled once for a shape (they do not depend on the prompt's length, save for the
-    chunk length of a short prompt): ((stage, device bytes besides its weights, held-bytes function), ...)."""
-    dev = sharding("device")
-    params = abstract_params(cfg, jnp.dtype(dtype), sharding=dev)
-    where = lambda kind: sharding(kind)
+    chunk length of a short prompt): ((name, device bytes besides its weights, held, temp bytes, all-reduce
+    bytes), ...), per device of `devices`."""
+    mesh = _mesh(devices)
+    where = placement(mesh)
+    params = abstract_params(cfg, jnp.dtype(dtype), sharding=where("device"), mesh=mesh)
     out = []
     weights = {id(params.embed)} | {id(a) for a in jax.tree.leaves((params.layers[0], head_params(params)))}
-    for stage, held in offload_programs.stages(params, cfg, policy, chunk, phase, batch, new_tokens, where):
-        _, b = T.compile(stage.fn, *stage.args, target=target, **stage.static)
+    for stage, held in offload_programs.stages(params, cfg, policy, chunk, phase, batch, new_tokens, where, devices):
+        compiled, b = T.compile(stage.fn, *stage.args, target=target, **stage.static)
         # What the program holds besides the weights: its arguments counted without the weights (XLA leaves the
         # weights a program does not read out of its argument size, so they cannot simply be subtracted).
         others = sum(nbytes(a) for a in jax.tree.leaves(stage.args) if id(a) not in weights)
         own = b["device_bytes"] - b["argument_bytes"] + others
-        out.append((stage.name, own, held, b["temp_bytes"]))
+        out.append((stage.name, own, held, b["temp_bytes"], T.allreduce_bytes(compiled, devices)))
     return tuple(out)
 
 
@@ -220,36 +224,48 @@ def _weights_placement(model_or_config, weights, policy: MemoryPolicy) -> str:
 
 
 def _host_report(cfg: Config, seq_len: int, policy: MemoryPolicy, dtype: str, phase: str, batch: int,
-                 new_tokens: int, target: str | None, weights: str = "device") -> dict:
+                 new_tokens: int, target: str | None, weights: str = "device", devices: int = 1) -> dict:
     """memory_report for `mom-host` (momjax.offload): the peak over its programs of what each holds besides the
     weights, plus what stays on the device between them, plus the weights. The programs' shapes do not grow with
     the context, so they are compiled once and only the resident layers' blocks (kv_device_layers) and the host
-    figures depend on seq_len."""
-    w = offload_programs.weight_bytes(cfg, dtype, weights)
-    weights = w["device"]
+    figures depend on seq_len. Per device of `devices`; host_bytes all devices' together."""
+    w = offload_programs.weight_bytes(cfg, dtype, weights, devices=devices)
     chunk = min(policy.minisequence, seq_len)
-    programs = _host_programs(cfg, policy, dtype, phase, batch, new_tokens, target, chunk)
+    programs = _host_programs(cfg, policy, dtype, phase, batch, new_tokens, target, chunk, devices)
     # `held` of the resident layers' blocks depends on seq_len: recompute it for this length (no compile).
-    params = abstract_params(cfg, jnp.dtype(dtype), sharding=sharding("device"))
+    where = placement(_mesh(devices))
+    params = abstract_params(cfg, jnp.dtype(dtype), sharding=where("device"), mesh=_mesh(devices))
     held = {s.name: h for s, h in offload_programs.stages(params, cfg, policy, seq_len, phase, batch, new_tokens,
-                                                  lambda kind: sharding(kind))}
+                                                          where, devices)}
     device, temp = 0, 0
-    for name, own, _, program_temp in programs:
-        if weights + own + held[name] > device:
-            device, temp = weights + own + held[name], program_temp
-    h = offload_programs.host_bytes(cfg, policy, seq_len, dtype, batch, phase)
+    for name, own, _, program_temp, _ in programs:
+        if w["device"] + own + held[name] > device:
+            device, temp = w["device"] + own + held[name], program_temp
+    h = offload_programs.host_bytes(cfg, policy, seq_len, dtype, batch, phase, devices)
     report = dict(device_bytes=int(device), host_bytes=int(h["host"] + w["host"]), weight_bytes=int(w["total"]),
-                  kv_bytes=int(h["kv"]), temp_bytes=int(temp), host_argument_counted_bytes=0, devices=1,
+                  kv_bytes=int(h["kv"]), temp_bytes=int(temp), host_argument_counted_bytes=0, devices=devices,
                   source=T.source_name(target), target=target or "cpu", seq_len=int(seq_len), phase=phase,
                   policy=policy.name, dtype=dtype, weights=weights)
     if phase == "decode":
         n = max(new_tokens - 1, 1)
         e = cfg.head_dim + 4 if policy.quantized_kv else cfg.head_dim * jnp.dtype(dtype).itemsize
-        tails = 2 * cfg.num_layers * batch * cfg.num_kv_heads * n * e
+        tails = 2 * cfg.num_layers * batch * cfg.num_kv_heads // devices * n * e
         resident = policy.device_layers(cfg.num_layers) * h["layer_kv"]
         report.update(kv_bytes=int(h["kv"] + tails), host_to_device_bytes=int(h["streamed"] + w["streamed"]),
-                      device_read_bytes=int(w["total"] - w["streamed"] + resident + tails), allreduce_bytes=0)
+                      device_read_bytes=int(w["total"] - w["streamed"] + resident + tails),
+                      allreduce_bytes=_host_allreduce(cfg, policy, seq_len, weights, programs))
     return report
+
+
+def _host_allreduce(cfg: Config, policy: MemoryPolicy, seq_len: int, weights: str, programs) -> int:
+    """Bytes each device sends in one `mom-host` decode step's all-reduces: each program's (read from its compiled
+    text) times the runs of it in a step: the embedding lookup once (with device weights; host weights look the
+    row up on the host), the other layers' qkv, every layer's blocks and finish, and the LM head once."""
+    L = cfg.num_layers
+    block, heads = offload_programs.layout(cfg, policy, min(policy.minisequence, seq_len))
+    runs = dict(embed=weights == "device", qkv=L - (weights == "device"),
+                attend=L * -(-seq_len // block) * (cfg.num_kv_heads // heads), finish=L, logits=1)
+    return int(sum(runs[name] * reduced for name, _, _, _, reduced in programs))
 
 
 def feed_memory_report(model_or_config, length: int, new_tokens: int, policy="mom", dtype="float32",

@@ -93,9 +93,10 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
     devices: plan the model split tensor-parallel over this many devices (momjax.mesh): hbm_bytes is each device's
     budget, host_bytes all devices' together (one host), and the decode roofline adds the two all-reduces per
     layer over the target's interconnect (decode_speed).
-    weights: "device", or "host" (the weights in host memory, momjax.load(..., weights="host"); one device and a
-    host budget): every policy is planned with two layers' weights and the larger of the embedding and the LM head
-    on the device, all of them in the host budget, and every decode step bringing them over the host link.
+    weights: "device", or "host" (the weights in host memory, momjax.load(..., weights="host"); needs a host
+    budget): every policy is planned with two layers' weights and the larger of the embedding and the LM head on
+    each device (its share of them on a mesh), all of them in the host budget, and every decode step bringing them
+    over the host link.
     Raises InputError when the budget cannot hold even the weights (TargetError for an unknown target),
     InputError when no policy fits `context`.
     """
@@ -130,7 +131,7 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
                   memory_bandwidth=t.memory_bandwidth, host_link=t.host_link,
                   host_link_bandwidth=t.host_link_bandwidth, interconnect=t.interconnect,
                   interconnect_bandwidth=t.interconnect_bandwidth, peak_flops=t.peak_flops)}
-    for name in policy_names(host, n, placement):
+    for name in policy_names(host):
         policy = get_policy(name).replace(kv_dtype=kv_dtype)
         longest = max_context(cfg, policy, hbm, host, dtype, new_tokens, source="estimate", devices=n,
                               weights=placement)
@@ -149,29 +150,29 @@ def plan(model_or_config, hbm_bytes=None, host_bytes=None, dtype="bfloat16", new
 
 
 def _device_weights(cfg: Config, dtype, devices: int, weights: str, host) -> int:
-    """The weight bytes each device holds: all of its share, or with weights="host" (one device, a host budget
-    given) two layers' and the larger of the embedding and the LM head."""
+    """The weight bytes each device holds: all of its share, or with weights="host" (a host budget given) two
+    layers' share and the larger of the embedding's and the LM head's."""
     if weights not in ("device", "host"):
         raise InputError(f"weights must be 'device' or 'host', got {weights!r}")
     if weights == "device":
         return param_bytes(cfg, dtype, devices)
-    if devices > 1 or host is None:
-        raise InputError("weights='host' plans one device and needs a host budget (host_bytes) to hold the weights")
-    return offload_programs.weight_bytes(cfg, dtype, "host")["device"]
+    if host is None:
+        raise InputError("weights='host' needs a host budget (host_bytes) to hold the weights")
+    return offload_programs.weight_bytes(cfg, dtype, "host", devices=devices)["device"]
 
 
-def policy_names(host_bytes, devices: int = 1, weights: str = "device") -> tuple[str, ...]:
+def policy_names(host_bytes) -> tuple[str, ...]:
     """The named policies a plan compares: `mom-host` too when a host budget bounds it (its device memory does not
-    grow with the context, so host memory is its only limit) on one device. The same with weights in host memory
-    (which needs a host budget and one device)."""
-    return ("baseline", "mom", "mom-stream") + (("mom-host",) if host_bytes is not None and devices == 1 else ())
+    grow with the context, so host memory is its only limit), on one device or several."""
+    return ("baseline", "mom", "mom-stream") + (("mom-host",) if host_bytes is not None else ())
 
 
 # Mini-sequence lengths `plan` tries for mom-host: longer chunks stream each earlier block fewer times.
 HOST_CHUNKS = (2048, 4096, 8192, 16384, 32768)
 
 
-def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 1, weights: str = "device") -> dict:
+def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 1, weights: str = "device",
+                 devices: int = 1) -> dict:
     """Predicted time to first token of a prefill on target: a roofline, max(compute seconds, host link seconds).
 
     compute: the prefill's matmul FLOPs (2 x every layer's weights per token) and attention FLOPs (4 E per visible
@@ -179,7 +180,10 @@ def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 
     host link: the bytes the policy moves each way, at the link's bandwidth per direction: every policy that offloads
     writes each layer's K/V to the host; mom-host also brings each chunk's residual over and back and, for every
     chunk, every earlier block of K/V it attends to (so a longer chunk moves fewer bytes); with weights="host" every
-    layer's weights, the embedding and the LM head come over once. Both figures are predictions (not measured on a GPU); {} without a target."""
+    layer's weights, the embedding and the LM head come over once. On `devices` devices (momjax.mesh) each device
+computes its share of the FLOPs and moves its KV heads' share of the K/V and its share of the weights over its own
+host link, and its share of mom-host's residual stream. Both figures are predictions (not measured on a GPU); {} without
+a target."""
     t = T.get(target)
     if t is None:
         return {}
@@ -190,9 +194,9 @@ def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 
     S, B, w = seq_len, batch, cfg.sliding_window
     layer_weights = D * H * E * 2 + 2 * D * K * E + 3 * D * F
     pairs = S * (S + 1) // 2 if w is None or w >= S else w * (w + 1) // 2 + (S - w) * w
-    flops = 2 * B * S * L * layer_weights + 4 * B * H * E * pairs * L
+    flops = (2 * B * S * L * layer_weights + 4 * B * H * E * pairs * L) / devices
     e = E + 4 if policy.quantized_kv else E * b
-    token_kv = 2 * B * K * e  # one token's K and V in one layer
+    token_kv = 2 * B * K // devices * e  # one token's K and V in one layer, this device's heads
     to_host = L * S * token_kv if policy.kv_prefill == "pinned_host" else 0
     to_device = 0
     if policy.on_host:
@@ -201,10 +205,11 @@ def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 
         for c in range(-(-S // C)):  # each chunk reads the blocks up to its end, from its window's start
             end = (c + 1) * C
             streamed += end if w is None else min(end, C + -(-w // C) * C)
-        to_device = L * (streamed * token_kv + B * S * D * b)
-        to_host += L * B * S * D * b
+        residual = B * S * (D // devices if D % devices == 0 else D) * b  # each device's share (split_hidden)
+        to_device = L * (streamed * token_kv + residual)
+        to_host += L * residual
     if weights == "host":
-        to_device += offload_programs.weight_bytes(cfg, dtype, "host", lookup_on_host=False)["streamed"]
+        to_device += offload_programs.weight_bytes(cfg, dtype, "host", lookup_on_host=False, devices=devices)["streamed"]
     compute_s = flops / t.peak_flops
     link_s = max(to_device, to_host) / t.host_link_bandwidth
     return dict(prefill_s=max(compute_s, link_s), prefill_compute_s=compute_s, prefill_link_s=link_s,
@@ -212,7 +217,7 @@ def prefill_time(cfg: Config, seq_len: int, policy, dtype, target, batch: int = 
                 prefill_bound="host link" if link_s > compute_s else "compute")
 
 
-def host_chunk(cfg: Config, context: int, policy, dtype, hbm, host, new_tokens, target, measure):
+def host_chunk(cfg: Config, context: int, policy, dtype, hbm, host, new_tokens, target, measure, devices: int = 1):
     """mom-host with the shortest mini-sequence (HOST_CHUNKS) whose prefill the host link does not bound on
     target (or the fastest that fits, when every one is link-bound); the policy unchanged without a target."""
     if T.get(target) is None:
@@ -221,7 +226,7 @@ def host_chunk(cfg: Config, context: int, policy, dtype, hbm, host, new_tokens, 
     fitting = [p for p in fitting if fits(cfg, context, p, dtype, hbm, host, new_tokens, measure)]
     if not fitting:
         return policy
-    times = [prefill_time(cfg, context, p, dtype, target) for p in fitting]
+    times = [prefill_time(cfg, context, p, dtype, target, devices=devices) for p in fitting]
     for p, t in zip(fitting, times):
         if t["prefill_bound"] == "compute":
             return p
@@ -260,10 +265,10 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
     measure = _measure(source, t, devices, weights)
     candidates = {}
     for kv in (None,) if kv_dtype is None else (None, "int8"):
-        for name in policy_names(host, devices, weights):
+        for name in policy_names(host):
             policy = get_policy(name).replace(kv_dtype=kv)
             if name == "mom-host":
-                policy = host_chunk(cfg, context, policy, dtype, hbm, host, new_tokens, t, measure)
+                policy = host_chunk(cfg, context, policy, dtype, hbm, host, new_tokens, t, measure, devices)
             if policy.kv_decode == "pinned_host":
                 policy = most_resident(cfg, context, policy, dtype, hbm, host, new_tokens, source, t, devices, weights)
             ok = policy is not None and fits(cfg, context, policy, dtype, hbm, host, new_tokens, measure)
@@ -278,7 +283,8 @@ def _plan_decode(result, cfg, context, hbm, host, dtype, new_tokens, source, t, 
                              device_read_bytes=step["device_read_bytes"],
                              host_bytes=max(step["host_bytes"], before["host_bytes"]),
                              device_bytes=max(step["device_bytes"], before["device_bytes"]),
-                             **decode_speed(step, t), **prefill_time(cfg, context, policy, dtype, t, weights=weights))
+                             **decode_speed(step, t),
+                             **prefill_time(cfg, context, policy, dtype, t, weights=weights, devices=devices))
             candidates[name if kv is None else f"{name} int8"] = entry
     result["context"] = int(context)
     result["decode"] = candidates

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from momjax.cache import KVCache, sharding
 from momjax.config import Config, preset
-from momjax.mesh import kv_sharding, replicated
+from momjax.mesh import kv_sharding, replicated, shard_bytes
 from momjax.policy import MemoryPolicy
 
 DEFAULT_NEW_TOKENS = 1024  # decode room assumed by reports and plans unless told otherwise
@@ -34,20 +33,14 @@ def nbytes(tree, memory_kind=None) -> int:
     return total
 
 
-def shard_bytes(leaf) -> int:
-    """Bytes of one device's piece of an array or ShapeDtypeStruct (all of it unless split over a mesh)."""
-    s = getattr(leaf, "sharding", None)
-    shape = s.shard_shape(leaf.shape) if isinstance(s, jax.sharding.NamedSharding) else leaf.shape
-    return int(np.prod(shape)) * jnp.dtype(leaf.dtype).itemsize
-
-
 def placement(mesh=None):
-    """where(memory_kind, ndim=None) -> the sharding of an abstract argument: on this machine's first device, or
-    with a mesh, a cache array (ndim given: [B, K, ...]) split on its KV heads and anything else whole on every
-    device."""
+    """where(memory_kind, ndim=None, axis=1) -> the sharding of an abstract argument: on this machine's first
+    device, or with a mesh, an array of KV heads (ndim given: [B, K, ...], or its heads on `axis`) split on them
+    and anything else whole on every device."""
     if mesh is None:
-        return lambda kind, ndim=None: sharding(kind)
-    return lambda kind, ndim=None: replicated(mesh, kind) if ndim is None else kv_sharding(mesh, ndim, kind)
+        return lambda kind, ndim=None, axis=1: sharding(kind)
+    return lambda kind, ndim=None, axis=1: replicated(mesh, kind) if ndim is None else kv_sharding(mesh, ndim, kind,
+                                                                                                  axis)
 
 
 def abstract_cache(cfg: Config, seq_len: int, new_tokens: int, dtype, policy: MemoryPolicy, batch: int,
