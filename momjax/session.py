@@ -122,6 +122,7 @@ class Session:
         self._v: tuple = ()
         self.info: dict = {}  # the caller's notes (JSON-serializable), saved with the session (e.g. chat messages)
         self.last_feed_compile_s = 0.0  # seconds the last feed spent compiling its programs (0 once compiled)
+        self._feed_programs: dict = {}  # (width, capacity) -> the feed's compiled programs (generation.compile_feed)
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 0:
             raise SessionError(f"capacity must be a number of tokens >= 0, got {capacity!r}")
         if capacity:
@@ -227,8 +228,14 @@ class Session:
         tokens[0, :n] = ids
         tokens = inputs_on(self.model.mesh, tokens)
         with in_mesh(self.model.mesh):
-            t0 = time.perf_counter()  # compiled ahead (JAX keeps them), so the time spent compiling is known
-            programs = G.compile_feed(self.model.params, tokens, self._k[0], self._v[0], cfg, self.policy)
+            # Compiled ahead, so the time spent compiling is known; kept per shape (a feed's width and the buffers'
+            # capacity), so a later feed of the same shapes neither compiles nor lowers them again.
+            t0 = time.perf_counter()
+            key = (width, self.capacity)
+            if key not in self._feed_programs:
+                self._feed_programs[key] = G.compile_feed(self.model.params, tokens, self._k[0], self._v[0], cfg,
+                                                          self.policy)
+            programs = self._feed_programs[key]
             self.last_feed_compile_s = time.perf_counter() - t0
             logits, self._k, self._v = G.feed_fn(self.model.params, tokens, self._k, self._v, offset, n, cfg,
                                                  self.policy, on_layer=on_layer, compiled=programs)

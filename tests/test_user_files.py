@@ -238,8 +238,8 @@ def test_chat_reports_the_document_prefill_after_the_work_and_compile_time_apart
 
 def test_a_feed_blocks_only_when_asked_but_reports_its_compile_time(zoo):
     model = zoo.model("llama-gqa")
-    session = momjax.Session(model, "baseline")
+    session = momjax.Session(model, "baseline", capacity=128)  # room for both feeds: one set of shapes
     logits = session.feed(list(range(5, 40)))
     assert np.isfinite(np.asarray(logits)).all() and session.last_feed_compile_s >= 0.0
     session.feed(list(range(5, 40)))
-    assert session.last_feed_compile_s < 0.5  # the same shapes: compiled already
+    assert session.last_feed_compile_s < 0.01  # the same shapes: compiled already, kept by the session

@@ -231,6 +231,20 @@ def test_mom_host_reaches_headinfers_context_on_an_rtx_4090():
     assert abs(device[1] - device[0]) < GiB and device[1] < 24 * GiB
 
 
+def test_mom_host_on_8_h100s_holds_llama_70b_the_same_at_128k_and_4m():
+    """mom-host for Llama-3.1-70B bf16 split over 8 H100s (deviceless): the compiled programs' bytes per device are
+    the same at 128k and 4M tokens, the estimate within 10% of them, and the decode step's all-reduces the same."""
+    cfg, host = momjax.preset("llama-3.1-70b"), momjax.POLICIES["mom-host"]
+    for phase in ("prefill", "decode"):
+        r = [memory.memory_report(cfg, n, host, dtype="bfloat16", phase=phase, target="h100", devices=8)
+             for n in (131072, 4_194_304)]
+        e = memory.estimate(cfg, 4_194_304, host, dtype="bfloat16", phase=phase, devices=8)
+        assert r[1]["source"] == "xla-gpu:h100" and r[1]["devices"] == 8
+        assert abs(r[1]["device_bytes"] - r[0]["device_bytes"]) < GiB and r[1]["device_bytes"] < 80 * GiB
+        assert abs(r[1]["device_bytes"] - e["device_bytes"]) < 0.1 * r[1]["device_bytes"], (r[1], e)
+    assert r[1]["allreduce_bytes"] == e["allreduce_bytes"]
+
+
 @pytest.mark.parametrize("model, gpu, hbm", [("llama-3.1-8b", "t4", 16), ("llama-3.1-70b", "a100-80gb", 80)])
 def test_host_weights_run_big_models_on_small_gpus(model, gpu, hbm):
     """Weights in host memory: an 8B model on a 16 GB T4 and a 70B model on one A100 80GB, each to at least 1M
