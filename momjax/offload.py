@@ -31,6 +31,8 @@ looks up each token's embedding row on the host.
 Sessions run with it too (`feed`, which momjax.Session calls): a feed's tokens are right-padded chunks at the
 session's length; their blocks are appended to the session's HostCache, each with the span of positions it holds
 (a feed's last block may end partway, and keys past a block's end are masked: the next feed's overlap them).
+Once a few short feeds' small blocks have built up they are merged into blocks of a long prompt's size
+(HostCache.compact), so a long chat's decoding streams few blocks rather than two per turn.
 On a mesh (momjax.mesh) every block is split on its KV heads like the other policies' caches: each device streams
 its own heads' keys and values from its own pinned host memory, holds its share of the weights, and each layer costs
 the same two all-reduces of the residual stream. The residual stream in host memory is split on its hidden axis
@@ -78,6 +80,11 @@ def compile_seconds() -> float:
     return _compiling[0]
 
 
+# A session's HostCache merges its small trailing blocks (HostCache.compact) once this many have built up: each
+# merge copies them on the host, so it is done once per few feeds rather than at every one.
+COMPACT_AFTER = 4
+
+
 @dataclass
 class HostCache:
     """K/V as `mom-host` keeps them: blocks[l][b][g] = (k, v), or (k, v, k_scale, v_scale) with int8 K/V, each
@@ -122,21 +129,46 @@ class HostCache:
         self.blocks = [[layer[b] for b in keep] for layer in self.blocks]
         self.length = n
 
-    def layer_arrays(self, l: int, n: int) -> tuple:
-        """Layer l's first n keys and values as host numpy arrays: (k, v) [B, K, n, E], or with int8 K/V
-        (k, v, k_scale, v_scale) with scales [B, K, n] (a session file's layout)."""
+    def layer_arrays(self, l: int, n: int, since: int = 0) -> tuple:
+        """Layer l's keys and values at sequence indices [since, n) as host numpy arrays: (k, v) [B, K, n - since,
+        E], or with int8 K/V (k, v, k_scale, v_scale) with scales [B, K, n - since] (a session file's layout)."""
         out = None
         for (first, end), groups in zip(self.spans, self.blocks[l]):
-            end = min(end, n)
-            if end <= first:
+            lo, hi = max(first, since), min(end, n)
+            if hi <= lo:
                 continue
             parts = [np.concatenate([np.asarray(jax.device_get(g[i])) for g in groups], axis=1)
                      for i in range(len(groups[0]))]
             if out is None:
-                out = [np.zeros((p.shape[0], p.shape[1], n, *p.shape[3:]), p.dtype) for p in parts]
+                out = [np.zeros((p.shape[0], p.shape[1], n - since, *p.shape[3:]), p.dtype) for p in parts]
             for o, p in zip(out, parts):
-                o[:, :, first:end] = p[:, :, :end - first]
+                o[:, :, lo - since:hi - since] = p[:, :, lo - first:hi - first]
         return tuple(out)
+
+    def compact(self, size: int, after: int | None = None) -> bool:
+        """Merge the trailing blocks that hold fewer than `size` positions each, once there are `after` of them,
+        into blocks of `size` positions (the last one partly filled). A session's short feeds (a question, an
+        answer) each leave such a block, and decoding streams every block for every token: merged, a long chat
+        streams about one block per `size` positions. The blocks keep their placement and the same keys; in place,
+        all layers at once. Returns whether it merged. after: COMPACT_AFTER when None."""
+        after = COMPACT_AFTER if after is None else after
+        b = len(self.spans)
+        while b > 0 and self.spans[b - 1][1] - self.spans[b - 1][0] < size:
+            b -= 1
+        if len(self.spans) - b < after:
+            return False
+        first, end = self.spans[b][0], self.length
+        blocks = []
+        for l in range(self.num_layers):
+            where = [a.sharding for a in self.blocks[l][b][0]]  # (k, v[, scales]) of a group: all placed alike
+            arrays = self.layer_arrays(l, end, since=first)  # (k, v[, k_scale, v_scale]) of every head
+            cut = [cut_positions(a, end - first, size, self.heads, w) for a, w in zip(arrays, where)]
+            merged = [[tuple(pieces[j][g] for pieces in cut) for g in range(len(cut[0][0]))]
+                      for j in range(len(cut[0]))]
+            blocks.append(self.blocks[l][:b] + merged)
+        self.blocks = blocks
+        self.spans = self.spans[:b] + [(first + f, min(first + f + size, end)) for f in range(0, end - first, size)]
+        return True
 
 
 def cut_positions(a: np.ndarray, n: int, block: int, heads: int, where) -> list:
@@ -196,7 +228,8 @@ def feed(params, ids: list[int], cache: HostCache | None, cfg: Config, policy: M
     """A session's feed (momjax.Session): logits [1, V] after the last of ids, their K/V appended to `cache` (a
     new one when None) at its length. ids are right-padded to a length bucket; chunks of padding only are not
     run, and blocks of padding only are not kept. The result is what a prefill of the session's tokens and ids
-    together computes: the new queries see every valid key before them."""
+    together computes: the new queries see every valid key before them. Short feeds' small blocks are merged
+    into blocks of a long prompt's size once a few have built up (HostCache.compact)."""
     n = len(ids)
     width = G.bucket_length(n, policy)
     tokens = np.zeros((1, width), np.int32)
@@ -204,7 +237,9 @@ def feed(params, ids: list[int], cache: HostCache | None, cfg: Config, policy: M
     if cache is None:
         cache = HostCache(blocks=[[] for _ in range(cfg.num_layers)], spans=[], start=jnp.zeros((1,), jnp.int32),
                           length=0, heads=P.stream_heads(cfg, policy, traced_degree()))
-    return _run(params, tokens, n, cache, cache.length + n, cfg, policy, on_layer), cache
+    logits = _run(params, tokens, n, cache, cache.length + n, cfg, policy, on_layer)
+    cache.compact(layout(cfg, policy, policy.minisequence, traced_degree())[0])  # a long prompt's block size
+    return logits, cache
 
 
 def _run(params, tokens: np.ndarray, n: int, cache: HostCache, rope_len: int, cfg: Config, policy: MemoryPolicy,

@@ -120,7 +120,10 @@ def empty_fn(rows: tuple, E: int):
 def finish_fn(lp, x, carries, at, cfg: Config, G: int, last: bool):
     """The rest of the layer for a chunk (x [B, C, D] on the device) from its groups' attention states: its new
     residual in host memory, or with `last` only position `at`'s (the last real token), on the device ([B, 1, D])."""
-    out = jnp.concatenate([acc / l[..., None] for _, l, acc in carries], axis=2)  # [Nq, B, K, G*qb, E]
+    # A row that saw no key (right padding past every valid key of its window, in a tile of padding only: no key
+    # tile was walked) has l = 0 and acc = 0: 0, not 0/0, so that no NaN reaches the padding's K/V, which a later
+    # program masks (a masked NaN still poisons the probabilities-times-values sum).
+    out = jnp.concatenate([acc / jnp.where(l > 0, l, 1.0)[..., None] for _, l, acc in carries], axis=2)
     o = from_tiles(out, G).astype(x.dtype)  # [B, C, H, E]
     if last:
         x, o = (jax.lax.dynamic_slice_in_dim(a, at, 1, axis=1) for a in (x, o))

@@ -273,6 +273,34 @@ def test_session_turns_rewind_save_and_load(zoo, tmp_path):
         assert ask(u, q2, 6) == want
 
 
+def test_a_long_chat_merges_its_small_blocks_and_answers_the_same(zoo):
+    """Twelve short turns after a document: each feed (a question, an answer) leaves a block of a few positions;
+    once four have built up they are merged into blocks of a long prompt's size (16 here), so the session holds
+    about one block per 16 positions. Answers stay transformers' greedy tokens (sliding window), after a rewind
+    into a merged block too."""
+    from conftest import hf_greedy
+
+    model, hf = zoo.model("mistral-window"), zoo.hf("mistral-window")
+    policy = SMALL.replace(minisequence=16, host_block=16)
+    rng = np.random.default_rng(11)
+    doc = rng.integers(4, model.config.vocab_size, 40).tolist()
+    s = momjax.Session(model, policy)
+    s.feed(doc)
+    tokens, most = list(doc), 0
+    for turn in range(6):
+        question = rng.integers(4, model.config.vocab_size, 2 + turn % 3).tolist()
+        answer = ask(s, question, 3)
+        assert answer == hf_greedy(hf, tokens + question, 3), turn
+        tokens += question + answer
+        most = max(most, len(s._host.spans))
+    assert s.tokens == tokens
+    assert most <= -(-len(tokens) // 16) + offload.COMPACT_AFTER, (most, len(tokens))
+    assert all(end - first == 16 for first, end in s._host.spans[:-offload.COMPACT_AFTER])  # full, merged blocks
+    s.rewind(len(doc) + 5)  # inside a merged block
+    question = [5, 6, 7]
+    assert ask(s, question, 3) == hf_greedy(hf, tokens[:len(doc) + 5] + question, 3)
+
+
 def test_session_int8_and_host_weights(zoo):
     """With int8 K/V a mom-host session answers as a mom session does; with host weights, as baseline does."""
     model = zoo.model("llama-gqa")

@@ -324,6 +324,24 @@ def test_serve_command_restarts_with_its_cache_dir(folder, tmp_path, tok):
     assert cached[0] == 0 and cached[1] >= doc_tokens and answers[0] == answers[1]
 
 
+def test_a_second_sigterm_while_the_server_shuts_down_is_still_a_clean_stop(folder):
+    """SIGTERM, then another once the server has stopped serving but the process has not ended yet (JAX's teardown
+    takes a moment, and Python drops its own handlers as it finalizes): status 0, not death by the signal."""
+    proc = subprocess.Popen([sys.executable, "-m", "momjax.cli", "serve", "--model", folder, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert "momjax serve: demo on http://127.0.0.1:" in proc.stdout.readline(), proc.stderr.read()
+        proc.terminate()
+        lines = iter(proc.stderr.readline, "")
+        assert any("momjax serve: stopped (SIGTERM)" in line for line in lines)
+        time.sleep(0.2)
+        proc.terminate()
+    finally:
+        code = proc.wait(60)
+    assert code == 0
+
+
 def test_serve_command_without_the_extra_or_exposed(folder, capsys, monkeypatch):
     from momjax.cli import main
     from momjax.cli.serve import warn_exposed

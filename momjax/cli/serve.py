@@ -137,7 +137,9 @@ def run(args) -> int:
     try:
         announcing_server(uvicorn, config, name).run(sockets=[sock])
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # Stopping now: a second SIGTERM while the process shuts down (JAX's teardown takes a moment, and Python
+        # drops its own handlers as it finalizes) is the same stop, not a kill. A caller's own handler comes back.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if previous is signal.SIG_DFL else previous)
     log("momjax serve: stopped" + (" (SIGTERM)" if stopped else ""))
     return 0
 
