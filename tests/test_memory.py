@@ -10,7 +10,7 @@ import momjax
 from momjax.memory import estimate, memory_report, parse_bytes, plan
 
 GiB = 2**30
-LENGTHS = (8192, 32768, 131072)
+LENGTHS = (8192, 131072)  # two lengths 16x apart: each report compiles an 8-12B model's programs
 PRESETS = ("llama-3.1-8b", "qwen2.5-7b", "mistral-nemo-12b")
 
 
@@ -49,17 +49,17 @@ def test_mom_prefill_uses_at_most_15_percent_of_baseline_non_weight_bytes(report
 def test_mom_prefill_grows_at_most_linearly(reports):
     nonweight = {n: reports["llama-3.1-8b", n, "mom", "prefill"]["device_bytes"]
                  - reports["llama-3.1-8b", n, "mom", "prefill"]["weight_bytes"] for n in LENGTHS}
-    assert nonweight[131072] <= 4 * nonweight[32768]
+    assert nonweight[131072] <= 16 * nonweight[8192]
 
 
 def test_kv_placement_in_reports(reports):
     for name in PRESETS:
-        base = reports[name, 32768, "baseline", "prefill"]
-        mom = reports[name, 32768, "mom", "prefill"]
-        stream = reports[name, 32768, "mom-stream", "decode"]
+        base = reports[name, 131072, "baseline", "prefill"]
+        mom = reports[name, 131072, "mom", "prefill"]
+        stream = reports[name, 131072, "mom-stream", "decode"]
         assert base["host_bytes"] == 0
         assert mom["host_bytes"] == mom["kv_bytes"]  # the prompt's KV went to pinned host
-        assert stream["host_bytes"] > 0 and stream["device_bytes"] < reports[name, 32768, "mom", "decode"][
+        assert stream["host_bytes"] > 0 and stream["device_bytes"] < reports[name, 131072, "mom", "decode"][
             "device_bytes"] - stream["host_bytes"] * 0.9
         assert base["source"] == "xla"
 
