@@ -157,6 +157,8 @@ class HostCache:
             b -= 1
         if len(self.spans) - b < after:
             return False
+        if not all(a.is_fully_addressable for a in jax.tree.leaves(self.blocks[0][b:])):
+            return False  # blocks spread over several processes (momjax.distributed_init): merging reads them here
         first, end = self.spans[b][0], self.length
         blocks = []
         for l in range(self.num_layers):
