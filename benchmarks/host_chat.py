@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -38,9 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--out", default=os.path.join(bench.RESULTS, "host_chat.json"))
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        bench.build_checkpoint(tmp)
-        model = momjax.load(tmp, progress=False)
+    model = bench.load_models("device")["device"]
     rng = np.random.default_rng(0)
     document = rng.integers(0, model.config.vocab_size, args.tokens).tolist()
     questions = [rng.integers(0, model.config.vocab_size, args.question_tokens).tolist() for _ in range(args.turns)]

@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -36,9 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=bench.LONG_PROMPT_TOKENS)
     ap.add_argument("--out", default=os.path.join(bench.RESULTS, "host_prefill.json"))
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        bench.build_checkpoint(tmp)
-        model = momjax.load(tmp, progress=False)
+    model = bench.load_models("device")["device"]
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, args.tokens)).astype(np.int32)
     policies = {"mom": momjax.POLICIES["mom"], "mom-host": momjax.POLICIES["mom-host"],
                 "mom-host, 512-token blocks": momjax.POLICIES["mom-host"].replace(host_block=512)}

@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -36,9 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", default=os.path.join(bench.RESULTS, "host_session.json"))
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        bench.build_checkpoint(tmp)
-        model = momjax.load(tmp, progress=False)
+    model = bench.load_models("device")["device"]
     rng = np.random.default_rng(0)
     document = rng.integers(0, model.config.vocab_size, args.tokens).tolist()
     question = rng.integers(0, model.config.vocab_size, 32).tolist()

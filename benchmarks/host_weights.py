@@ -23,7 +23,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 
 import numpy as np
 
@@ -42,9 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=33, help="the first token and 32 decoded ones")
     ap.add_argument("--out", default=os.path.join(bench.RESULTS, "host_weights.json"))
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        bench.build_checkpoint(tmp)
-        models = {w: momjax.load(tmp, weights=w, progress=False) for w in ("device", "host")}
+    models = bench.load_models("device", "host")
     rng = np.random.default_rng(0)
     prompt = [rng.integers(0, models["device"].config.vocab_size, args.tokens).tolist()]
 

@@ -89,6 +89,16 @@ def build_checkpoint(folder: str, seed: int = 0):
     return hf
 
 
+def load_models(*weights: str) -> dict:
+    """The benchmark model (`build_checkpoint`) loaded once per weights placement ("device", "host"), the
+    checkpoint written to a temporary folder that is gone afterwards: {placement: momjax.Model}."""
+    import momjax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_checkpoint(tmp)
+        return {w: momjax.load(tmp, weights=w, progress=False) for w in weights or ("device",)}
+
+
 def _torch_worker(conn, folder: str) -> None:
     """The transformers side, in its own process: builds and saves the checkpoint, then times requests.
 
